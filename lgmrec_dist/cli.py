@@ -1,0 +1,107 @@
+"""``lgmrec`` command line (also ``python -m lgmrec_dist``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _features(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"error: --feature expects NAME=FILE.npy, got {item!r}")
+        if name in out:
+            raise SystemExit(f"error: modality {name!r} given twice")
+        out[name] = path
+    return out
+
+
+def cmd_train(args) -> int:
+    from lgmrec_dist import train
+    return train.run(args)
+
+
+def cmd_import_mmrec(args) -> int:
+    from data_prep.mmrec import import_mmrec
+    from lgmrec_dist.dataset import DatasetError
+    try:
+        manifest = import_mmrec(args.inter, _features(args.feature), args.out, overwrite=args.overwrite)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    keys = ("num_users", "num_items", "num_interactions", "num_train", "num_valid", "num_test", "modalities")
+    for key in keys:
+        print(f"{key:<17} {manifest[key]}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_export_mmrec(args) -> int:
+    from data_prep.mmrec import export_mmrec
+    from lgmrec_dist.dataset import DatasetError
+    try:
+        export_mmrec(args.data, args.out, name=args.name, overwrite=args.overwrite)
+    except DatasetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_synth_mmrec(args) -> int:
+    from data_prep.synthetic import make_mmrec_synthetic
+    mods = {}
+    for part in args.modalities.split(","):
+        name, _, dim = part.partition(":")
+        mods[name] = int(dim)
+    path = make_mmrec_synthetic(args.out, num_users=args.users, num_items=args.items,
+                                num_interactions=args.interactions, modalities=mods, seed=args.seed,
+                                name=args.name)
+    print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lgmrec", description="Distributed LGMRec: prepare, train, evaluate.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    from lgmrec_dist.train import add_arguments
+    t = sub.add_parser("train", help="train and evaluate LGMRec on a prepared dataset")
+    add_arguments(t)
+    t.set_defaults(func=cmd_train)
+
+    i = sub.add_parser("import-mmrec", help="MMRec .inter + .npy features -> prepared dataset directory")
+    i.add_argument("--inter", required=True, help="MMRec <name>.inter file (tab-separated, with x_label)")
+    i.add_argument("--feature", action="append", required=True, metavar="NAME=FILE.npy",
+                   help="modality features, row i = item i; repeat per modality (first = HCL anchor)")
+    i.add_argument("--out", required=True)
+    i.add_argument("--overwrite", action="store_true")
+    i.set_defaults(func=cmd_import_mmrec)
+
+    e = sub.add_parser("export-mmrec", help="prepared dataset directory -> MMRec .inter + <modality>_feat.npy")
+    e.add_argument("--data", required=True)
+    e.add_argument("--out", required=True)
+    e.add_argument("--name", help="dataset name for <name>.inter (default: the directory name)")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=cmd_export_mmrec)
+
+    s = sub.add_parser("synth-mmrec", help="synthetic dataset with planted structure, in MMRec form")
+    s.add_argument("--out", required=True)
+    s.add_argument("--users", type=int, default=2000)
+    s.add_argument("--items", type=int, default=1000)
+    s.add_argument("--interactions", type=int, default=40000)
+    s.add_argument("--modalities", default="image:128,text:64", help="NAME:DIM,... (default image:128,text:64)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--name", default="synthetic")
+    s.set_defaults(func=cmd_synth_mmrec)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

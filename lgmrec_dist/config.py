@@ -1,0 +1,142 @@
+"""Training configuration: YAML files in configs/ plus ``--set key=value`` overrides.
+
+Keys keep the official LGMRec/MMRec names where one exists (LGMRec_SPEC.md §1.10). An unknown key or a
+value of the wrong type is an error that names the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class Config:
+    # optimisation (LGMRec_SPEC.md §1.10, configs/overall.yaml of the official code)
+    epochs: int = 1000
+    train_batch_size: int = 2048
+    learning_rate: float = 1e-3
+    stopping_step: int = 20
+    seed: int = 999
+    max_steps: int = 0                      # stop after this many optimizer steps (0 = no limit)
+    # model (§1.1, §1.10)
+    embedding_size: int = 64
+    cf_model: str = "lightgcn"              # "lightgcn" | "mf" (ablation: no CGE propagation)
+    n_ui_layers: int = 2                    # L
+    n_mm_layers: int = 2                    # K
+    n_hyper_layer: int = 1                  # H
+    hyper_num: int = 4                      # A
+    keep_rate: float = 0.5                  # rho
+    alpha: float = 0.3
+    cl_weight: float = 1e-4                 # lambda_c
+    reg_weight: float = 1e-6                # lambda_r
+    use_mge: bool = True                    # ablation switch: modality graph embeddings
+    use_ghe: bool = True                    # ablation switch: global hypergraph embeddings (and HCL)
+    eval_gumbel_noise: bool = False         # True = official stochastic inference (§6.2.1)
+    mge_precompute: bool = True             # speed rewrite: precompute G^K [P X ; X] once (docs/model.md)
+    # evaluation (§2)
+    eval_batch_size: int = 4096
+    eval_item_tile: int = 65536
+    topk: list = field(default_factory=lambda: [5, 10, 20, 50])
+    valid_metric: str = "recall@20"
+    # runtime
+    device: str = "auto"                    # "auto" | "cpu" | "cuda"
+    num_threads: int = 0                    # torch intra-op threads (0 = torch default)
+    deterministic: bool = False             # torch.use_deterministic_algorithms
+
+    def validate(self) -> "Config":
+        if self.cf_model not in ("lightgcn", "mf"):
+            raise ConfigError(f"cf_model: expected 'lightgcn' or 'mf', got {self.cf_model!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        for key in ("epochs", "train_batch_size", "embedding_size", "hyper_num", "eval_batch_size",
+                    "eval_item_tile"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        for key in ("n_ui_layers", "n_mm_layers", "max_steps", "stopping_step", "num_threads"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if self.use_ghe and self.n_hyper_layer < 1:
+            raise ConfigError("n_hyper_layer: must be >= 1 when use_ghe is true (LGMRec_SPEC.md §1.6)")
+        if not 0.0 < self.keep_rate <= 1.0:
+            raise ConfigError(f"keep_rate: must be in (0, 1], got {self.keep_rate}")
+        if not self.topk or any((not isinstance(k, int)) or k < 1 for k in self.topk):
+            raise ConfigError(f"topk: expected a list of positive integers, got {self.topk!r}")
+        metric, _, k = self.valid_metric.partition("@")
+        if metric not in ("recall", "ndcg", "precision", "map") or not k.isdigit() or int(k) not in self.topk:
+            raise ConfigError(f"valid_metric: expected e.g. 'recall@20' with K in topk, got {self.valid_metric!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+_HINTS = typing.get_type_hints(Config)
+
+
+def _coerce(key: str, value):
+    """Check ``value`` against the declared type of ``key``; ints are accepted for floats."""
+    expected = _HINTS[key]
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif expected is str:
+        ok = isinstance(value, str)
+    else:  # list
+        ok = isinstance(value, list)
+    if not ok:
+        name = getattr(expected, "__name__", str(expected))
+        raise ConfigError(f"config key {key!r}: expected {name}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def apply(cfg: Config, values: dict, source: str) -> Config:
+    for key, value in values.items():
+        if key not in _HINTS:
+            raise ConfigError(f"unknown config key {key!r} (from {source})")
+        setattr(cfg, key, _coerce(key, value))
+    return cfg
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    """``["a=1", "b=x"]`` -> ``{"a": 1, "b": "x"}``; values are parsed as YAML scalars."""
+    out = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as fh:
+            values = yaml.safe_load(fh) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        apply(cfg, values, str(path))
+    if overrides:
+        values = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
+        apply(cfg, values, "--set")
+    return cfg.validate()

@@ -1,0 +1,210 @@
+"""The prepared dataset directory: the contract between preparation and training (DESIGN.md).
+
+Layout (format version 1)::
+
+    DIR/manifest.json            counts, modalities {name: dim} in anchor order, split rule, sha256 per file
+    DIR/interactions.parquet     user int64, item int64 (dense ids), split int8 (0 train, 1 valid, 2 test)
+    DIR/user_map.parquet         user int64, raw_id (raw ids in dense-id order)
+    DIR/item_map.parquet         item int64, raw_id
+    DIR/features/<name>.npy      float32 (num_items, dim), row i = item i (memory-mappable)
+
+Directories are written atomically: built in a temporary sibling and renamed into place, so a failed
+write leaves nothing behind and an existing dataset is never half-overwritten.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+INTERACTIONS = "interactions.parquet"
+USER_MAP = "user_map.parquet"
+ITEM_MAP = "item_map.parquet"
+TRAIN, VALID, TEST = 0, 1, 2
+
+
+class DatasetError(ValueError):
+    pass
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, sort_keys=False)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(out: str | Path, overwrite: bool = False):
+    """Yield a temporary sibling of ``out``; on success it replaces ``out``, on error it is removed.
+
+    An existing ``out`` is refused unless ``overwrite``; it is only removed after the new directory is
+    complete.
+    """
+    out = Path(out).resolve()
+    if out.exists() and not overwrite:
+        raise DatasetError(f"{out} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def check_features(name: str, array: np.ndarray, num_items: int, source: str) -> np.ndarray:
+    """A modality matrix must be 2-D, have one row per item and hold only finite values."""
+    if array.ndim != 2:
+        raise DatasetError(f"{source}: feature {name!r} must be a 2-D array, got shape {array.shape}")
+    if array.shape[0] != num_items:
+        raise DatasetError(f"{source}: feature {name!r} has {array.shape[0]} rows, expected num_items = {num_items}")
+    if not np.issubdtype(array.dtype, np.floating) and not np.issubdtype(array.dtype, np.integer):
+        raise DatasetError(f"{source}: feature {name!r} has non-numeric dtype {array.dtype}")
+    array = np.asarray(array, dtype=np.float32)
+    bad = ~np.isfinite(array)
+    if bad.any():
+        row = int(np.argwhere(bad)[0][0])
+        raise DatasetError(f"{source}: feature {name!r} holds {int(bad.sum())} NaN/inf values (first in row {row})")
+    return array
+
+
+def write_dataset(out: str | Path, *, users: np.ndarray, items: np.ndarray, split: np.ndarray,
+                  num_users: int, num_items: int, features: dict[str, np.ndarray],
+                  user_raw_ids=None, item_raw_ids=None, extra_columns: dict | None = None,
+                  manifest_extra: dict | None = None, overwrite: bool = False) -> dict:
+    """Validate and write a prepared dataset directory atomically; return its manifest."""
+    users = np.asarray(users, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    split = np.asarray(split, dtype=np.int8)
+    if not (len(users) == len(items) == len(split)):
+        raise DatasetError("users, items and split must have the same length")
+    if len(users) and (users.min() < 0 or users.max() >= num_users or items.min() < 0 or items.max() >= num_items):
+        raise DatasetError("user/item ids out of range")
+    if not np.isin(split, (TRAIN, VALID, TEST)).all():
+        raise DatasetError("split labels must be 0 (train), 1 (valid) or 2 (test)")
+    if not features:
+        raise DatasetError("at least one modality feature matrix is required")
+    feats = {name: check_features(name, arr, num_items, name) for name, arr in features.items()}
+    user_raw_ids = np.arange(num_users) if user_raw_ids is None else user_raw_ids
+    item_raw_ids = np.arange(num_items) if item_raw_ids is None else item_raw_ids
+    with atomic_directory(out, overwrite) as tmp:
+        table = {"user": users, "item": items, "split": split}
+        table.update(extra_columns or {})
+        pq.write_table(pa.table(table), tmp / INTERACTIONS)
+        pq.write_table(pa.table({"user": np.arange(num_users, dtype=np.int64), "raw_id": user_raw_ids}), tmp / USER_MAP)
+        pq.write_table(pa.table({"item": np.arange(num_items, dtype=np.int64), "raw_id": item_raw_ids}), tmp / ITEM_MAP)
+        (tmp / "features").mkdir()
+        for name, arr in feats.items():
+            np.save(tmp / "features" / f"{name}.npy", arr)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "num_users": int(num_users),
+            "num_items": int(num_items),
+            "num_interactions": int(len(users)),
+            "num_train": int((split == TRAIN).sum()),
+            "num_valid": int((split == VALID).sum()),
+            "num_test": int((split == TEST).sum()),
+            "modalities": {name: int(arr.shape[1]) for name, arr in feats.items()},
+            **(manifest_extra or {}),
+            "files": {f: sha256_file(tmp / f) for f in files},
+        }
+        atomic_write_json(tmp / MANIFEST, manifest)
+    return manifest
+
+
+@dataclass
+class PreparedDataset:
+    """A loaded, verified prepared dataset. Features are memory-mapped float32 arrays."""
+    path: Path
+    manifest: dict
+    users: np.ndarray
+    items: np.ndarray
+    split: np.ndarray
+    features: dict
+
+    @property
+    def num_users(self) -> int:
+        return self.manifest["num_users"]
+
+    @property
+    def num_items(self) -> int:
+        return self.manifest["num_items"]
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.manifest["modalities"])
+
+    def pairs(self, label: int) -> tuple[np.ndarray, np.ndarray]:
+        mask = self.split == label
+        return self.users[mask], self.items[mask]
+
+    def raw_ids(self, kind: str) -> pa.Array:
+        return pq.read_table(self.path / (USER_MAP if kind == "user" else ITEM_MAP))["raw_id"]
+
+    @classmethod
+    def load(cls, path: str | Path, verify: bool = True) -> "PreparedDataset":
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise DatasetError(f"{path}: not a prepared dataset (no {MANIFEST})")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{mpath}: unreadable manifest ({exc})") from None
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise DatasetError(f"{mpath}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+        for rel, digest in manifest.get("files", {}).items():
+            fpath = path / rel
+            if not fpath.is_file():
+                raise DatasetError(f"{path}: file {rel} listed in the manifest is missing")
+            if verify and sha256_file(fpath) != digest:
+                raise DatasetError(f"{path}: checksum mismatch for {rel} (the dataset was modified or truncated)")
+        table = pq.read_table(path / INTERACTIONS, columns=["user", "item", "split"])
+        features = {}
+        for name, dim in manifest["modalities"].items():
+            arr = np.load(path / "features" / f"{name}.npy", mmap_mode="r")
+            if arr.shape != (manifest["num_items"], dim) or arr.dtype != np.float32:
+                raise DatasetError(f"{path}: features/{name}.npy has shape {arr.shape} {arr.dtype}, "
+                                   f"manifest says ({manifest['num_items']}, {dim}) float32")
+            features[name] = arr
+        return cls(path, manifest,
+                   table["user"].to_numpy().astype(np.int64, copy=False),
+                   table["item"].to_numpy().astype(np.int64, copy=False),
+                   table["split"].to_numpy().astype(np.int8, copy=False), features)

@@ -1,0 +1,200 @@
+"""MMRec full-ranking evaluation and early stopping (LGMRec_SPEC.md §2, "Evaluation protocol").
+
+* Every distinct user of the held-out split (validation or test) is ranked against **all** items; the
+  user's **training** items get score -1e10 first (they stay rankable, at the bottom), nothing else is
+  masked. One top-max(K) list is taken and every K uses a prefix of it.
+* Per-user metrics with binary gains (h_r = 1 iff the item at rank r is in the held-out set T_u)::
+
+      Recall@K    = sum_{r<=K} h_r / |T_u|
+      Precision@K = sum_{r<=K} h_r / K
+      NDCG@K      = [sum_{r<=K} h_r / log2(r+1)] / [sum_{r=1..min(|T_u|,K)} 1 / log2(r+1)]
+      MAP@K       = [sum_{r<=K} h_r * Precision@r] / min(|T_u|, K)
+
+  then a plain mean over evaluated users, rounded to 4 decimals. :func:`metric_sums` returns *sums* so a
+  distributed caller can all-reduce the sums and the user count before :func:`finalize`.
+* Model selection (:class:`EarlyStopping`): new best iff the rounded value is strictly greater than the
+  best so far; stop once more than ``patience`` consecutive epochs fail to improve.
+
+Scoring streams over item tiles keeping a running top-k, so memory is O(n * (k + tile)), never
+O(n * num_items). Ties between equal scores may be broken differently from a single ``torch.topk``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+MASK_SCORE = -1e10
+METRICS = ("recall", "ndcg", "precision", "map")
+
+
+def _csr_from_pairs(num_rows: int, num_cols: int, rows: np.ndarray, cols: np.ndarray):
+    """Deduplicated CSR (indptr, indices) as int64 numpy arrays, columns sorted within each row."""
+    keys = np.unique(np.asarray(rows, np.int64) * num_cols + np.asarray(cols, np.int64))
+    r, c = np.divmod(keys, num_cols)
+    indptr = np.zeros(num_rows + 1, np.int64)
+    np.cumsum(np.bincount(r, minlength=num_rows), out=indptr[1:])
+    return indptr, c
+
+
+def _csr_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray):
+    """Sub-CSR of the given rows (in that order), renumbered 0..len(rows)-1."""
+    starts, lens = indptr[rows], indptr[rows + 1] - indptr[rows]
+    sub_ptr = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lens, out=sub_ptr[1:])
+    gather = np.repeat(starts - sub_ptr[:-1], lens) + np.arange(sub_ptr[-1], dtype=np.int64)
+    return sub_ptr, indices[gather]
+
+
+@torch.no_grad()
+def streaming_topk(user_emb: torch.Tensor, item_emb: torch.Tensor, train_mask_rows, k: int,
+                   item_tile: int):
+    """Top-k items by inner product for each of n users, training items masked to -1e10.
+
+    ``train_mask_rows`` is the training items of these n users as a CSR pair ``(indptr, indices)`` of
+    int64 tensors (indptr has n+1 entries, row j = user j of ``user_emb``), or None for no masking.
+    Items are scored ``item_tile`` columns at a time. Runs on ``user_emb.device``.
+    Returns ``(scores [n, k'], items [n, k'])`` with k' = min(k, num_items), best first.
+    """
+    device = user_emb.device
+    n, m = user_emb.shape[0], item_emb.shape[0]
+    k = min(k, m)
+    if train_mask_rows is not None:
+        indptr, indices = (t.to(device=device, dtype=torch.long) for t in train_mask_rows)
+        rows = torch.repeat_interleave(torch.arange(n, device=device), indptr[1:] - indptr[:-1])
+        order = torch.argsort(indices)  # sort by item once: each tile is then a contiguous slice
+        mask_rows, mask_cols = rows[order], indices[order]
+    best_s = user_emb.new_empty((n, 0))
+    best_i = torch.empty((n, 0), dtype=torch.long, device=device)
+    for lo in range(0, m, item_tile):
+        hi = min(lo + item_tile, m)
+        scores = user_emb @ item_emb[lo:hi].to(device=device, dtype=user_emb.dtype).T
+        if train_mask_rows is not None:
+            a, b = torch.searchsorted(mask_cols, torch.tensor([lo, hi], device=device)).tolist()
+            scores[mask_rows[a:b], mask_cols[a:b] - lo] = MASK_SCORE
+        s, i = torch.topk(scores, min(k, hi - lo), dim=1)
+        best_s, pos = torch.topk(torch.cat([best_s, s], 1), min(k, best_s.shape[1] + s.shape[1]), dim=1)
+        best_i = torch.gather(torch.cat([best_i, i + lo], 1), 1, pos)
+    return best_s, best_i
+
+
+@torch.no_grad()
+def metric_sums(top_items: torch.Tensor, heldout_indptr, heldout_indices, ks) -> dict[str, float]:
+    """Sums over the n users of Recall/NDCG/Precision/MAP @ each K in ``ks`` (spec §2 formulas).
+
+    ``top_items`` [n, k'] is the ranking (best first); held-out sets are a CSR ``(indptr, indices)``
+    local to these n users. Every user must have a non-empty held-out set (asserted). If k' < K the
+    missing ranks count as misses.
+    """
+    device = top_items.device
+    n, kp = top_items.shape
+    indptr = torch.as_tensor(heldout_indptr, dtype=torch.long, device=device)
+    indices = torch.as_tensor(heldout_indices, dtype=torch.long, device=device)
+    t_len = indptr[1:] - indptr[:-1]
+    assert bool((t_len > 0).all()), "metric_sums: every user needs at least one held-out item"
+    if n == 0:
+        return {f"{name}@{K}": 0.0 for K in ks for name in METRICS}
+    kmax = max(ks)
+    # membership of (user, item) in T_u via sorted keys user * M + item
+    M = int(max(int(indices.max()), int(top_items.max()) if top_items.numel() else 0)) + 1
+    users = torch.arange(n, device=device)
+    held_keys = torch.sort(torch.repeat_interleave(users, t_len) * M + indices).values
+    query = users[:, None] * M + top_items
+    pos = torch.searchsorted(held_keys, query).clamp_(max=held_keys.numel() - 1)
+    hits = torch.zeros(n, kmax, dtype=torch.float64, device=device)
+    hits[:, :min(kp, kmax)] = (held_keys[pos] == query)[:, :kmax].double()
+
+    ranks = torch.arange(1, kmax + 1, dtype=torch.float64, device=device)
+    disc = 1.0 / torch.log2(ranks + 1)
+    n_hits = hits.cumsum(1)                        # sum_{r<=K} h_r
+    dcg = (hits * disc).cumsum(1)
+    ap = (hits * n_hits / ranks).cumsum(1)         # sum_{r<=K} h_r * Precision@r
+    cdisc = disc.cumsum(0)
+    t = t_len.double()
+    out = {}
+    for K in ks:
+        denom = t.clamp(max=K)
+        idcg = cdisc[denom.long() - 1]
+        per_user = {"recall": n_hits[:, K - 1] / t, "ndcg": dcg[:, K - 1] / idcg,
+                    "precision": n_hits[:, K - 1] / K, "map": ap[:, K - 1] / denom}
+        for name in METRICS:
+            out[f"{name}@{K}"] = float(per_user[name].sum())
+    return out
+
+
+def finalize(sums: dict, count: int) -> dict:
+    """Means over ``count`` users, rounded to 4 decimals (spec §2)."""
+    return {key: round(value / count, 4) for key, value in sums.items()}
+
+
+class Evaluator:
+    """Full-ranking evaluation of one held-out split (validation or test), built once from numpy pairs.
+
+    Duplicate (user, item) pairs count once. Evaluated users: every distinct user of the held-out pairs,
+    in ascending id order, processed ``batch_size`` users at a time.
+    """
+
+    def __init__(self, num_users: int, num_items: int, train_users, train_items, heldout_users,
+                 heldout_items, ks=(5, 10, 20, 50), batch_size: int = 4096, item_tile: int = 65536):
+        self.num_users, self.num_items = num_users, num_items
+        self.ks, self.batch_size, self.item_tile = tuple(ks), batch_size, item_tile
+        self.train_csr = _csr_from_pairs(num_users, num_items, train_users, train_items)
+        self.heldout_csr = _csr_from_pairs(num_users, num_items, heldout_users, heldout_items)
+        self.users = np.flatnonzero(np.diff(self.heldout_csr[0]) > 0)
+
+    @torch.no_grad()
+    def evaluate(self, user_emb: torch.Tensor, item_emb: torch.Tensor, user_subset=None):
+        """Return ``(sums, count)`` over the evaluated users, or only those in ``user_subset``.
+
+        ``user_subset`` (numpy array of user ids) is intersected with the evaluated users: ids without
+        held-out items are ignored, so any partition of the user ids shards the evaluation exactly.
+        """
+        users = self.users if user_subset is None else np.intersect1d(self.users, user_subset)
+        sums = {f"{name}@{K}": 0.0 for K in self.ks for name in METRICS}
+        device = user_emb.device
+        item_emb = item_emb.to(device)
+        for start in range(0, len(users), self.batch_size):
+            batch = users[start:start + self.batch_size]
+            train = [torch.from_numpy(a).to(device) for a in _csr_rows(*self.train_csr, batch)]
+            _, top = streaming_topk(user_emb[torch.from_numpy(batch).to(device)], item_emb, train,
+                                    max(self.ks), self.item_tile)
+            held = [torch.from_numpy(a).to(device) for a in _csr_rows(*self.heldout_csr, batch)]
+            for key, value in metric_sums(top, *held, self.ks).items():
+                sums[key] += value
+        return sums, len(users)
+
+    def evaluate_metrics(self, user_emb: torch.Tensor, item_emb: torch.Tensor) -> dict:
+        return finalize(*self.evaluate(user_emb, item_emb))
+
+
+class EarlyStopping:
+    """Spec §2 model selection: a new best iff round(value, 4) is strictly greater than the best so far;
+    ``should_stop`` once ``bad_epochs > patience`` (the 21st consecutive non-improving epoch for 20)."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.best_epoch: int | None = None
+        self.best_value: float | None = None
+        self.bad_epochs = 0
+
+    def update(self, epoch: int, value: float) -> bool:
+        value = round(float(value), 4)
+        if self.best_value is None or value > self.best_value:
+            self.best_epoch, self.best_value, self.bad_epochs = epoch, value, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_epochs > self.patience
+
+    def state_dict(self) -> dict:
+        return {"patience": self.patience, "best_epoch": self.best_epoch,
+                "best_value": self.best_value, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.patience = int(d["patience"])
+        self.best_epoch, self.best_value = d["best_epoch"], d["best_value"]
+        self.bad_epochs = int(d["bad_epochs"])

@@ -1,0 +1,88 @@
+"""The fixed training graph of LGMRec (LGMRec_SPEC.md §1.3) as torch sparse CSR matrices.
+
+Node numbering: users 0..|U|-1, items |U|..|U|+|I|-1 (N = |U| + |I|). Interactions are a set: duplicate
+(u, i) training pairs count once everywhere (§1.3, item 1).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+
+
+def csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape) -> torch.Tensor:
+    order = np.lexsort((cols, rows))
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    indptr = np.zeros(shape[0] + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])
+    return torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(cols.astype(np.int64)),
+                                   torch.from_numpy(vals.astype(np.float32)), size=shape, check_invariants=False)
+
+
+class _SpMM(torch.autograd.Function):
+    """``A @ X`` for a constant sparse A whose transpose is given, so backward is one more CSR product
+    (deterministic, unlike the scatter-add backward of COO products)."""
+
+    @staticmethod
+    def forward(ctx, a, a_t, x):
+        ctx.a_t = a_t
+        return torch.sparse.mm(a, x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None, torch.sparse.mm(ctx.a_t, grad)
+
+
+def spmm(a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return _SpMM.apply(a, a_t, x)
+
+
+@dataclass
+class Graph:
+    num_users: int
+    num_items: int
+    train_users: np.ndarray   # unique training pairs, sorted by (user, item)
+    train_items: np.ndarray
+    deg: torch.Tensor         # distinct neighbours per node, shape (N,)
+    norm_adj: torch.Tensor    # Ĝ = D^-1/2 G D^-1/2, symmetric, (N, N)
+    R: torch.Tensor           # binary |U| x |I|
+    R_t: torch.Tensor         # its transpose
+    P: torch.Tensor           # row-normalised R (mean of a user's items), |U| x |I|
+    P_t: torch.Tensor
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_users + self.num_items
+
+    def propagate(self, x: torch.Tensor) -> torch.Tensor:
+        """Ĝ · x (Ĝ is symmetric, so it is its own transpose in backward)."""
+        return spmm(self.norm_adj, self.norm_adj, x)
+
+    def to(self, device) -> "Graph":
+        move = lambda t: t.to(device)  # noqa: E731
+        return Graph(self.num_users, self.num_items, self.train_users, self.train_items, move(self.deg),
+                     move(self.norm_adj), move(self.R), move(self.R_t), move(self.P), move(self.P_t))
+
+
+def build_graph(num_users: int, num_items: int, users: np.ndarray, items: np.ndarray) -> Graph:
+    """Build Ĝ, R and P from the training pairs (§1.3): deg = distinct neighbours, D = diag(deg + 1e-7)."""
+    keys = np.unique(np.asarray(users, np.int64) * num_items + np.asarray(items, np.int64))
+    u, i = keys // num_items, keys % num_items
+    n = num_users + num_items
+    deg_u = np.bincount(u, minlength=num_users).astype(np.float64)
+    deg_i = np.bincount(i, minlength=num_items).astype(np.float64)
+    deg = np.concatenate([deg_u, deg_i])
+    d_inv_sqrt = 1.0 / np.sqrt(deg + 1e-7)
+    w = d_inv_sqrt[u] * d_inv_sqrt[num_users + i]
+    rows = np.concatenate([u, num_users + i])
+    cols = np.concatenate([num_users + i, u])
+    norm_adj = csr(rows, cols, np.concatenate([w, w]), (n, n))
+    ones = np.ones(len(u), np.float64)
+    mean_w = 1.0 / (deg_u[u] + 1e-7)  # users with no training item keep a zero row
+    return Graph(num_users, num_items, u, i, torch.from_numpy(deg.astype(np.float32)), norm_adj,
+                 csr(u, i, ones, (num_users, num_items)), csr(i, u, ones, (num_items, num_users)),
+                 csr(u, i, mean_w, (num_users, num_items)), csr(i, u, mean_w, (num_items, num_users)))

@@ -1,0 +1,17 @@
+"""Collaborative graph embedding, CGE (LGMRec_SPEC.md §1.4): LightGCN with mean pooling over layers."""
+from __future__ import annotations
+
+import torch
+
+from lgmrec_dist.graph import Graph
+
+
+def cge(graph: Graph, ego: torch.Tensor, n_layers: int, cf_model: str = "lightgcn") -> torch.Tensor:
+    """E_c = (1/(L+1)) Σ_{l=0..L} Ĝ^l E^(0); ``cf_model='mf'`` skips propagation (E_c = E^(0))."""
+    if cf_model == "mf" or n_layers == 0:
+        return ego
+    total, x = ego, ego
+    for _ in range(n_layers):
+        x = graph.propagate(x)
+        total = total + x
+    return total / (n_layers + 1)

@@ -1,0 +1,63 @@
+"""Global hypergraph embedding, GHE (LGMRec_SPEC.md §1.6).
+
+Per modality m: item logits Z_I = X·V, user logits Z_U = R·Z_I (sum over the user's items, before any
+softmax); Gumbel-softmax with τ = 0.2; one keep-rate dropout mask per dependency matrix per forward;
+H layers of M = H̄_Iᵀ·Q, Q = H̄_I·M starting from the CGE item output; users get P = H̄_U·M of the last
+layer. Every global embedding is (dependency row)·M with M of size A × d, so it has rank ≤ A: we keep
+the factors (:class:`HyperEmbedding`) instead of the |U|×d and |I|×d products.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lgmrec_dist.graph import Graph, spmm
+
+
+@dataclass
+class HyperEmbedding:
+    """G_U = h_user·message, G_I = h_item·message, without materialising them."""
+    h_user: torch.Tensor    # H̄_U, |U| × A
+    h_item: torch.Tensor    # H̄_I, |I| × A
+    message: torch.Tensor   # M^(H), A × d
+
+    def users(self, rows=None) -> torch.Tensor:
+        return (self.h_user if rows is None else self.h_user[rows]) @ self.message
+
+    def items(self, rows=None) -> torch.Tensor:
+        return (self.h_item if rows is None else self.h_item[rows]) @ self.message
+
+    def nodes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Rows in node numbering (users first, then items); all nodes when ``rows`` is None."""
+        h = torch.cat([self.h_user, self.h_item])
+        return (h if rows is None else h[rows]) @ self.message
+
+
+def dependencies(x: torch.Tensor, v: torch.Tensor, graph: Graph, tau: float, noise=None, masks=None,
+                 keep_rate: float = 1.0):
+    """Soft hyperedge assignments (H̄_I, H̄_U) of §1.6 items 1-3.
+
+    ``noise`` = (Gumbel noise for items, for users) or None for a deterministic softmax;
+    ``masks`` = (keep masks for items, for users) as booleans, or None for no dropout.
+    """
+    z_item = x @ v
+    z_user = spmm(graph.R, graph.R_t, z_item)
+    if noise is not None:
+        z_item, z_user = z_item + noise[0], z_user + noise[1]
+    h_item = torch.softmax(z_item / tau, dim=1)
+    h_user = torch.softmax(z_user / tau, dim=1)
+    if masks is not None:
+        h_item = h_item * masks[0] / keep_rate
+        h_user = h_user * masks[1] / keep_rate
+    return h_item, h_user
+
+
+def hypergraph_propagate(h_item: torch.Tensor, h_user: torch.Tensor, q0: torch.Tensor,
+                         n_layers: int) -> HyperEmbedding:
+    """H hypergraph layers from Q^(0) = CGE item output (§1.6 item 4). No weights, no normalisation."""
+    q = q0
+    for _ in range(n_layers):
+        message = h_item.t() @ q
+        q = h_item @ message
+    return HyperEmbedding(h_user, h_item, message)

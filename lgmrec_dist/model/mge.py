@@ -1,0 +1,34 @@
+"""Modality graph embedding, MGE (LGMRec_SPEC.md §1.5), and its precomputed form.
+
+Spec form: F_I = X·W, F_U = P·F_I (P = row-normalised R: mean of the user's items), F = Ĝ^K [F_U ; F_I]
+(last layer only). Everything is linear in W, so F = (Ĝ^K [P·X ; X])·W. ``mge_inputs`` computes the
+N × d_m matrix Y = Ĝ^K [P·X ; X] once per run; a training step then needs only its batch rows Y[rows]·W,
+whose cost does not grow with the graph (docs/model.md, "speed rewrites").
+"""
+from __future__ import annotations
+
+import torch
+
+from lgmrec_dist.graph import Graph, spmm
+
+
+def mge_direct(graph: Graph, x: torch.Tensor, w: torch.Tensor, n_layers: int) -> torch.Tensor:
+    """F^m for all N nodes, computed as the spec writes it."""
+    f_i = x @ w
+    f = torch.cat([spmm(graph.P, graph.P_t, f_i), f_i])
+    for _ in range(n_layers):
+        f = graph.propagate(f)
+    return f
+
+
+@torch.no_grad()
+def mge_inputs(graph: Graph, x: torch.Tensor, n_layers: int, chunk: int = 512) -> torch.Tensor:
+    """Y = Ĝ^K [P·X ; X] (N × d_m), built in column chunks so the peak stays near the size of Y."""
+    out = torch.empty(graph.num_nodes, x.shape[1], dtype=torch.float32, device=x.device)
+    for c in range(0, x.shape[1], chunk):
+        xc = x[:, c:c + chunk].float().contiguous()
+        y = torch.cat([torch.sparse.mm(graph.P, xc), xc])
+        for _ in range(n_layers):
+            y = torch.sparse.mm(graph.norm_adj, y)
+        out[:, c:c + chunk] = y
+    return out

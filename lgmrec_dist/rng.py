@@ -1,0 +1,46 @@
+"""Counter-based random numbers keyed by (seed, step, stream, node id).
+
+Gumbel noise and dropout masks of the hypergraph (LGMRec_SPEC.md §1.6) are drawn from a hash of their
+key instead of a sequential generator, so a node's draw does not depend on which process computes it
+or on how many processes there are: P ranks and 1 rank see the same noise (DESIGN.md, exactness).
+The hash is Chris Wellons' ``lowbias32`` applied in 32-bit lanes held in int64 tensors.
+"""
+from __future__ import annotations
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def _mix32_int(x: int) -> int:
+    x &= _M32
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & _M32
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+def stream_key(seed: int, step: int, stream: int) -> int:
+    return _mix32_int(seed ^ _mix32_int(step ^ _mix32_int(stream * 0x9E3779B9)))
+
+
+def keyed_uniform(key: int, ids: torch.Tensor, width: int) -> torch.Tensor:
+    """Uniform floats in (0, 1), shape (len(ids), width); entry (r, c) depends only on (key, ids[r], c)."""
+    counter = ids.to(torch.int64).unsqueeze(1) * width + torch.arange(width, device=ids.device)
+    h = _mix32((counter & _M32) ^ key)
+    h = _mix32(h ^ (counter >> 32) ^ 0x5BD1E995)
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def keyed_gumbel(key: int, ids: torch.Tensor, width: int) -> torch.Tensor:
+    """Standard Gumbel noise -log(-log u) keyed like :func:`keyed_uniform`."""
+    return -torch.log(-torch.log(keyed_uniform(key, ids, width)))

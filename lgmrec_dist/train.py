@@ -1,0 +1,183 @@
+"""Train LGMRec on a prepared dataset and evaluate it with the MMRec protocol (LGMRec_SPEC.md §1.8-§2).
+
+    python -m lgmrec_dist.train --data DIR --config FILE --out RUNDIR [--set key=value ...]
+    lgmrec train ...   (same arguments)
+
+Writes RUNDIR/metrics.json, RUNDIR/config.yaml (the resolved config) and RUNDIR/train.log.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+from lgmrec_dist.batches import TripleSampler
+from lgmrec_dist.config import Config, ConfigError, load_config
+from lgmrec_dist.dataset import TEST, TRAIN, VALID, DatasetError, PreparedDataset, atomic_write_json
+from lgmrec_dist.evaluation import EarlyStopping, Evaluator
+from lgmrec_dist.graph import build_graph
+from lgmrec_dist.model import LGMRec
+
+log = logging.getLogger("lgmrec")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", required=True, help="prepared dataset directory (lgmrec import-mmrec / prep)")
+    p.add_argument("--config", help="YAML config (configs/*.yaml); defaults are the official settings")
+    p.add_argument("--out", required=True, help="run directory for metrics.json, config.yaml, train.log")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(cfg: Config) -> torch.device:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: 'cuda' requested but torch sees no CUDA device")
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def setup_logging(run_dir: Path) -> None:
+    log.setLevel(logging.INFO)
+    log.handlers.clear()
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
+    for handler in (logging.FileHandler(run_dir / "train.log"), logging.StreamHandler(sys.stderr)):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    log.propagate = False
+
+
+def make_evaluators(ds: PreparedDataset, cfg: Config) -> tuple[Evaluator, Evaluator]:
+    tu, ti = ds.pairs(TRAIN)
+    make = lambda label: Evaluator(ds.num_users, ds.num_items, tu, ti, *ds.pairs(label), ks=cfg.topk,  # noqa: E731
+                                   batch_size=cfg.eval_batch_size, item_tile=cfg.eval_item_tile)
+    return make(VALID), make(TEST)
+
+
+def summary_table(valid: dict, test: dict, ks: list[int]) -> str:
+    names = ("recall", "ndcg", "precision", "map")
+    head = f"{'split':<6}" + "".join(f"{n + '@' + str(k):>13}" for n in names for k in ks)
+    rows = [f"{label:<6}" + "".join(f"{m.get(f'{n}@{k}', float('nan')):>13.4f}" for n in names for k in ks)
+            for label, m in (("valid", valid), ("test", test))]
+    return "\n".join([head, *rows])
+
+
+def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = False) -> dict:
+    run_dir = Path(out)
+    if (run_dir / "metrics.json").exists() and not overwrite:
+        raise ConfigError(f"{run_dir} already holds a finished run (metrics.json); pass --overwrite to replace it")
+    ds = PreparedDataset.load(data)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    setup_logging(run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg)
+    log.info("dataset %s: %d users, %d items, %d train / %d valid / %d test, modalities %s",
+             ds.path, ds.num_users, ds.num_items, ds.manifest["num_train"], ds.manifest["num_valid"],
+             ds.manifest["num_test"], ds.manifest["modalities"])
+
+    tu, ti = ds.pairs(TRAIN)
+    graph = build_graph(ds.num_users, ds.num_items, tu, ti)
+    sampler = TripleSampler(ds.num_items, tu, ti, cfg.seed)
+    model = LGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"]).to(device)
+    t0 = time.perf_counter()
+    model.attach(graph, {m: np.asarray(x) for m, x in ds.features.items()})
+    log.info("model: %d trainable parameters, device %s, set-up %.2fs", model.num_parameters(), device,
+             time.perf_counter() - t0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    valid_eval, test_eval = make_evaluators(ds, cfg)
+    stopper = EarlyStopping(cfg.stopping_step)
+
+    step, epoch_seconds, epoch_steps, train_loss = 0, [], [], []
+    best_valid, best_test, epochs_run = {}, {}, 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        users, pos, neg = (torch.from_numpy(a).to(device) for a in sampler.epoch(epoch))
+        n_batches = sampler.num_batches(cfg.train_batch_size)
+        t0, total, steps = time.perf_counter(), 0.0, 0
+        bar = tqdm(range(n_batches), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, file=sys.stderr)
+        for b in bar:
+            sl = slice(b * cfg.train_batch_size, (b + 1) * cfg.train_batch_size)
+            terms = model.batch_loss(users[sl], pos[sl], neg[sl], step)
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            step, steps = step + 1, steps + 1
+            total += float(terms["loss"])
+            bar.set_postfix(loss=f"{float(terms['loss']):.4f}")
+            if cfg.max_steps and step >= cfg.max_steps:
+                break
+        bar.close()
+        epoch_seconds.append(time.perf_counter() - t0)
+        epoch_steps.append(steps)
+        train_loss.append(total / max(steps, 1))
+        epochs_run = epoch + 1
+
+        model.eval()
+        user_emb, item_emb = model.final_embeddings()
+        valid = valid_eval.evaluate_metrics(user_emb, item_emb)
+        improved = stopper.update(epoch, valid[cfg.valid_metric])
+        if improved:  # test metrics are only reported at the best-validation epoch (§2)
+            best_valid, best_test = valid, test_eval.evaluate_metrics(user_emb, item_emb)
+        log.info("epoch %d: loss %.4f (%d steps, %.2fs) valid %s %.4f%s", epoch, train_loss[-1], steps,
+                 epoch_seconds[-1], cfg.valid_metric, valid[cfg.valid_metric], "  *best*" if improved else "")
+        if stopper.should_stop or (cfg.max_steps and step >= cfg.max_steps):
+            break
+
+    metrics = {
+        "best_epoch": stopper.best_epoch,
+        "epochs_run": epochs_run,
+        "steps": step,
+        "seconds_per_epoch": float(np.mean(epoch_seconds)),
+        "seconds_per_step": float(sum(epoch_seconds) / max(step, 1)),
+        "train_loss": train_loss,
+        "valid": best_valid,
+        "test": best_test,
+        "num_parameters": model.num_parameters(),
+        "config_digest": cfg.digest(),
+        "dataset": str(ds.path),
+    }
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    table = summary_table(best_valid, best_test, cfg.topk)
+    log.info("best epoch %d of %d; metrics at the best-validation epoch:\n%s", stopper.best_epoch, epochs_run, table)
+    print(table)
+    return metrics
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="lgmrec train", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    return run(args)
+
+
+def run(args) -> int:
+    try:
+        cfg = load_config(args.config, args.set)
+        train(args.data, cfg, args.out, overwrite=args.overwrite)
+    except (ConfigError, DatasetError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
