@@ -62,6 +62,12 @@ def atomic_write_json(path: Path, obj) -> None:
         raise
 
 
+def _directory_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_directory(out: str | Path, overwrite: bool = False):
     """Yield a temporary sibling of ``out``; on success it replaces ``out``, on error it is removed.
@@ -75,6 +81,7 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
+        os.chmod(tmp, _directory_mode())  # mkdtemp makes 0700; a dataset is read by Ray workers and others
         yield tmp
         if out.exists():
             trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))

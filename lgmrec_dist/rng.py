@@ -37,8 +37,13 @@ def keyed_uniform(key: int, ids: torch.Tensor, width: int) -> torch.Tensor:
     """Uniform floats in (0, 1), shape (len(ids), width); entry (r, c) depends only on (key, ids[r], c)."""
     counter = ids.to(torch.int64).unsqueeze(1) * width + torch.arange(width, device=ids.device)
     h = _mix32((counter & _M32) ^ key)
-    h = _mix32(h ^ (counter >> 32) ^ 0x5BD1E995)
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    return to_unit(_mix32(h ^ (counter >> 32) ^ 0x5BD1E995))
+
+
+def to_unit(h: torch.Tensor) -> torch.Tensor:
+    """32-bit hashes -> float32 in (0, 1). 23 bits: (2^23 - 0.5) / 2^23 is still exact in float32, so
+    u < 1 strictly and -log(-log u) stays finite (24 bits would round the top value up to 1.0)."""
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
 def keyed_gumbel(key: int, ids: torch.Tensor, width: int) -> torch.Tensor:

@@ -69,11 +69,15 @@ def make_evaluators(ds: PreparedDataset, cfg: Config) -> tuple[Evaluator, Evalua
 
 
 def summary_table(valid: dict, test: dict, ks: list[int]) -> str:
-    names = ("recall", "ndcg", "precision", "map")
-    head = f"{'split':<6}" + "".join(f"{n + '@' + str(k):>13}" for n in names for k in ks)
-    rows = [f"{label:<6}" + "".join(f"{m.get(f'{n}@{k}', float('nan')):>13.4f}" for n in names for k in ks)
-            for label, m in (("valid", valid), ("test", test))]
-    return "\n".join([head, *rows])
+    """Metrics at the best-validation epoch: one row per metric, K across, valid then test."""
+    cols = [f"@{k}" for k in ks]
+    width = 8 * len(ks)
+    lines = [f"{'':<10}{'valid':^{width}} | {'test':^{width}}",
+             f"{'metric':<10}" + "".join(f"{c:>8}" for c in cols) + " | " + "".join(f"{c:>8}" for c in cols)]
+    for name in ("recall", "ndcg", "precision", "map"):
+        cells = [[f"{m.get(f'{name}@{k}', float('nan')):>8.4f}" for k in ks] for m in (valid, test)]
+        lines.append(f"{name:<10}" + "".join(cells[0]) + " | " + "".join(cells[1]))
+    return "\n".join(lines)
 
 
 def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = False) -> dict:
@@ -113,7 +117,8 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
         users, pos, neg = (torch.from_numpy(a).to(device) for a in sampler.epoch(epoch))
         n_batches = sampler.num_batches(cfg.train_batch_size)
         t0, total, steps = time.perf_counter(), 0.0, 0
-        bar = tqdm(range(n_batches), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(range(n_batches), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, file=sys.stderr,
+                   mininterval=1.0, disable=not sys.stderr.isatty())
         for b in bar:
             sl = slice(b * cfg.train_batch_size, (b + 1) * cfg.train_batch_size)
             terms = model.batch_loss(users[sl], pos[sl], neg[sl], step)
@@ -121,8 +126,9 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
             terms["loss"].backward()
             optimizer.step()
             step, steps = step + 1, steps + 1
-            total += float(terms["loss"])
-            bar.set_postfix(loss=f"{float(terms['loss']):.4f}")
+            loss = terms["loss"].item()
+            total += loss
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if cfg.max_steps and step >= cfg.max_steps:
                 break
         bar.close()
@@ -158,7 +164,6 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
     atomic_write_json(run_dir / "metrics.json", metrics)
     table = summary_table(best_valid, best_test, cfg.topk)
     log.info("best epoch %d of %d; metrics at the best-validation epoch:\n%s", stopper.best_epoch, epochs_run, table)
-    print(table)
     return metrics
 
 

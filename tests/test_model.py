@@ -207,5 +207,7 @@ def test_keyed_draws_do_not_depend_on_which_ids_are_drawn_together():
     assert 0 < full.min() and full.max() < 1
     assert abs(full.mean().item() - 0.5) < 0.02 and abs(full.std().item() - (1 / 12) ** 0.5) < 0.01
     assert not torch.equal(full, rng.keyed_uniform(rng.stream_key(999, 13, 3), torch.arange(1000), 4))
+    extremes = rng.to_unit(torch.tensor([0, 2**32 - 1]))
+    assert 0 < extremes[0] and extremes[1] < 1 and torch.isfinite(-torch.log(-torch.log(extremes))).all()
     g = rng.keyed_gumbel(key, torch.arange(20000), 1)
     assert abs(g.mean().item() - 0.5772) < 0.03  # Euler–Mascheroni constant

@@ -67,7 +67,8 @@ class LGMRec(nn.Module):
     def attach(self, graph: Graph, features: dict[str, torch.Tensor]) -> "LGMRec":
         device = self.user_embedding.device
         self.graph = graph.to(device)
-        self.features = {m: torch.as_tensor(features[m], dtype=torch.float32).to(device) for m in self.modalities}
+        # a copy: features arrive as read-only memory maps, and they must live on the training device
+        self.features = {m: torch.tensor(features[m], dtype=torch.float32, device=device) for m in self.modalities}
         if self.cfg.use_mge and self.cfg.mge_precompute:
             self.mge_y = {m: mge_inputs(self.graph, x, self.cfg.n_mm_layers) for m, x in self.features.items()}
         return self
