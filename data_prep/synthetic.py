@@ -342,13 +342,14 @@ def generate_synthetic(num_users: int = 1000, num_items: int = 500, num_interact
 
 def make_mmrec_synthetic(out_dir: str | Path, num_users: int = 1000, num_items: int = 500,
                          num_interactions: int = 20000, modalities: dict[str, int] = DEFAULT_MODALITIES,
-                         seed: int = 0, name: str = "synthetic", overwrite: bool = False) -> Path:
+                         seed: int = 0, name: str = "synthetic", overwrite: bool = False,
+                         num_clusters: int | None = None) -> Path:
     """Write a synthetic MMRec folder (§3): ``<name>.inter`` and ``<modality>_feat.npy`` per modality.
 
     ``out_dir`` must not exist (unless ``overwrite``); it is written atomically. Returns ``out_dir``.
     """
     check_modality_name(name, "name")
-    data = generate_synthetic(num_users, num_items, num_interactions, modalities, seed)
+    data = generate_synthetic(num_users, num_items, num_interactions, modalities, seed, num_clusters)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir, overwrite) as tmp:
         write_inter(tmp / f"{name}.inter", data["users"], data["items"], data["split"],
@@ -360,7 +361,8 @@ def make_mmrec_synthetic(out_dir: str | Path, num_users: int = 1000, num_items: 
 
 def make_prepared_synthetic(out_dir: str | Path, num_users: int = 1000, num_items: int = 500,
                             num_interactions: int = 20000, modalities: dict[str, int] = DEFAULT_MODALITIES,
-                            seed: int = 0, name: str = "synthetic", overwrite: bool = False) -> Path:
+                            seed: int = 0, name: str = "synthetic", overwrite: bool = False,
+                            num_clusters: int | None = None) -> Path:
     """Make a synthetic MMRec folder in a temporary directory and import it into ``out_dir``.
 
     The manifest records ``source: "synthetic"`` and the generation parameters. Returns ``out_dir``.
@@ -371,10 +373,10 @@ def make_prepared_synthetic(out_dir: str | Path, num_users: int = 1000, num_item
     modalities = dict(modalities)
     params = {"num_users": int(num_users), "num_items": int(num_items),
               "num_interactions": int(num_interactions), "modalities": {k: int(v) for k, v in modalities.items()},
-              "seed": int(seed), "name": name}
+              "seed": int(seed), "name": name, "num_clusters": num_clusters}
     with tempfile.TemporaryDirectory(prefix="lgmrec-synth-") as tmp:
         src = make_mmrec_synthetic(Path(tmp) / name, num_users, num_items, num_interactions, modalities,
-                                   seed, name)
+                                   seed, name, num_clusters=num_clusters)
         import_mmrec(src / f"{name}.inter", {m: src / feature_filename(m) for m in modalities}, out_dir,
                      overwrite=overwrite, manifest_extra={"source": "synthetic", "synthetic": params})
     return out_dir

@@ -114,8 +114,14 @@ def check_features(name: str, array: np.ndarray, num_items: int, source: str) ->
 def write_dataset(out: str | Path, *, users: np.ndarray, items: np.ndarray, split: np.ndarray,
                   num_users: int, num_items: int, features: dict[str, np.ndarray],
                   user_raw_ids=None, item_raw_ids=None, extra_columns: dict | None = None,
-                  manifest_extra: dict | None = None, overwrite: bool = False) -> dict:
-    """Validate and write a prepared dataset directory atomically; return its manifest."""
+                  manifest_extra: dict | None = None, overwrite: bool = False,
+                  write_extra=None) -> dict:
+    """Validate and write a prepared dataset directory atomically; return its manifest.
+
+    ``write_extra``, if given, is called with the temporary directory after the standard files are
+    written and before the checksums are taken, so that the files it adds (e.g. ``partitions/``) are
+    part of the atomic write and listed with their sha256 in the manifest.
+    """
     users = np.asarray(users, dtype=np.int64)
     items = np.asarray(items, dtype=np.int64)
     split = np.asarray(split, dtype=np.int8)
@@ -139,6 +145,8 @@ def write_dataset(out: str | Path, *, users: np.ndarray, items: np.ndarray, spli
         (tmp / "features").mkdir()
         for name, arr in feats.items():
             np.save(tmp / "features" / f"{name}.npy", arr)
+        if write_extra is not None:
+            write_extra(tmp)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         manifest = {
             "format_version": FORMAT_VERSION,

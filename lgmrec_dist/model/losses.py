@@ -15,6 +15,37 @@ def reg_loss(e_user, e_pos, e_neg, batch_size: int) -> torch.Tensor:
     return (e_user.norm() + e_pos.norm() + e_neg.norm()) / batch_size
 
 
+class _LowRankLogSumExp(torch.autograd.Function):
+    """lse_r = log Σ_s exp(q_r · k_s), computed in row chunks so the |rows| × S logits never exist whole.
+
+    Backward recomputes each chunk's logits: memory O(chunk · S) instead of several |rows| × S copies.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, chunk):
+        lse = torch.empty(q.shape[0], dtype=q.dtype, device=q.device)
+        for c in range(0, q.shape[0], chunk):
+            lse[c:c + chunk] = torch.logsumexp(q[c:c + chunk] @ k.t(), dim=1)
+        ctx.save_for_backward(q, k, lse)
+        ctx.chunk = chunk
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, lse = ctx.saved_tensors
+        grad_q, grad_k = torch.empty_like(q), torch.zeros_like(k)
+        for c in range(0, q.shape[0], ctx.chunk):
+            p = q[c:c + ctx.chunk] @ k.t()
+            p.sub_(lse[c:c + ctx.chunk, None]).exp_().mul_(grad[c:c + ctx.chunk, None])
+            grad_q[c:c + ctx.chunk] = p @ k
+            grad_k.addmm_(p.t(), q[c:c + ctx.chunk])
+        return grad_q, grad_k, None
+
+
+def lowrank_logsumexp(q: torch.Tensor, k: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
+    return _LowRankLogSumExp.apply(q, k, max(1, max_elements // max(1, k.shape[0])))
+
+
 def infonce_lowrank(h_anchor, m_anchor, h_pos, m_pos, rows, weights, tau: float) -> torch.Tensor:
     """Σ_r w_r · ℓ_r with ℓ_r = -log softmax over all s of cos(g^a_r, g^p_s)/τ, evaluated at s = r.
 
@@ -27,8 +58,8 @@ def infonce_lowrank(h_anchor, m_anchor, h_pos, m_pos, rows, weights, tau: float)
     pos_logit = (anchor * positive).sum(1) / tau
     sq_norms = ((h_pos @ (m_pos @ m_pos.t())) * h_pos).sum(1)
     scaled = h_pos / sq_norms.clamp_min(1e-24).sqrt().unsqueeze(1)  # = max(‖g‖, 1e-12), as F.normalize
-    logits = (anchor @ m_pos.t()) @ scaled.t() / tau
-    return (weights * (torch.logsumexp(logits, dim=1) - pos_logit)).sum()
+    lse = lowrank_logsumexp((anchor @ m_pos.t()) / tau, scaled)  # logits (anchor·m_posᵀ/τ)·scaledᵀ
+    return (weights * (lse - pos_logit)).sum()
 
 
 def infonce_direct(g_anchor, g_pos, rows, tau: float) -> torch.Tensor:
