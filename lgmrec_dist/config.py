@@ -52,10 +52,14 @@ class Config:
     device: str = "auto"                    # "auto" | "cpu" | "cuda"
     num_threads: int = 0                    # torch intra-op threads (0 = torch default)
     deterministic: bool = False             # torch.use_deterministic_algorithms
+    partitioning: str = "auto"              # distributed: "auto" (prep's partitions if made for this
+                                            # many ranks, else contiguous), "dataset", "contiguous"
 
     def validate(self) -> "Config":
         if self.cf_model not in ("lightgcn", "mf"):
             raise ConfigError(f"cf_model: expected 'lightgcn' or 'mf', got {self.cf_model!r}")
+        if self.partitioning not in ("auto", "dataset", "contiguous"):
+            raise ConfigError(f"partitioning: expected 'auto', 'dataset' or 'contiguous', got {self.partitioning!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
         for key in ("epochs", "train_batch_size", "embedding_size", "hyper_num", "eval_batch_size",

@@ -144,20 +144,26 @@ class Evaluator:
         self.users = np.flatnonzero(np.diff(self.heldout_csr[0]) > 0)
 
     @torch.no_grad()
-    def evaluate(self, user_emb: torch.Tensor, item_emb: torch.Tensor, user_subset=None):
+    def evaluate(self, user_emb: torch.Tensor, item_emb: torch.Tensor, user_subset=None, user_rows=None):
         """Return ``(sums, count)`` over the evaluated users, or only those in ``user_subset``.
 
         ``user_subset`` (numpy array of user ids) is intersected with the evaluated users: ids without
         held-out items are ignored, so any partition of the user ids shards the evaluation exactly.
+        ``user_rows`` (sorted user ids) says which user each row of ``user_emb`` holds when it is not the
+        whole table (a rank's own users); it also restricts the evaluation to those users.
         """
         users = self.users if user_subset is None else np.intersect1d(self.users, user_subset)
+        if user_rows is not None:
+            user_rows = np.asarray(user_rows)
+            users = np.intersect1d(users, user_rows)
         sums = {f"{name}@{K}": 0.0 for K in self.ks for name in METRICS}
         device = user_emb.device
         item_emb = item_emb.to(device)
         for start in range(0, len(users), self.batch_size):
             batch = users[start:start + self.batch_size]
             train = [torch.from_numpy(a).to(device) for a in _csr_rows(*self.train_csr, batch)]
-            _, top = streaming_topk(user_emb[torch.from_numpy(batch).to(device)], item_emb, train,
+            rows = batch if user_rows is None else np.searchsorted(user_rows, batch)
+            _, top = streaming_topk(user_emb[torch.from_numpy(rows).to(device)], item_emb, train,
                                     max(self.ks), self.item_tile)
             held = [torch.from_numpy(a).to(device) for a in _csr_rows(*self.heldout_csr, batch)]
             for key, value in metric_sums(top, *held, self.ks).items():

@@ -80,69 +80,100 @@ def summary_table(valid: dict, test: dict, ks: list[int]) -> str:
     return "\n".join(lines)
 
 
-def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = False) -> dict:
+class LocalEngine:
+    """One process, the whole graph: the reference path (lgmrec_dist.model.LGMRec)."""
+
+    def __init__(self, cfg: Config, ds: PreparedDataset, device: torch.device):
+        tu, ti = ds.pairs(TRAIN)
+        self.model = LGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"]).to(device)
+        self.model.attach(build_graph(ds.num_users, ds.num_items, tu, ti), ds.features)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate)
+
+    def num_parameters(self) -> int:
+        return self.model.num_parameters()
+
+    def train(self):
+        self.model.train()
+
+    def step(self, users, pos, neg, step: int) -> float:
+        terms = self.model.batch_loss(users, pos, neg, step)
+        self.optimizer.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        self.optimizer.step()
+        return terms["loss"].item()
+
+    def embeddings(self):
+        self.model.eval()
+        return self.model.final_embeddings()
+
+    def evaluate(self, evaluator: Evaluator, emb) -> dict:
+        return evaluator.evaluate_metrics(*emb)
+
+
+def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = False, ctx=None) -> dict:
+    """Train and evaluate; ``ctx`` (a distributed.group.Context) selects the sharded engine."""
+    main_rank = ctx is None or ctx.is_main
     run_dir = Path(out)
     if (run_dir / "metrics.json").exists() and not overwrite:
         raise ConfigError(f"{run_dir} already holds a finished run (metrics.json); pass --overwrite to replace it")
     ds = PreparedDataset.load(data)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if main_rank:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(run_dir)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    else:
+        log.setLevel(logging.WARNING)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
     seed_everything(cfg.seed)
-    device = resolve_device(cfg)
     log.info("dataset %s: %d users, %d items, %d train / %d valid / %d test, modalities %s",
              ds.path, ds.num_users, ds.num_items, ds.manifest["num_train"], ds.manifest["num_valid"],
              ds.manifest["num_test"], ds.manifest["modalities"])
 
-    tu, ti = ds.pairs(TRAIN)
-    graph = build_graph(ds.num_users, ds.num_items, tu, ti)
-    sampler = TripleSampler(ds.num_items, tu, ti, cfg.seed)
-    model = LGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"]).to(device)
     t0 = time.perf_counter()
-    model.attach(graph, {m: np.asarray(x) for m, x in ds.features.items()})
-    log.info("model: %d trainable parameters, device %s, set-up %.2fs", model.num_parameters(), device,
-             time.perf_counter() - t0)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    if ctx is None:
+        device = resolve_device(cfg)
+        engine = LocalEngine(cfg, ds, device)
+    else:
+        from lgmrec_dist.distributed.engine import ShardedEngine
+        device = ctx.device
+        engine = ShardedEngine(cfg, ds, ctx)
+    n_params = engine.num_parameters()
+    log.info("model: %d trainable parameters, device %s, %s, set-up %.2fs", n_params, device,
+             f"{ctx.world_size} ranks ({ctx.backend})" if ctx else "1 process", time.perf_counter() - t0)
+    tu, ti = ds.pairs(TRAIN)
+    sampler = TripleSampler(ds.num_items, tu, ti, cfg.seed)
     valid_eval, test_eval = make_evaluators(ds, cfg)
     stopper = EarlyStopping(cfg.stopping_step)
 
-    step, epoch_seconds, epoch_steps, train_loss = 0, [], [], []
+    step, epoch_seconds, train_loss = 0, [], []
     best_valid, best_test, epochs_run = {}, {}, 0
     for epoch in range(cfg.epochs):
-        model.train()
+        engine.train()
         users, pos, neg = (torch.from_numpy(a).to(device) for a in sampler.epoch(epoch))
         n_batches = sampler.num_batches(cfg.train_batch_size)
         t0, total, steps = time.perf_counter(), 0.0, 0
         bar = tqdm(range(n_batches), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, file=sys.stderr,
-                   mininterval=1.0, disable=not sys.stderr.isatty())
+                   mininterval=1.0, disable=not (main_rank and sys.stderr.isatty()))
         for b in bar:
             sl = slice(b * cfg.train_batch_size, (b + 1) * cfg.train_batch_size)
-            terms = model.batch_loss(users[sl], pos[sl], neg[sl], step)
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
-            step, steps = step + 1, steps + 1
-            loss = terms["loss"].item()
-            total += loss
+            loss = engine.step(users[sl], pos[sl], neg[sl], step)
+            step, steps, total = step + 1, steps + 1, total + loss
             bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
             if cfg.max_steps and step >= cfg.max_steps:
                 break
         bar.close()
         epoch_seconds.append(time.perf_counter() - t0)
-        epoch_steps.append(steps)
         train_loss.append(total / max(steps, 1))
         epochs_run = epoch + 1
 
-        model.eval()
-        user_emb, item_emb = model.final_embeddings()
-        valid = valid_eval.evaluate_metrics(user_emb, item_emb)
+        emb = engine.embeddings()
+        valid = engine.evaluate(valid_eval, emb)
         improved = stopper.update(epoch, valid[cfg.valid_metric])
         if improved:  # test metrics are only reported at the best-validation epoch (§2)
-            best_valid, best_test = valid, test_eval.evaluate_metrics(user_emb, item_emb)
+            best_valid, best_test = valid, engine.evaluate(test_eval, emb)
         log.info("epoch %d: loss %.4f (%d steps, %.2fs) valid %s %.4f%s", epoch, train_loss[-1], steps,
                  epoch_seconds[-1], cfg.valid_metric, valid[cfg.valid_metric], "  *best*" if improved else "")
         if stopper.should_stop or (cfg.max_steps and step >= cfg.max_steps):
@@ -157,13 +188,16 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
         "train_loss": train_loss,
         "valid": best_valid,
         "test": best_test,
-        "num_parameters": model.num_parameters(),
+        "num_parameters": n_params,
+        "world_size": ctx.world_size if ctx else 1,
         "config_digest": cfg.digest(),
         "dataset": str(ds.path),
     }
-    atomic_write_json(run_dir / "metrics.json", metrics)
-    table = summary_table(best_valid, best_test, cfg.topk)
-    log.info("best epoch %d of %d; metrics at the best-validation epoch:\n%s", stopper.best_epoch, epochs_run, table)
+    if main_rank:
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        table = summary_table(best_valid, best_test, cfg.topk)
+        log.info("best epoch %d of %d; metrics at the best-validation epoch:\n%s", stopper.best_epoch,
+                 epochs_run, table)
     return metrics
 
 
@@ -175,12 +209,21 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
+    from lgmrec_dist.distributed.group import LaunchError, init_process_group, launched_by_torchrun
+    ctx = None
     try:
         cfg = load_config(args.config, args.set)
-        train(args.data, cfg, args.out, overwrite=args.overwrite)
-    except (ConfigError, DatasetError) as exc:
+        if launched_by_torchrun():
+            ctx = init_process_group(cfg.device)
+        train(args.data, cfg, args.out, overwrite=args.overwrite, ctx=ctx)
+    except (ConfigError, DatasetError, LaunchError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if ctx is not None:
+            import torch.distributed as dist
+            if dist.is_initialized():
+                dist.destroy_process_group()
     return 0
 
 

@@ -36,13 +36,18 @@ class HyperEmbedding:
 
 def dependencies(x: torch.Tensor, v: torch.Tensor, graph: Graph, tau: float, noise=None, masks=None,
                  keep_rate: float = 1.0):
-    """Soft hyperedge assignments (H̄_I, H̄_U) of §1.6 items 1-3.
+    """Soft hyperedge assignments (H̄_I, H̄_U) of §1.6 items 1-3 on the whole graph."""
+    z_item = x @ v
+    return assignments(z_item, spmm(graph.R, graph.R_t, z_item), tau, noise, masks, keep_rate)
+
+
+def assignments(z_item: torch.Tensor, z_user: torch.Tensor, tau: float, noise=None, masks=None,
+                keep_rate: float = 1.0):
+    """Gumbel-softmax and dropout of the logits (§1.6 items 2-3).
 
     ``noise`` = (Gumbel noise for items, for users) or None for a deterministic softmax;
     ``masks`` = (keep masks for items, for users) as booleans, or None for no dropout.
     """
-    z_item = x @ v
-    z_user = spmm(graph.R, graph.R_t, z_item)
     if noise is not None:
         z_item, z_user = z_item + noise[0], z_user + noise[1]
     h_item = torch.softmax(z_item / tau, dim=1)
@@ -54,10 +59,16 @@ def dependencies(x: torch.Tensor, v: torch.Tensor, graph: Graph, tau: float, noi
 
 
 def hypergraph_propagate(h_item: torch.Tensor, h_user: torch.Tensor, q0: torch.Tensor,
-                         n_layers: int) -> HyperEmbedding:
-    """H hypergraph layers from Q^(0) = CGE item output (§1.6 item 4). No weights, no normalisation."""
+                         n_layers: int, reduce=None) -> HyperEmbedding:
+    """H hypergraph layers from Q^(0) = CGE item output (§1.6 item 4). No weights, no normalisation.
+
+    With items sharded over ranks, ``reduce`` sums the partial messages H̄_Iᵀ·Q of the ranks' item rows
+    (an autograd-aware all-reduce); every rank then holds the same A × d message.
+    """
     q = q0
     for _ in range(n_layers):
         message = h_item.t() @ q
+        if reduce is not None:
+            message = reduce(message)
         q = h_item @ message
     return HyperEmbedding(h_user, h_item, message)

@@ -31,6 +31,23 @@ TAU = 0.2  # hard-coded in the official code for both Gumbel-softmax and InfoNCE
 GUMBEL_ITEM, GUMBEL_USER, KEEP_ITEM, KEEP_USER = range(4)
 
 
+def keyed_draws(cfg: Config, step: int, k: int, train: bool, user_ids: torch.Tensor, item_ids: torch.Tensor):
+    """Gumbel noise and keep masks for modality index k at this step, for the given users and items.
+
+    Returns (noise, masks) as used by ``hypergraph.assignments`` (None where not applied). Keyed by
+    (seed, step, stream, id): the same node gets the same draw whichever process computes it.
+    """
+    a, seed = cfg.hyper_num, cfg.seed
+    noise = masks = None
+    if train or cfg.eval_gumbel_noise:
+        noise = (rng.keyed_gumbel(rng.stream_key(seed, step, 4 * k + GUMBEL_ITEM), item_ids, a),
+                 rng.keyed_gumbel(rng.stream_key(seed, step, 4 * k + GUMBEL_USER), user_ids, a))
+    if train and cfg.keep_rate < 1.0:
+        masks = (rng.keyed_uniform(rng.stream_key(seed, step, 4 * k + KEEP_ITEM), item_ids, a) < cfg.keep_rate,
+                 rng.keyed_uniform(rng.stream_key(seed, step, 4 * k + KEEP_USER), user_ids, a) < cfg.keep_rate)
+    return noise, masks
+
+
 def _xavier(rows: int, cols: int, gen: torch.Generator) -> nn.Parameter:
     w = torch.empty(rows, cols)
     bound = (6.0 / (rows + cols)) ** 0.5
@@ -90,20 +107,9 @@ class LGMRec(nn.Module):
         return mge_direct(self.graph, self.features[m], self.proj[m], self.cfg.n_mm_layers)
 
     def _draws(self, step: int, k: int, train: bool):
-        """Gumbel noise and keep masks for modality index k at this step (None where not applied)."""
-        a, seed = self.cfg.hyper_num, self.cfg.seed
         dev = self.user_embedding.device
-        items = torch.arange(self.num_items, device=dev)
-        users = torch.arange(self.num_users, device=dev)
-        noise = masks = None
-        if train or self.cfg.eval_gumbel_noise:
-            noise = (rng.keyed_gumbel(rng.stream_key(seed, step, 4 * k + GUMBEL_ITEM), items, a),
-                     rng.keyed_gumbel(rng.stream_key(seed, step, 4 * k + GUMBEL_USER), users, a))
-        if train and self.cfg.keep_rate < 1.0:
-            keep = self.cfg.keep_rate
-            masks = (rng.keyed_uniform(rng.stream_key(seed, step, 4 * k + KEEP_ITEM), items, a) < keep,
-                     rng.keyed_uniform(rng.stream_key(seed, step, 4 * k + KEEP_USER), users, a) < keep)
-        return noise, masks
+        return keyed_draws(self.cfg, step, k, train, torch.arange(self.num_users, device=dev),
+                           torch.arange(self.num_items, device=dev))
 
     def ghe(self, e_c: torch.Tensor, step: int, train: bool) -> list[HyperEmbedding]:
         """Per-modality global embeddings (§1.6)."""

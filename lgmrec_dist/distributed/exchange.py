@@ -1,0 +1,85 @@
+"""Autograd-aware exchange of rows between ranks (halo rows of the graph, batch rows).
+
+Every node has one owner rank and a local row there (:class:`Ownership`). A :class:`RowExchange` is
+built once for a list of global node ids a rank needs; ``exchange(x_owned)`` returns those rows in that
+order, fetched from their owners with one ``all_to_all_single``. Its backward sends the gradients back
+to the owners and adds them into the owned rows (``torch.distributed.nn.functional``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dnn
+
+
+class Ownership:
+    """Owner rank and local row index of every node (users 0..U-1, then items U..U+I-1)."""
+
+    def __init__(self, node_part: np.ndarray, rank: int, world_size: int):
+        self.part = np.asarray(node_part, dtype=np.int64)
+        if len(self.part) and (self.part.min() < 0 or self.part.max() >= world_size):
+            raise ValueError(f"node partition has parts outside 0..{world_size - 1}")
+        self.rank, self.world_size = rank, world_size
+        self.local = np.empty(len(self.part), dtype=np.int64)
+        for r in range(world_size):
+            nodes = np.flatnonzero(self.part == r)
+            self.local[nodes] = np.arange(len(nodes))
+        self.owned = np.flatnonzero(self.part == rank)   # sorted global ids of this rank's nodes
+
+    @classmethod
+    def contiguous(cls, num_users: int, num_items: int, rank: int, world_size: int) -> "Ownership":
+        """Users and items each cut into P contiguous ranges (the default without prep partitions)."""
+        part = np.concatenate([np.arange(num_users) * world_size // max(num_users, 1),
+                               np.arange(num_items) * world_size // max(num_items, 1)])
+        return cls(part, rank, world_size)
+
+
+def _exchange_ids(send_lists: list[np.ndarray]) -> list[np.ndarray]:
+    """Send send_lists[q] to rank q; return what every rank sent to us (non-differentiable)."""
+    world = len(send_lists)
+    counts = torch.tensor([len(a) for a in send_lists], dtype=torch.int64)
+    recv_counts = torch.empty(world, dtype=torch.int64)
+    dist.all_to_all_single(recv_counts, counts)
+    send = torch.from_numpy(np.concatenate(send_lists).astype(np.int64)) if counts.sum() else torch.empty(0, dtype=torch.int64)
+    recv = torch.empty(int(recv_counts.sum()), dtype=torch.int64)
+    dist.all_to_all_single(recv, send, recv_counts.tolist(), counts.tolist())
+    return list(torch.split(recv, recv_counts.tolist()))
+
+
+class RowExchange:
+    """Fetch the rows of global ids ``needed`` (order preserved) from the ranks that own them.
+
+    On every rank, the tensor passed to the call holds the rows of ``source_ids`` (sorted global ids
+    this rank owns; default: all its owned nodes). Building the plan costs one small id exchange.
+    """
+
+    def __init__(self, own: Ownership, needed: np.ndarray, source_ids: np.ndarray | None = None):
+        needed = np.asarray(needed, dtype=np.int64)
+        owners = own.part[needed]
+        order = np.argsort(owners, kind="stable")
+        self.recv_splits = np.bincount(owners, minlength=own.world_size).tolist()
+        # rows arrive grouped by owner; `unsort` puts them back in the requested order
+        self.unsort = torch.from_numpy(np.argsort(order, kind="stable"))
+        requests = np.split(needed[order], np.cumsum(self.recv_splits)[:-1])
+        asked_by = _exchange_ids(requests)                   # ids each rank needs from me
+        self.send_splits = [len(a) for a in asked_by]
+        asked = torch.cat(asked_by).numpy()
+        rows = own.local[asked] if source_ids is None else np.searchsorted(source_ids, asked)
+        if source_ids is not None and len(asked) and not np.array_equal(source_ids[np.minimum(rows, len(source_ids) - 1)], asked):
+            raise ValueError("RowExchange: a rank asked for a row this rank does not hold")
+        self.send_rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        self.num = len(needed)
+        self.rank = own.rank
+
+    def __call__(self, x_src: torch.Tensor) -> torch.Tensor:
+        send = x_src[self.send_rows.to(x_src.device)]
+        out = x_src.new_empty((self.num, *x_src.shape[1:]))
+        recv = dnn.all_to_all_single(out, send, self.recv_splits, self.send_splits)
+        return recv[self.unsort.to(x_src.device)]
+
+    def bytes_per_call(self, row_bytes: int) -> int:
+        """Bytes this rank sends plus receives per call (rows it keeps for itself excluded)."""
+        sent = sum(s for q, s in enumerate(self.send_splits) if q != self.rank)
+        received = sum(s for q, s in enumerate(self.recv_splits) if q != self.rank)
+        return (sent + received) * row_bytes

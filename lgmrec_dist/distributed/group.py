@@ -1,0 +1,66 @@
+"""Process-group set-up from the torchrun environment (NCCL on CUDA, gloo on CPU)."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+@dataclass
+class Context:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
+
+
+def init_process_group(device: str = "auto", backend: str = "auto") -> Context:
+    """Join the group described by torchrun's variables; one device per LOCAL_RANK."""
+    missing = [v for v in RENDEZVOUS_VARS if v not in os.environ]
+    if missing:
+        raise LaunchError(f"missing rendezvous variable(s) {', '.join(missing)}: launch with torchrun "
+                          f"(torchrun --nproc_per_node P -m lgmrec_dist.train ...) or set them yourself")
+    rank, world, local = (int(os.environ[v]) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if backend == "auto":
+        backend = "nccl" if use_cuda else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise LaunchError("backend 'nccl' requested but torch sees no CUDA device; use gloo on CPU")
+    if use_cuda:
+        if local >= torch.cuda.device_count():
+            raise LaunchError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} CUDA device(s) on this node")
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                                **({"device_id": dev} if dev.type == "cuda" else {}))
+    return Context(rank, world, local, dev, backend)
+
+
+def sum_gradients_hook(state, bucket):
+    """DDP communication hook that sums gradients instead of averaging them.
+
+    Each rank's loss is its share of the global loss (the parts add up to the spec's loss), so the
+    gradient of the global loss is the sum of the ranks' gradients, not their mean.
+    """
+    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0])

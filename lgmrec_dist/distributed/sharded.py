@@ -1,0 +1,256 @@
+"""LGMRec with users, items and their rows sharded over ranks: the exact distributed path (issue 5).
+
+Each rank owns a set of nodes (:class:`~lgmrec_dist.distributed.exchange.Ownership`) and holds only
+their rows of the ID embeddings, of the precomputed MGE inputs Y_m and of the item features X_m.
+
+* **CGE** (LGMRec_SPEC.md §1.4) runs on the DGL block of the owned nodes with full neighbourhoods
+  (``dgl.sampling.sample_neighbors`` with fanout -1, then ``dgl.to_block``); each layer fetches the
+  block's halo rows from their owners (autograd-aware all-to-all). Ĝ's weights use full-graph degrees.
+* **MGE** (§1.5): Y_m = Ĝ^K [P·X_m ; X_m] is precomputed for the owned rows the same way (no grad).
+* **GHE** (§1.6): each rank computes logits, Gumbel-softmax and dropout for its items and users (draws
+  keyed by global node id); user logits sum item logits fetched through the same halo exchange; the
+  partial messages H̄_Iᵀ·Q of the ranks are summed by an autograd-aware all-reduce.
+* **Loss** (§1.8) of a global batch: rank r takes the r-th slice of the triples for BPR (sum / |B|),
+  owners compute the fused rows E* of the batch nodes and send them where needed; the regulariser's
+  Frobenius norms are combined from per-rank sums of squares; the contrastive loss is computed for the
+  anchors a rank owns, with all-user/all-item denominators combined from per-rank partial log-sum-exps.
+  The ranks' losses add up to the single-process loss, so their gradients add up to its gradient.
+* Dense parameters W_m, V_m are replicated and synchronised by DDP with a summing hook
+  (``group.sum_gradients_hook``); embedding rows are updated by their owner.
+"""
+from __future__ import annotations
+
+import warnings
+
+import dgl
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dnn
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lgmrec_dist.config import Config
+from lgmrec_dist.distributed.exchange import Ownership, RowExchange
+from lgmrec_dist.graph import csr, spmm
+from lgmrec_dist.model.cge import cge
+from lgmrec_dist.model.hypergraph import HyperEmbedding, assignments, hypergraph_propagate
+from lgmrec_dist.model.lgmrec import TAU, LGMRec, keyed_draws
+from lgmrec_dist.model.losses import lowrank_logsumexp
+
+# torch 2.13 marks the autograd-aware all_gather deprecated in favour of a private API; it still works
+warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    return dnn.all_reduce(t)
+
+
+def _all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:
+    """Autograd-aware all-gather of tensors whose first dimension differs between ranks."""
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = torch.cat([t, t.new_zeros((max(sizes) - t.shape[0], *t.shape[1:]))])
+    return [g[:s] for g, s in zip(dnn.all_gather(padded), sizes)]
+
+
+class LocalGraph:
+    """The owned rows of Ĝ (and of R, P for owned users) as CSR blocks over [owned ; halo] columns."""
+
+    def __init__(self, own: Ownership, num_users: int, num_items: int, users: np.ndarray, items: np.ndarray,
+                 device: torch.device):
+        keys = np.unique(np.asarray(users, np.int64) * num_items + np.asarray(items, np.int64))
+        u, i = keys // num_items, keys % num_items + num_users
+        n = num_users + num_items
+        g = dgl.graph((np.concatenate([u, i]), np.concatenate([i, u])), num_nodes=n)
+        deg = g.in_degrees().numpy().astype(np.float64)        # full-graph degrees, never sampled ones
+        owned = torch.from_numpy(own.owned)
+        block = dgl.to_block(dgl.sampling.sample_neighbors(g, owned, -1), dst_nodes=owned)
+        src_ids = block.srcdata[dgl.NID].numpy()
+        src, dst = (t.numpy() for t in block.edges())
+        n_own, n_src = len(own.owned), len(src_ids)
+        d = 1.0 / np.sqrt(deg + 1e-7)
+        w = d[own.owned[dst]] * d[src_ids[src]]
+        self.norm_adj = csr(dst, src, w, (n_own, n_src)).to(device)
+        self.norm_adj_t = csr(src, dst, w, (n_src, n_own)).to(device)
+        is_user = own.owned[dst] < num_users                     # user rows: edges to items
+        ones, mean = np.ones(is_user.sum()), 1.0 / (deg[own.owned[dst[is_user]]] + 1e-7)
+        self.R = csr(dst[is_user], src[is_user], ones, (n_own, n_src)).to(device)
+        self.R_t = csr(src[is_user], dst[is_user], ones, (n_src, n_own)).to(device)
+        self.P = csr(dst[is_user], src[is_user], mean, (n_own, n_src)).to(device)
+        self.P_t = csr(src[is_user], dst[is_user], mean, (n_src, n_own)).to(device)
+        self.halo = RowExchange(own, src_ids[n_own:])
+        self.num_halo = n_src - n_own
+
+    def extend(self, x_owned: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x_owned, self.halo(x_owned)])
+
+    def propagate(self, x_owned: torch.Tensor) -> torch.Tensor:
+        """Owned rows of Ĝ·x, with the halo rows fetched from their owners."""
+        return spmm(self.norm_adj, self.norm_adj_t, self.extend(x_owned))
+
+
+class DenseParams(nn.Module):
+    """The replicated parameters (W_m, V_m), the module DDP wraps."""
+
+    def __init__(self, proj: nn.ParameterDict, hyper: nn.ParameterDict):
+        super().__init__()
+        self.proj, self.hyper = proj, hyper
+
+    def forward(self):
+        return self.proj, self.hyper
+
+
+class ShardedLGMRec(nn.Module):
+    def __init__(self, cfg: Config, num_users: int, num_items: int, feature_dims: dict[str, int], own: Ownership):
+        super().__init__()
+        self.cfg, self.own = cfg, own
+        self.num_users, self.num_items = num_users, num_items
+        self.modalities = list(feature_dims)
+        # Same initial values as the single-process model: draw them whole, keep the owned rows.
+        full = LGMRec(cfg, num_users, num_items, feature_dims)
+        owned = torch.from_numpy(own.owned)
+        self.user_ids = owned[owned < num_users]
+        self.item_ids = owned[owned >= num_users] - num_users
+        self.n_own_users = len(self.user_ids)
+        self.user_embedding = nn.Parameter(full.user_embedding.detach()[self.user_ids].clone())
+        self.item_embedding = nn.Parameter(full.item_embedding.detach()[self.item_ids].clone())
+        self.dense = DenseParams(full.proj, full.hyper)
+        self.dense_ddp = None
+        self.eval_calls = 0
+
+    # ------------------------------------------------------------------ set-up
+    def attach(self, train_users: np.ndarray, train_items: np.ndarray, features: dict[str, np.ndarray]):
+        device = self.user_embedding.device
+        self.user_ids, self.item_ids = self.user_ids.to(device), self.item_ids.to(device)
+        self.graph = LocalGraph(self.own, self.num_users, self.num_items, train_users, train_items, device)
+        items = self.item_ids.cpu().numpy()
+        self.features = {m: torch.tensor(np.asarray(features[m])[items], dtype=torch.float32, device=device)
+                         for m in self.modalities}
+        self.mge_y = {}
+        if self.cfg.use_mge:
+            self.mge_y = {m: self._mge_inputs(x) for m, x in self.features.items()}
+        if dist.get_world_size() > 1 and list(self.dense.parameters()):
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            from lgmrec_dist.distributed.group import sum_gradients_hook
+            # its own group, so DDP's bucketed all-reduces never interleave with the model's collectives
+            self.dense_ddp = DDP(self.dense, process_group=dist.new_group(), broadcast_buffers=False)
+            self.dense_ddp.register_comm_hook(None, sum_gradients_hook)
+        return self
+
+    def _node_rows(self, item_rows: torch.Tensor) -> torch.Tensor:
+        """Owned-node tensor with zero user rows and the given item rows."""
+        return torch.cat([item_rows.new_zeros((self.n_own_users, *item_rows.shape[1:])), item_rows])
+
+    @torch.no_grad()
+    def _mge_inputs(self, x_items: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+        """Owned rows of Y = Ĝ^K [P·X ; X] (as ``mge.mge_inputs``, row-sharded with halo exchange)."""
+        g = self.graph
+        out = torch.empty(self.n_own_users + len(self.item_ids), x_items.shape[1], device=x_items.device)
+        for c in range(0, x_items.shape[1], chunk):
+            x = self._node_rows(x_items[:, c:c + chunk].contiguous())
+            y = torch.sparse.mm(g.P, g.extend(x)) + x
+            for _ in range(self.cfg.n_mm_layers):
+                y = torch.sparse.mm(g.norm_adj, g.extend(y))
+            out[:, c:c + chunk] = y
+        return out
+
+    # ------------------------------------------------------------------ branches
+    def cge(self) -> torch.Tensor:
+        ego = torch.cat([self.user_embedding, self.item_embedding])
+        return cge(self.graph, ego, self.cfg.n_ui_layers, self.cfg.cf_model)
+
+    def ghe(self, e_c: torch.Tensor, step: int, train: bool, proj_hyper) -> list[HyperEmbedding]:
+        _, hyper = proj_hyper
+        g, out = self.graph, []
+        for k, m in enumerate(self.modalities):
+            z_item = self.features[m] @ hyper[m]
+            z_user = spmm(g.R, g.R_t, g.extend(self._node_rows(z_item)))[:self.n_own_users]
+            noise, masks = keyed_draws(self.cfg, step, k, train, self.user_ids, self.item_ids)
+            h_item, h_user = assignments(z_item, z_user, TAU, noise, masks, self.cfg.keep_rate)
+            out.append(hypergraph_propagate(h_item, h_user, e_c[self.n_own_users:], self.cfg.n_hyper_layer,
+                                            reduce=_all_reduce))
+        return out
+
+    def fuse(self, e_c, hyper, proj_hyper, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """E* at owned local rows (all owned nodes when ``rows`` is None), §1.7."""
+        proj, _ = proj_hyper
+        e = e_c if rows is None else e_c[rows]
+        if self.cfg.use_mge:
+            for m in self.modalities:
+                y = self.mge_y[m] if rows is None else self.mge_y[m][rows]
+                e = e + F.normalize(y @ proj[m], dim=1)
+        if self.cfg.use_ghe:
+            e = e + self.cfg.alpha * F.normalize(sum(h.nodes(rows) for h in hyper), dim=1)
+        return e
+
+    def _params(self):
+        return self.dense_ddp() if self.dense_ddp is not None else self.dense()
+
+    # ------------------------------------------------------------------ training
+    def batch_loss(self, users, pos, neg, step: int) -> dict:
+        """This rank's share of the loss of the global batch (users, pos, neg); shares add up to §1.8."""
+        world, rank = dist.get_world_size(), dist.get_rank()
+        batch_size, n_u = len(users), self.num_users
+        params = self._params()
+        e_c = self.cge()
+        hyper = self.ghe(e_c, step, True, params) if self.cfg.use_ghe else None
+
+        nodes = torch.cat([users, pos + n_u, neg + n_u]).cpu().numpy()
+        mine = np.unique(nodes[self.own.part[nodes] == rank])           # batch nodes I own
+        fused = self.fuse(e_c, hyper, params, torch.from_numpy(self.own.local[mine]).to(e_c.device))
+        lo, hi = rank * batch_size // world, (rank + 1) * batch_size // world
+        part = np.concatenate([users[lo:hi].cpu().numpy(), pos[lo:hi].cpu().numpy() + n_u,
+                               neg[lo:hi].cpu().numpy() + n_u])
+        e_u, e_p, e_n = RowExchange(self.own, part, source_ids=mine)(fused).split(hi - lo)
+
+        bpr = -F.logsigmoid((e_u * e_p).sum(1) - (e_u * e_n).sum(1)).sum() / batch_size
+        sq = _all_reduce(torch.stack([e_u.pow(2).sum(), e_p.pow(2).sum(), e_n.pow(2).sum()]))
+        reg = sq.sqrt().sum() / batch_size           # identical on every rank: each adds 1/P of it
+        hcl = e_c.new_zeros(())
+        if hyper is not None and self.cfg.cl_weight > 0 and len(hyper) > 1:
+            hcl = self._hcl(hyper, users.cpu().numpy(), pos.cpu().numpy())
+        loss = bpr + self.cfg.cl_weight * hcl + self.cfg.reg_weight * reg / world
+        terms = torch.stack([loss.detach(), bpr.detach(), hcl.detach(), reg.detach() / world])
+        dist.all_reduce(terms)
+        return {"loss": loss, "global": dict(zip(("loss", "bpr", "hcl", "reg"), terms.tolist()))}
+
+    def _hcl(self, hyper: list[HyperEmbedding], users: np.ndarray, pos: np.ndarray) -> torch.Tensor:
+        """Σ over the anchors this rank owns of w·(lse over all ranks' rows − positive logit)."""
+        total = 0.0
+        for ids, count_offset, is_user in ((users, 0, True), (pos, self.num_users, False)):
+            rows, counts = np.unique(ids, return_counts=True)
+            mine = self.own.part[rows + count_offset] == self.own.rank
+            local = torch.from_numpy(self.own.local[rows[mine] + count_offset]
+                                     - (0 if is_user else self.n_own_users))
+            weights = torch.from_numpy(counts[mine]).float()
+            for a, p in zip(hyper[:-1], hyper[1:]):
+                h_a, h_p = (a.h_user, p.h_user) if is_user else (a.h_item, p.h_item)
+                local = local.to(h_a.device)
+                anchor = F.normalize(h_a[local] @ a.message, dim=1)
+                pos_logit = (anchor * F.normalize(h_p[local] @ p.message, dim=1)).sum(1) / TAU
+                sq_norms = ((h_p @ (p.message @ p.message.t())) * h_p).sum(1)
+                keys = h_p / sq_norms.clamp_min(1e-24).sqrt().unsqueeze(1)
+                queries = (anchor @ p.message.t()) / TAU
+                gathered = _all_gather_rows(queries)
+                partial = lowrank_logsumexp(torch.cat(gathered), keys)      # over my users/items
+                lse_all = torch.logsumexp(torch.stack(dnn.all_gather(partial)), dim=0)
+                offset = sum(g.shape[0] for g in gathered[:self.own.rank])
+                lse = lse_all[offset:offset + len(local)]
+                total = total + (weights.to(lse.device) * (lse - pos_logit)).sum()
+        return total
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def final_embeddings(self):
+        """E* of the owned users and items (global ids, rows), inference mode (§1.7, docs/model.md)."""
+        params = self.dense()
+        e_c = self.cge()
+        hyper = None
+        if self.cfg.use_ghe:
+            self.eval_calls += 1
+            hyper = self.ghe(e_c, -self.eval_calls, False, params)
+        e = self.fuse(e_c, hyper, params)
+        return self.user_ids, e[:self.n_own_users], self.item_ids, e[self.n_own_users:]

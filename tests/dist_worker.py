@@ -1,0 +1,57 @@
+"""Run by tests/test_distributed.py under torchrun (real gloo process group, 2 processes).
+
+Each rank writes rank<R>.pt into OUT: its owned CGE rows at initialisation, the global loss terms of
+each step, its owned embedding rows after the steps (with their global ids), the dense parameters, and
+the distributed evaluation metrics of the trained model.
+"""
+import sys
+
+import numpy as np
+import torch
+
+from lgmrec_dist.batches import TripleSampler
+from lgmrec_dist.config import load_config
+from lgmrec_dist.dataset import TRAIN, VALID, PreparedDataset
+from lgmrec_dist.distributed import engine as engine_mod
+from lgmrec_dist.distributed.exchange import Ownership
+from lgmrec_dist.distributed.group import init_process_group
+from lgmrec_dist.train import make_evaluators
+
+
+def main(data, out, ownership, steps, overrides):
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    ctx = init_process_group("cpu")
+    ds = PreparedDataset.load(data)
+    cfg = load_config(None, overrides)
+    if ownership == "random":  # a non-contiguous partition, as METIS would give
+        part = np.random.default_rng(0).integers(0, ctx.world_size, ds.num_users + ds.num_items)
+        engine_mod.ownership_for = lambda *a: Ownership(part, ctx.rank, ctx.world_size)
+    eng = engine_mod.ShardedEngine(cfg, ds, ctx)
+    m = eng.model
+    owned = torch.from_numpy(m.own.owned)
+    with torch.no_grad():
+        cge0 = m.cge().clone()
+    tu, ti = ds.pairs(TRAIN)
+    users, pos, neg = (torch.from_numpy(a) for a in TripleSampler(ds.num_items, tu, ti, cfg.seed).epoch(0))
+    losses = []
+    for b in range(steps):
+        sl = slice(b * cfg.train_batch_size, (b + 1) * cfg.train_batch_size)
+        terms = m.batch_loss(users[sl], pos[sl], neg[sl], b)
+        eng.optimizer.zero_grad()
+        terms["loss"].backward()
+        eng.optimizer.step()
+        losses.append(terms["global"])
+    valid_eval, test_eval = make_evaluators(ds, cfg)
+    emb = eng.embeddings()
+    torch.save({"owned": owned, "cge0": cge0, "losses": losses,
+                "user_ids": m.user_ids, "user_embedding": m.user_embedding.detach(),
+                "item_ids": m.item_ids, "item_embedding": m.item_embedding.detach(),
+                "dense": {k: v.detach() for k, v in m.dense.state_dict().items()},
+                "valid": eng.evaluate(valid_eval, emb), "test": eng.evaluate(test_eval, emb),
+                "halo": m.graph.num_halo}, f"{out}/rank{ctx.rank}.pt")
+
+
+if __name__ == "__main__":
+    data, out, ownership, steps, *kv = sys.argv[1:]
+    main(data, out, ownership, int(steps), kv)  # kv: config overrides as key=value strings
