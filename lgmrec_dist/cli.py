@@ -18,6 +18,13 @@ def _features(items: list[str]) -> dict[str, str]:
 
 
 def cmd_train(args) -> int:
+    if args.nproc:  # convenience: one node, P processes, via torchrun
+        import subprocess
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", "lgmrec_dist.train", "--data", args.data, "--out", args.out]
+        cmd += ["--config", args.config] if args.config else []
+        cmd += [x for kv in args.set for x in ("--set", kv)] + (["--overwrite"] if args.overwrite else [])
+        return subprocess.call(cmd)
     from lgmrec_dist import train
     return train.run(args)
 
@@ -69,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     from lgmrec_dist.train import add_arguments
     t = sub.add_parser("train", help="train and evaluate LGMRec on a prepared dataset")
     add_arguments(t)
+    t.add_argument("--nproc", type=int, default=0, metavar="P",
+                   help="launch P processes on this node with torchrun (exact distributed training)")
     t.set_defaults(func=cmd_train)
 
     i = sub.add_parser("import-mmrec", help="MMRec .inter + .npy features -> prepared dataset directory")

@@ -13,6 +13,20 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dnn
 
 
+class CommStats:
+    """Payload bytes this rank sends to other ranks in forward collectives (backward mirrors them)."""
+    sent = 0
+
+    @classmethod
+    def add(cls, nbytes: int) -> None:
+        cls.sent += int(nbytes)
+
+    @classmethod
+    def take(cls) -> int:
+        sent, cls.sent = cls.sent, 0
+        return sent
+
+
 class Ownership:
     """Owner rank and local row index of every node (users 0..U-1, then items U..U+I-1)."""
 
@@ -35,16 +49,23 @@ class Ownership:
         return cls(part, rank, world_size)
 
 
-def _exchange_ids(send_lists: list[np.ndarray]) -> list[np.ndarray]:
-    """Send send_lists[q] to rank q; return what every rank sent to us (non-differentiable)."""
-    world = len(send_lists)
-    counts = torch.tensor([len(a) for a in send_lists], dtype=torch.int64)
-    recv_counts = torch.empty(world, dtype=torch.int64)
+def comm_device() -> torch.device:
+    """Where collective buffers must live: the current GPU under NCCL, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _exchange_ids(send_lists: list[np.ndarray]) -> list[torch.Tensor]:
+    """Send send_lists[q] to rank q; return what every rank sent to us (non-differentiable, CPU)."""
+    dev = comm_device()
+    counts = torch.tensor([len(a) for a in send_lists], dtype=torch.int64, device=dev)
+    recv_counts = torch.empty_like(counts)
     dist.all_to_all_single(recv_counts, counts)
-    send = torch.from_numpy(np.concatenate(send_lists).astype(np.int64)) if counts.sum() else torch.empty(0, dtype=torch.int64)
-    recv = torch.empty(int(recv_counts.sum()), dtype=torch.int64)
+    send = torch.from_numpy(np.concatenate(send_lists).astype(np.int64)).to(dev)
+    recv = torch.empty(int(recv_counts.sum()), dtype=torch.int64, device=dev)
     dist.all_to_all_single(recv, send, recv_counts.tolist(), counts.tolist())
-    return list(torch.split(recv, recv_counts.tolist()))
+    return [t.cpu() for t in torch.split(recv, recv_counts.tolist())]
 
 
 class RowExchange:
@@ -74,12 +95,8 @@ class RowExchange:
 
     def __call__(self, x_src: torch.Tensor) -> torch.Tensor:
         send = x_src[self.send_rows.to(x_src.device)]
+        row_bytes = send[0].numel() * send.element_size() if len(send) else 0
+        CommStats.add(sum(s for q, s in enumerate(self.send_splits) if q != self.rank) * row_bytes)
         out = x_src.new_empty((self.num, *x_src.shape[1:]))
         recv = dnn.all_to_all_single(out, send, self.recv_splits, self.send_splits)
         return recv[self.unsort.to(x_src.device)]
-
-    def bytes_per_call(self, row_bytes: int) -> int:
-        """Bytes this rank sends plus receives per call (rows it keeps for itself excluded)."""
-        sent = sum(s for q, s in enumerate(self.send_splits) if q != self.rank)
-        received = sum(s for q, s in enumerate(self.recv_splits) if q != self.rank)
-        return (sent + received) * row_bytes

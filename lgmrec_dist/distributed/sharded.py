@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lgmrec_dist.config import Config
-from lgmrec_dist.distributed.exchange import Ownership, RowExchange
+from lgmrec_dist.distributed.exchange import CommStats, Ownership, RowExchange
 from lgmrec_dist.graph import csr, spmm
 from lgmrec_dist.model.cge import cge
 from lgmrec_dist.model.hypergraph import HyperEmbedding, assignments, hypergraph_propagate
@@ -42,8 +42,19 @@ from lgmrec_dist.model.losses import lowrank_logsumexp
 warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
 
 
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    world = dist.get_world_size()
+    CommStats.add(2 * (world - 1) * _nbytes(t) // world)  # ring all-reduce
     return dnn.all_reduce(t)
+
+
+def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    CommStats.add((dist.get_world_size() - 1) * _nbytes(t))
+    return list(dnn.all_gather(t))
 
 
 def _all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:
@@ -53,7 +64,7 @@ def _all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:
     dist.all_gather(sizes, n)
     sizes = [int(s) for s in sizes]
     padded = torch.cat([t, t.new_zeros((max(sizes) - t.shape[0], *t.shape[1:]))])
-    return [g[:s] for g, s in zip(dnn.all_gather(padded), sizes)]
+    return [g[:s] for g, s in zip(_all_gather(padded), sizes)]
 
 
 class LocalGraph:
@@ -157,6 +168,17 @@ class ShardedLGMRec(nn.Module):
             out[:, c:c + chunk] = y
         return out
 
+    def state_bytes(self) -> dict:
+        """Bytes this rank holds for graph, embeddings (with Adam's two moments) and features."""
+        g = self.graph
+        mats = (g.norm_adj, g.norm_adj_t, g.R, g.R_t, g.P, g.P_t)
+        graph = sum(_nbytes(m.values()) + _nbytes(m.col_indices()) + _nbytes(m.crow_indices()) for m in mats)
+        emb = 3 * (_nbytes(self.user_embedding) + _nbytes(self.item_embedding))
+        return {"graph": graph, "embeddings+adam": emb,
+                "features": sum(_nbytes(x) for x in self.features.values()),
+                "mge_inputs": sum(_nbytes(y) for y in self.mge_y.values()),
+                "halo_rows": g.num_halo, "owned_nodes": len(self.own.owned)}
+
     # ------------------------------------------------------------------ branches
     def cge(self) -> torch.Tensor:
         ego = torch.cat([self.user_embedding, self.item_embedding])
@@ -236,7 +258,7 @@ class ShardedLGMRec(nn.Module):
                 queries = (anchor @ p.message.t()) / TAU
                 gathered = _all_gather_rows(queries)
                 partial = lowrank_logsumexp(torch.cat(gathered), keys)      # over my users/items
-                lse_all = torch.logsumexp(torch.stack(dnn.all_gather(partial)), dim=0)
+                lse_all = torch.logsumexp(torch.stack(_all_gather(partial)), dim=0)
                 offset = sum(g.shape[0] for g in gathered[:self.own.rank])
                 lse = lse_all[offset:offset + len(local)]
                 total = total + (weights.to(lse.device) * (lse - pos_logit)).sum()

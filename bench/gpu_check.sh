@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# One script for the GPU checks (run on a GPU machine after launch/setup.sh; the project itself never
+# needs a GPU). Prints: CUDA visible, an NCCL group with one rank per GPU, a CUDA training run end to
+# end, and the distributed benchmark with NCCL.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+py=.venv/bin/python
+ngpu=$("$py" -c "import torch; print(torch.cuda.device_count())")
+echo "gpus: $ngpu"; [ "$ngpu" -ge 1 ] || { echo "no CUDA device"; exit 1; }
+work=$(mktemp -d)
+.venv/bin/lgmrec synth-mmrec --out "$work/raw" --users 4000 --items 2000 --interactions 80000 --seed 0
+.venv/bin/lgmrec import-mmrec --inter "$work/raw/synthetic.inter" --feature image="$work/raw/image_feat.npy" \
+    --feature text="$work/raw/text_feat.npy" --out "$work/data"
+# single process on CUDA
+.venv/bin/lgmrec train --data "$work/data" --config configs/demo.yaml --out "$work/run1" --set device=cuda --set epochs=3
+# NCCL, one rank per GPU (exact distributed path)
+"$py" -m torch.distributed.run --standalone --nproc_per_node "$ngpu" -m lgmrec_dist.train --data "$work/data" \
+    --config configs/demo.yaml --out "$work/runP" --set device=cuda --set epochs=3
+"$py" -c "import json,sys; a,b=(json.load(open(f'$work/{r}/metrics.json')) for r in ('run1','runP')); print('1 GPU vs', b['world_size'], 'ranks: test recall@20', a['test']['recall@20'], b['test']['recall@20'], 's/step', a['seconds_per_step'], b['seconds_per_step'])"
+"$py" bench/bench_dist.py --device cuda --nprocs $(seq -s ' ' 1 "$ngpu")
