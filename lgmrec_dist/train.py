@@ -25,6 +25,7 @@ from lgmrec_dist.dataset import TEST, TRAIN, VALID, DatasetError, PreparedDatase
 from lgmrec_dist.evaluation import EarlyStopping, Evaluator
 from lgmrec_dist.graph import build_graph
 from lgmrec_dist.model import LGMRec
+from lgmrec_dist.observe import RunLog
 
 log = logging.getLogger("lgmrec")
 
@@ -95,12 +96,12 @@ class LocalEngine:
     def train(self):
         self.model.train()
 
-    def step(self, users, pos, neg, step: int) -> float:
+    def step(self, users, pos, neg, step: int) -> dict:
         terms = self.model.batch_loss(users, pos, neg, step)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         self.optimizer.step()
-        return terms["loss"].item()
+        return {k: v.item() for k, v in terms.items()}
 
     def embeddings(self):
         self.model.eval()
@@ -148,25 +149,29 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
     valid_eval, test_eval = make_evaluators(ds, cfg)
     stopper = EarlyStopping(cfg.stopping_step)
 
+    run_log = RunLog(run_dir if main_rank else None)
     step, epoch_seconds, train_loss = 0, [], []
     best_valid, best_test, epochs_run = {}, {}, 0
     for epoch in range(cfg.epochs):
         engine.train()
         users, pos, neg = (torch.from_numpy(a).to(device) for a in sampler.epoch(epoch))
         n_batches = sampler.num_batches(cfg.train_batch_size)
-        t0, total, steps = time.perf_counter(), 0.0, 0
+        t0, sums, steps, samples = time.perf_counter(), {}, 0, 0
         bar = tqdm(range(n_batches), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, file=sys.stderr,
                    mininterval=1.0, disable=not (main_rank and sys.stderr.isatty()))
         for b in bar:
             sl = slice(b * cfg.train_batch_size, (b + 1) * cfg.train_batch_size)
-            loss = engine.step(users[sl], pos[sl], neg[sl], step)
-            step, steps, total = step + 1, steps + 1, total + loss
-            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            terms = engine.step(users[sl], pos[sl], neg[sl], step)
+            run_log.step(step, terms)
+            step, steps, samples = step + 1, steps + 1, samples + len(users[sl])
+            sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
+            bar.set_postfix(loss=f"{terms['loss']:.4f}", refresh=False)
             if cfg.max_steps and step >= cfg.max_steps:
                 break
         bar.close()
         epoch_seconds.append(time.perf_counter() - t0)
-        train_loss.append(total / max(steps, 1))
+        means = {k: v / max(steps, 1) for k, v in sums.items()}
+        train_loss.append(means.get("loss", 0.0))
         epochs_run = epoch + 1
 
         emb = engine.embeddings()
@@ -176,6 +181,10 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
             best_valid, best_test = valid, engine.evaluate(test_eval, emb)
         log.info("epoch %d: loss %.4f (%d steps, %.2fs) valid %s %.4f%s", epoch, train_loss[-1], steps,
                  epoch_seconds[-1], cfg.valid_metric, valid[cfg.valid_metric], "  *best*" if improved else "")
+        run_log.epoch({"epoch": epoch, "step": step, "train": means, "learning_rate": cfg.learning_rate,
+                       "seconds": epoch_seconds[-1], "seconds_per_step": epoch_seconds[-1] / max(steps, 1),
+                       "samples_per_second": samples / max(epoch_seconds[-1], 1e-9), "valid": valid,
+                       "best": improved, "test": best_test if improved else None})
         if stopper.should_stop or (cfg.max_steps and step >= cfg.max_steps):
             break
 
@@ -198,6 +207,7 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
         table = summary_table(best_valid, best_test, cfg.topk)
         log.info("best epoch %d of %d; metrics at the best-validation epoch:\n%s", stopper.best_epoch,
                  epochs_run, table)
+    run_log.finish(metrics)
     return metrics
 
 

@@ -49,12 +49,12 @@ class ShardedEngine:
     def train(self):
         self.model.train()
 
-    def step(self, users, pos, neg, step: int) -> float:
+    def step(self, users, pos, neg, step: int) -> dict:
         terms = self.model.batch_loss(users, pos, neg, step)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         self.optimizer.step()
-        return terms["global"]["loss"]
+        return terms["global"]
 
     def embeddings(self):
         """This rank's users (ids, E*) and every item's E* (gathered from the owners)."""
