@@ -48,6 +48,10 @@ class Config:
     eval_item_tile: int = 65536
     topk: list = field(default_factory=lambda: [5, 10, 20, 50])
     valid_metric: str = "recall@20"
+    # checkpoints (docs/checkpoints.md)
+    checkpoint_every_steps: int = 0         # also checkpoint every N optimizer steps (0 = epoch ends only)
+    checkpoint_every_epoch: bool = True     # checkpoint after each epoch's evaluation
+    keep_checkpoints: int = 2               # keep the last K checkpoints
     # runtime
     device: str = "auto"                    # "auto" | "cpu" | "cuda"
     num_threads: int = 0                    # torch intra-op threads (0 = torch default)
@@ -66,7 +70,8 @@ class Config:
                     "eval_item_tile"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("n_ui_layers", "n_mm_layers", "max_steps", "stopping_step", "num_threads"):
+        for key in ("n_ui_layers", "n_mm_layers", "max_steps", "stopping_step", "num_threads",
+                    "checkpoint_every_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.use_ghe and self.n_hyper_layer < 1:

@@ -13,7 +13,7 @@ class RunLog:
         self.run_dir = run_dir
         self._epochs = None
         if run_dir is not None:
-            self._epochs = open(Path(run_dir) / "epochs.jsonl", "w")
+            self._epochs = open(Path(run_dir) / "epochs.jsonl", "a")  # appended: a resumed run keeps earlier epochs
 
     def step(self, step: int, terms: dict) -> None:
         """Loss terms of one optimizer step (global values)."""

@@ -8,8 +8,12 @@ Writes RUNDIR/metrics.json, RUNDIR/config.yaml (the resolved config) and RUNDIR/
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import random
+import signal
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,6 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from lgmrec_dist.batches import TripleSampler
+from lgmrec_dist.checkpoint import Checkpointer, CheckpointError, RunLock, rng_state, set_rng_state
 from lgmrec_dist.config import Config, ConfigError, load_config
 from lgmrec_dist.dataset import TEST, TRAIN, VALID, DatasetError, PreparedDataset, atomic_write_json
 from lgmrec_dist.evaluation import EarlyStopping, Evaluator
@@ -35,7 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML config (configs/*.yaml); defaults are the official settings")
     p.add_argument("--out", required=True, help="run directory for metrics.json, config.yaml, train.log")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run (or checkpoints) in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --out (automatic when one exists)")
 
 
 def seed_everything(seed: int) -> None:
@@ -110,16 +117,86 @@ class LocalEngine:
     def evaluate(self, evaluator: Evaluator, emb) -> dict:
         return evaluator.evaluate_metrics(*emb)
 
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "eval_calls": self.model.eval_calls}
 
-def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = False, ctx=None) -> dict:
-    """Train and evaluate; ``ctx`` (a distributed.group.Context) selects the sharded engine."""
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.model.eval_calls = state["eval_calls"]
+
+    def model_payload(self) -> dict:
+        """The trained parameters keyed for export (all rows: one process owns everything)."""
+        m = self.model
+        return {"user_ids": torch.arange(m.num_users), "user_embedding": m.user_embedding.detach().cpu(),
+                "item_ids": torch.arange(m.num_items), "item_embedding": m.item_embedding.detach().cpu(),
+                "dense": {k: v.detach().cpu() for k, v in m.named_parameters() if k.startswith(("proj.", "hyper."))}}
+
+
+def _fault_injection(step: int, ctx) -> None:
+    """LGMREC_KILL_AT_STEP=k [LGMREC_KILL_RANK=r]: SIGKILL this process right after optimizer step k, on
+    the first attempt of a torchrun job only. Fault-tolerance tests use it to kill a rank mid-epoch at a
+    known point; it is inert unless the variable is set."""
+    at = os.environ.get("LGMREC_KILL_AT_STEP")
+    if at is None or step != int(at) or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+        return
+    if int(os.environ.get("LGMREC_KILL_RANK", "0")) == (ctx.rank if ctx else 0):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fresh_loop() -> dict:
+    """Where the loop is and what it has accumulated: everything a resumed run needs to continue."""
+    return {"epoch": 0, "batch": 0, "step": 0, "epoch_sums": {}, "epoch_steps": 0, "epoch_samples": 0,
+            "epoch_elapsed": 0.0, "epoch_seconds": [], "train_loss": [], "best_valid": {}, "best_test": {},
+            "epochs_run": 0}
+
+
+def _trim_epoch_log(run_dir: Path, before_epoch: int) -> None:
+    """Keep the epoch records of epochs before ``before_epoch``: on resume, records written after the
+    checkpoint are dropped (they will be written again); a fresh run starts from an empty log."""
+    path = run_dir / "epochs.jsonl"
+    if path.exists():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["epoch"] < before_epoch]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = False, ctx=None,
+          resume: bool | None = None) -> dict:
+    """Train and evaluate; ``ctx`` (a distributed.group.Context) selects the sharded engine.
+
+    ``resume``: None = continue from the run directory's latest checkpoint when there is one,
+    True = require one, False = start afresh (an existing checkpoint is then an error).
+    """
     main_rank = ctx is None or ctx.is_main
     run_dir = Path(out)
     if (run_dir / "metrics.json").exists() and not overwrite:
         raise ConfigError(f"{run_dir} already holds a finished run (metrics.json); pass --overwrite to replace it")
     ds = PreparedDataset.load(data)
+    lock = RunLock(run_dir).acquire() if main_rank else None
+    try:
+        return _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank) -> dict:
+    ckpt = Checkpointer(run_dir, cfg, ds.manifest)
+    latest = ckpt.latest()
+    if overwrite and main_rank and latest is not None:
+        shutil.rmtree(ckpt.dir, ignore_errors=True)
+        shutil.rmtree(ckpt.best_dir, ignore_errors=True)
+        latest = None
+    if ctx is not None:
+        import torch.distributed as dist
+        dist.barrier()
+        latest = ckpt.latest()
+    if resume and latest is None:
+        raise CheckpointError(f"--resume: {run_dir} holds no complete checkpoint")
+    if resume is False and latest is not None:
+        raise CheckpointError(f"{run_dir} holds checkpoint {latest.name}; resume it, or pass --overwrite")
     if main_rank:
-        run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(run_dir)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     else:
@@ -148,55 +225,81 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
     sampler = TripleSampler(ds.num_items, tu, ti, cfg.seed)
     valid_eval, test_eval = make_evaluators(ds, cfg)
     stopper = EarlyStopping(cfg.stopping_step)
+    loop = _fresh_loop()
+    if latest is not None:
+        state = ckpt.load(latest)
+        engine.load_state_dict(state["engine"])
+        stopper.load_state_dict(state["stopper"])
+        loop = state["loop"]
+        set_rng_state(state["rng"])
+        log.info("resumed from %s (epoch %d, batch %d, step %d)", latest, loop["epoch"], loop["batch"], loop["step"])
+    if main_rank:
+        _trim_epoch_log(run_dir, loop["epoch"])
+
+    def save(phase: int) -> None:
+        ckpt.save({"engine": engine.state_dict(), "stopper": stopper.state_dict(), "loop": loop,
+                   "rng": rng_state()}, loop["step"], phase)
 
     run_log = RunLog(run_dir if main_rank else None)
-    step, epoch_seconds, train_loss = 0, [], []
-    best_valid, best_test, epochs_run = {}, {}, 0
-    for epoch in range(cfg.epochs):
+    n_batches = sampler.num_batches(cfg.train_batch_size)
+    done = stopper.should_stop or (cfg.max_steps and loop["step"] >= cfg.max_steps)
+    while not done and loop["epoch"] < cfg.epochs:
+        epoch = loop["epoch"]
         engine.train()
         users, pos, neg = (torch.from_numpy(a).to(device) for a in sampler.epoch(epoch))
-        n_batches = sampler.num_batches(cfg.train_batch_size)
-        t0, sums, steps, samples = time.perf_counter(), {}, 0, 0
-        bar = tqdm(range(n_batches), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True, file=sys.stderr,
-                   mininterval=1.0, disable=not (main_rank and sys.stderr.isatty()))
+        t0 = time.perf_counter() - loop["epoch_elapsed"]
+        bar = tqdm(range(loop["batch"], n_batches), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
+                   file=sys.stderr, mininterval=1.0, disable=not (main_rank and sys.stderr.isatty()))
         for b in bar:
             sl = slice(b * cfg.train_batch_size, (b + 1) * cfg.train_batch_size)
-            terms = engine.step(users[sl], pos[sl], neg[sl], step)
-            run_log.step(step, terms)
-            step, steps, samples = step + 1, steps + 1, samples + len(users[sl])
-            sums = {k: sums.get(k, 0.0) + v for k, v in terms.items()}
+            terms = engine.step(users[sl], pos[sl], neg[sl], loop["step"])
+            run_log.step(loop["step"], terms)
+            loop["step"] += 1
+            loop["batch"] = b + 1
+            loop["epoch_steps"] += 1
+            loop["epoch_samples"] += len(users[sl])
+            loop["epoch_sums"] = {k: loop["epoch_sums"].get(k, 0.0) + v for k, v in terms.items()}
+            loop["epoch_elapsed"] = time.perf_counter() - t0
             bar.set_postfix(loss=f"{terms['loss']:.4f}", refresh=False)
-            if cfg.max_steps and step >= cfg.max_steps:
+            if cfg.max_steps and loop["step"] >= cfg.max_steps:
                 break
+            if cfg.checkpoint_every_steps and loop["step"] % cfg.checkpoint_every_steps == 0 and b + 1 < n_batches:
+                save(0)
+            _fault_injection(loop["step"], ctx)
         bar.close()
-        epoch_seconds.append(time.perf_counter() - t0)
-        means = {k: v / max(steps, 1) for k, v in sums.items()}
-        train_loss.append(means.get("loss", 0.0))
-        epochs_run = epoch + 1
+        seconds, steps = time.perf_counter() - t0, max(loop["epoch_steps"], 1)
+        means = {k: v / steps for k, v in loop["epoch_sums"].items()}
+        loop["epoch_seconds"].append(seconds)
+        loop["train_loss"].append(means.get("loss", 0.0))
+        loop["epochs_run"] = epoch + 1
 
         emb = engine.embeddings()
         valid = engine.evaluate(valid_eval, emb)
         improved = stopper.update(epoch, valid[cfg.valid_metric])
         if improved:  # test metrics are only reported at the best-validation epoch (§2)
-            best_valid, best_test = valid, engine.evaluate(test_eval, emb)
-        log.info("epoch %d: loss %.4f (%d steps, %.2fs) valid %s %.4f%s", epoch, train_loss[-1], steps,
-                 epoch_seconds[-1], cfg.valid_metric, valid[cfg.valid_metric], "  *best*" if improved else "")
-        run_log.epoch({"epoch": epoch, "step": step, "train": means, "learning_rate": cfg.learning_rate,
-                       "seconds": epoch_seconds[-1], "seconds_per_step": epoch_seconds[-1] / max(steps, 1),
-                       "samples_per_second": samples / max(epoch_seconds[-1], 1e-9), "valid": valid,
-                       "best": improved, "test": best_test if improved else None})
-        if stopper.should_stop or (cfg.max_steps and step >= cfg.max_steps):
-            break
+            loop["best_valid"], loop["best_test"] = valid, engine.evaluate(test_eval, emb)
+            ckpt.save_best(engine.model_payload(), epoch)
+        log.info("epoch %d: loss %.4f (%d steps, %.2fs) valid %s %.4f%s", epoch, loop["train_loss"][-1],
+                 loop["epoch_steps"], seconds, cfg.valid_metric, valid[cfg.valid_metric],
+                 "  *best*" if improved else "")
+        run_log.epoch({"epoch": epoch, "step": loop["step"], "train": means, "learning_rate": cfg.learning_rate,
+                       "seconds": seconds, "seconds_per_step": seconds / steps,
+                       "samples_per_second": loop["epoch_samples"] / max(seconds, 1e-9), "valid": valid,
+                       "best": improved, "test": loop["best_test"] if improved else None})
+        done = stopper.should_stop or bool(cfg.max_steps and loop["step"] >= cfg.max_steps)
+        loop.update(epoch=epoch + 1, batch=0, epoch_sums={}, epoch_steps=0, epoch_samples=0, epoch_elapsed=0.0)
+        if cfg.checkpoint_every_epoch:
+            save(1)
 
     metrics = {
         "best_epoch": stopper.best_epoch,
-        "epochs_run": epochs_run,
-        "steps": step,
-        "seconds_per_epoch": float(np.mean(epoch_seconds)),
-        "seconds_per_step": float(sum(epoch_seconds) / max(step, 1)),
-        "train_loss": train_loss,
-        "valid": best_valid,
-        "test": best_test,
+        "epochs_run": loop["epochs_run"],
+        "steps": loop["step"],
+        "seconds_per_epoch": float(np.mean(loop["epoch_seconds"])) if loop["epoch_seconds"] else 0.0,
+        "seconds_per_step": float(sum(loop["epoch_seconds"]) / max(loop["step"], 1)),
+        "train_loss": loop["train_loss"],
+        "valid": loop["best_valid"],
+        "test": loop["best_test"],
         "num_parameters": n_params,
         "world_size": ctx.world_size if ctx else 1,
         "config_digest": cfg.digest(),
@@ -204,9 +307,9 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
     }
     if main_rank:
         atomic_write_json(run_dir / "metrics.json", metrics)
-        table = summary_table(best_valid, best_test, cfg.topk)
-        log.info("best epoch %d of %d; metrics at the best-validation epoch:\n%s", stopper.best_epoch,
-                 epochs_run, table)
+        table = summary_table(loop["best_valid"], loop["best_test"], cfg.topk)
+        log.info("best epoch %s of %d; metrics at the best-validation epoch:\n%s", stopper.best_epoch,
+                 loop["epochs_run"], table)
     run_log.finish(metrics)
     return metrics
 
@@ -225,8 +328,8 @@ def run(args) -> int:
         cfg = load_config(args.config, args.set)
         if launched_by_torchrun():
             ctx = init_process_group(cfg.device)
-        train(args.data, cfg, args.out, overwrite=args.overwrite, ctx=ctx)
-    except (ConfigError, DatasetError, LaunchError) as exc:
+        train(args.data, cfg, args.out, overwrite=args.overwrite, ctx=ctx, resume=True if args.resume else None)
+    except (ConfigError, DatasetError, LaunchError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     finally:

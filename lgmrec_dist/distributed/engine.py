@@ -56,6 +56,23 @@ class ShardedEngine:
         self.optimizer.step()
         return terms["global"]
 
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "eval_calls": self.model.eval_calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.model.eval_calls = state["eval_calls"]
+
+    def model_payload(self) -> dict:
+        """This rank's rows and the dense parameters, keyed for export."""
+        m = self.model
+        return {"user_ids": m.user_ids.cpu(), "user_embedding": m.user_embedding.detach().cpu(),
+                "item_ids": m.item_ids.cpu(), "item_embedding": m.item_embedding.detach().cpu(),
+                "dense": {k.removeprefix("dense."): v.detach().cpu() for k, v in m.named_parameters()
+                          if k.startswith("dense.")}}
+
     def embeddings(self):
         """This rank's users (ids, E*) and every item's E* (gathered from the owners)."""
         self.model.eval()

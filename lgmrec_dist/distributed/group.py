@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -51,9 +52,25 @@ def init_process_group(device: str = "auto", backend: str = "auto") -> Context:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world,
+        dist.init_process_group(backend=backend, rank=rank, world_size=world, store=_attempt_store(rank, world),
                                 **({"device_id": dev} if dev.type == "cuda" else {}))
     return Context(rank, world, local, dev, backend)
+
+
+def _attempt_store(rank: int, world: int) -> dist.Store:
+    """The rendezvous store, with keys prefixed by torchrun's restart count.
+
+    After ``torchrun --max-restarts`` restarts a group, the agent's store still holds the previous
+    attempt's process-group keys (the peers' old addresses), and gloo tries to connect to dead processes
+    (pytorch/pytorch#167288). A per-attempt prefix keeps each attempt's keys apart.
+    """
+    timeout = timedelta(minutes=int(os.environ.get("LGMREC_DIST_TIMEOUT_MIN", "30")))
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":   # the agent hosts the store
+        store = dist.TCPStore(host, port, world, is_master=False, timeout=timeout)
+    else:
+        store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timeout, multi_tenant=True)
+    return dist.PrefixStore(f"lgmrec/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def sum_gradients_hook(state, bucket):

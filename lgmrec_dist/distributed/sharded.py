@@ -82,6 +82,11 @@ class LocalGraph:
         src_ids = block.srcdata[dgl.NID].numpy()
         src, dst = (t.numpy() for t in block.edges())
         n_own, n_src = len(own.owned), len(src_ids)
+        # DGL lists the halo in no fixed order; sort it so sums run in the same order in every run
+        order = np.concatenate([np.arange(n_own), n_own + np.argsort(src_ids[n_own:], kind="stable")])
+        remap = np.empty(n_src, dtype=np.int64)
+        remap[order] = np.arange(n_src)
+        src_ids, src = src_ids[order], remap[src]
         d = 1.0 / np.sqrt(deg + 1e-7)
         w = d[own.owned[dst]] * d[src_ids[src]]
         self.norm_adj = csr(dst, src, w, (n_own, n_src)).to(device)
@@ -146,9 +151,12 @@ class ShardedLGMRec(nn.Module):
         if dist.get_world_size() > 1 and list(self.dense.parameters()):
             from torch.nn.parallel import DistributedDataParallel as DDP
             from lgmrec_dist.distributed.group import sum_gradients_hook
-            # its own group, so DDP's bucketed all-reduces never interleave with the model's collectives
-            self.dense_ddp = DDP(self.dense, process_group=dist.new_group(), broadcast_buffers=False)
-            self.dense_ddp.register_comm_hook(None, sum_gradients_hook)
+            # The default group: DDP's bucket all-reduces are issued from the same autograd pass as the
+            # model's backward collectives, in the same order on every rank. (A second group made with
+            # new_group() cannot be re-created after a torchrun restart: its store keys are stale.)
+            ddp = DDP(self.dense, broadcast_buffers=False)
+            ddp.register_comm_hook(None, sum_gradients_hook)
+            object.__setattr__(self, "dense_ddp", ddp)  # not a submodule: state_dict keeps one copy of W, V
         return self
 
     def _node_rows(self, item_rows: torch.Tensor) -> torch.Tensor:
