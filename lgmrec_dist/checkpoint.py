@@ -153,11 +153,12 @@ def read_meta(path: Path) -> dict:
 class Checkpointer:
     """Writes step/epoch checkpoints and the best model, keeps the last K, finds the latest."""
 
-    def __init__(self, run_dir: Path, cfg: Config, manifest: dict):
+    def __init__(self, run_dir: Path, cfg: Config, manifest: dict, dataset_path: str | Path = ""):
         self.dir = Path(run_dir) / "checkpoints"
         self.best_dir = Path(run_dir) / "best"
         self.cfg = cfg
-        self.meta = {"config_digest": config_digest(cfg), "dataset_digest": dataset_digest(manifest)}
+        self.meta = {"config_digest": config_digest(cfg), "dataset_digest": dataset_digest(manifest),
+                     "dataset_path": str(Path(dataset_path).resolve()) if dataset_path else ""}
 
     def latest(self) -> Path | None:
         done = sorted(p for p in self.dir.glob("step-*") if (p / "meta.json").is_file()) if self.dir.exists() else []

@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--name", default="synthetic")
     s.set_defaults(func=cmd_synth_mmrec)
+    from lgmrec_dist import export
+    export.register_cli(sub)
     return p
 
 

@@ -182,7 +182,7 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
 
 
 def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank) -> dict:
-    ckpt = Checkpointer(run_dir, cfg, ds.manifest)
+    ckpt = Checkpointer(run_dir, cfg, ds.manifest, ds.path)
     latest = ckpt.latest()
     if overwrite and main_rank and latest is not None:
         shutil.rmtree(ckpt.dir, ignore_errors=True)

@@ -1,0 +1,283 @@
+"""Serving outputs of a trained run (issue 7): embeddings, top-K recommendations, cold-start items.
+
+The model exported is the one at the best-validation epoch (RUNDIR/best/, written by training), so the
+exported recommendations are those whose test metrics metrics.json reports.
+
+    lgmrec export --run RUNDIR --out DIR [--top-k 20] [--cold-items FILE]
+    torchrun --nproc_per_node P -m lgmrec_dist export --run-dir RUNDIR --out DIR   (users split over ranks)
+    lgmrec recommend --run RUNDIR --user RAW_ID [--k 10]
+    lgmrec embed-items --run RUNDIR --item-features NAME=PATH [...] --out FILE
+
+Output (Parquet): DIR/users.parquet (raw_id, embedding), DIR/items.parquet (raw_id, embedding, cold),
+DIR/recommendations/part-<rank>.parquet (user, rank, item, score) with each user's training items
+excluded. Under torchrun the users are split over ranks, one part file each.
+
+Cold-start items (docs/checkpoints.md): an item that was not in training has no ID embedding and no
+neighbours in Ĝ, so of E* = E_c + Σ_m rownorm(F^m) + α·rownorm(Σ_m G^m) only what its features decide
+remains: F^m from its own features before propagation (x_m·W_m; propagation would need interactions)
+and its global embedding G^m = softmax(x_m·V_m / τ)·M^m through the trained hyperedge messages M^m:
+
+    e*_cold = Σ_m rownorm(x_m·W_m) + α·rownorm(Σ_m softmax(x_m·V_m / τ)·M^m)
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+
+from lgmrec_dist.checkpoint import CheckpointError, read_meta, read_sharded
+from lgmrec_dist.config import load_config
+from lgmrec_dist.dataset import TRAIN, DatasetError, PreparedDataset, atomic_directory
+from lgmrec_dist.evaluation import MASK_SCORE, _csr_from_pairs, _csr_rows, streaming_topk
+from lgmrec_dist.graph import build_graph
+from lgmrec_dist.model import TAU, LGMRec
+
+
+def load_trained(run_dir: str | Path, data: str | Path | None = None, device="cpu"):
+    """Rebuild the best-validation model of a run in one process: (model, dataset)."""
+    run_dir = Path(run_dir)
+    best = run_dir / "best"
+    if not (best / "meta.json").is_file():
+        raise CheckpointError(f"{run_dir}: no best model (RUNDIR/best/meta.json); has an epoch finished?")
+    meta = read_meta(best)
+    cfg = load_config(run_dir / "config.yaml")
+    ds = PreparedDataset.load(data or meta.get("dataset_path") or json.loads((run_dir / "metrics.json").read_text())["dataset"])
+    from lgmrec_dist.checkpoint import dataset_digest
+    if meta.get("dataset_digest") != dataset_digest(ds.manifest):
+        raise CheckpointError(f"{best} was trained on a different dataset than {ds.path}")
+    model = LGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"])
+    with torch.no_grad():
+        for rank in range(meta["world_size"]):
+            part = read_sharded(best, rank)
+            model.user_embedding[part["user_ids"]] = part["user_embedding"]
+            model.item_embedding[part["item_ids"]] = part["item_embedding"]
+        params = dict(model.named_parameters())
+        for name, value in part["dense"].items():
+            params[name].copy_(value)
+    tu, ti = ds.pairs(TRAIN)
+    model.to(device).attach(build_graph(ds.num_users, ds.num_items, tu, ti), ds.features)
+    model.eval()
+    return model, ds
+
+
+def _embedding_table(raw_ids, emb: torch.Tensor, extra: dict | None = None) -> pa.Table:
+    arr = emb.detach().cpu().numpy().astype(np.float32)
+    vec = pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), arr.shape[1])
+    return pa.table({"raw_id": raw_ids, "embedding": vec, **(extra or {})})
+
+
+def recommend_users(users: np.ndarray, user_emb, item_emb, train_csr, k: int, tile: int = 65536):
+    """Top-k (scores, items) for the given users with their training items excluded (rows of -1 pad)."""
+    rows = torch.from_numpy(users)
+    mask = [torch.from_numpy(a) for a in _csr_rows(*train_csr, users)]
+    scores, items = streaming_topk(user_emb[rows], item_emb, mask, k, tile)
+    return scores, items
+
+
+def export(run_dir, out, top_k: int = 20, cold_items: str | Path | None = None, data=None, ctx=None,
+           overwrite: bool = False, batch_size: int = 4096) -> Path:
+    model, ds = load_trained(run_dir, data)
+    user_emb, item_emb = model.final_embeddings()
+    item_raw = ds.raw_ids("item")
+    cold = np.zeros(ds.num_items, dtype=bool)
+    if cold_items is not None:
+        t = pq.read_table(cold_items)
+        extra = torch.from_numpy(np.stack(t["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32))
+        item_emb = torch.cat([item_emb, extra])
+        known, new = item_raw.combine_chunks(), t["raw_id"].combine_chunks()
+        if known.type != new.type:  # e.g. integer catalogue ids beside string ids of new items
+            known, new = known.cast(pa.string()), new.cast(pa.string())
+        item_raw = pa.concat_arrays([known, new])
+        cold = np.concatenate([cold, np.ones(len(t), dtype=bool)])
+    rank, world = (ctx.rank, ctx.world_size) if ctx else (0, 1)
+    tu, ti = ds.pairs(TRAIN)
+    train_csr = _csr_from_pairs(ds.num_users, ds.num_items, tu, ti)
+    user_raw = ds.raw_ids("user")
+    out = Path(out)
+
+    def write(tmp: Path) -> None:
+        if rank == 0:
+            pq.write_table(_embedding_table(user_raw, user_emb), tmp / "users.parquet")
+            pq.write_table(_embedding_table(item_raw, item_emb, {"cold": cold}), tmp / "items.parquet")
+        mine = np.arange(ds.num_users)[rank::world]
+        parts = []
+        for start in range(0, len(mine), batch_size):
+            users = mine[start:start + batch_size]
+            scores, items = recommend_users(users, user_emb, item_emb, train_csr, top_k)
+            keep = (scores > MASK_SCORE / 2).numpy()            # training items never leave the run
+            u = np.repeat(users, items.shape[1]).reshape(items.shape)
+            r = np.tile(np.arange(1, items.shape[1] + 1), (len(users), 1))
+            parts.append(pa.table({"user": user_raw.take(pa.array(u[keep])), "rank": pa.array(r[keep], pa.int32()),
+                                   "item": item_raw.take(pa.array(items.numpy()[keep])),
+                                   "score": pa.array(scores.numpy()[keep], pa.float32())}))
+        (tmp / "recommendations").mkdir(exist_ok=True)
+        pq.write_table(pa.concat_tables(parts) if parts else pa.table({}), tmp / "recommendations" / f"part-{rank}.parquet")
+
+    if ctx is None:
+        with atomic_directory(out, overwrite) as tmp:
+            write(tmp)
+    else:  # every rank writes its part into rank 0's temporary directory, rank 0 renames it
+        import torch.distributed as dist
+        from lgmrec_dist.checkpoint import _barrier
+        tmp = out.parent / f".{out.name}.tmp-export"
+        if rank == 0:
+            if out.exists() and not overwrite:
+                raise DatasetError(f"{out} already exists (pass --overwrite to replace it)")
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "recommendations").mkdir(parents=True)
+        _barrier()
+        write(tmp)
+        _barrier()
+        if rank == 0:
+            import os
+            import shutil
+            if out.exists():
+                shutil.rmtree(out)
+            os.replace(tmp, out)
+        dist.barrier()
+    return out
+
+
+def read_item_features(specs: dict[str, str], id_col: str = "item_id", feature_col: str = "embedding"):
+    """Parquet files (id column + fixed-size vector column), one per modality, aligned on their ids."""
+    ids, feats = None, {}
+    for name, path in specs.items():
+        try:
+            t = pq.read_table(path)
+        except Exception as exc:  # noqa: BLE001
+            raise DatasetError(f"{path}: cannot read Parquet ({exc})") from None
+        for col in (id_col, feature_col):
+            if col not in t.column_names:
+                raise DatasetError(f"{path}: missing column {col!r}")
+        these = t[id_col].to_pylist()
+        if len(set(these)) != len(these):
+            raise DatasetError(f"{path}: duplicate ids in column {id_col!r}")
+        x = np.stack(t[feature_col].to_numpy(zero_copy_only=False)).astype(np.float32)
+        if not np.isfinite(x).all():
+            raise DatasetError(f"{path}: NaN/inf in column {feature_col!r}")
+        if ids is None:
+            ids, order = these, np.arange(len(these))
+        else:
+            pos = {v: i for i, v in enumerate(these)}
+            if set(pos) != set(ids):
+                raise DatasetError(f"{path}: ids differ from those of {next(iter(specs.values()))}")
+            order = np.array([pos[v] for v in ids])
+        feats[name] = x[order]
+    return ids, feats
+
+
+@torch.no_grad()
+def cold_start_embeddings(model: LGMRec, feats: dict[str, np.ndarray]) -> torch.Tensor:
+    """e*_cold = Σ_m rownorm(x_m·W_m) + α·rownorm(Σ_m softmax(x_m·V_m/τ)·M^m) (module docstring)."""
+    cfg = model.cfg
+    missing = [m for m in model.modalities if m not in feats]
+    if missing:
+        raise DatasetError(f"cold-start items need every modality of the run; missing {missing}")
+    x = {m: torch.as_tensor(feats[m], dtype=torch.float32) for m in model.modalities}
+    for m in model.modalities:
+        if x[m].shape[1] != model.features[m].shape[1]:
+            raise DatasetError(f"modality {m!r}: dimension {x[m].shape[1]}, the run used {model.features[m].shape[1]}")
+    e = torch.zeros(len(next(iter(x.values()))), cfg.embedding_size)
+    if cfg.use_mge:
+        for m in model.modalities:
+            e = e + F.normalize(x[m] @ model.proj[m], dim=1)
+    if cfg.use_ghe:
+        hyper = model.ghe(model.cge(), step=-1, train=False)
+        g = sum(torch.softmax(x[m] @ model.hyper[m] / TAU, dim=1) @ h.message for m, h in zip(model.modalities, hyper))
+        e = e + cfg.alpha * F.normalize(g, dim=1)
+    return e
+
+
+def embed_items(run_dir, specs: dict[str, str], out, id_col="item_id", feature_col="embedding") -> Path:
+    model, _ = load_trained(run_dir)
+    ids, feats = read_item_features(specs, id_col, feature_col)
+    emb = cold_start_embeddings(model, feats)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    pq.write_table(_embedding_table(pa.array(ids), emb), tmp)
+    tmp.replace(out)
+    return out
+
+
+def recommend(run_dir, user: str, k: int = 10) -> list[tuple]:
+    model, ds = load_trained(run_dir)
+    raw = ds.raw_ids("user").to_pylist()
+    matches = [i for i, r in enumerate(raw) if str(r) == str(user)]
+    if not matches:
+        raise DatasetError(f"user {user!r} is not in the run's dataset")
+    user_emb, item_emb = model.final_embeddings()
+    tu, ti = ds.pairs(TRAIN)
+    scores, items = recommend_users(np.array(matches[:1]), user_emb, item_emb,
+                                    _csr_from_pairs(ds.num_users, ds.num_items, tu, ti), k)
+    item_raw = ds.raw_ids("item").to_pylist()
+    return [(r + 1, item_raw[i], s) for r, (i, s) in enumerate(zip(items[0].tolist(), scores[0].tolist()))
+            if s > MASK_SCORE / 2]
+
+
+def _specs(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise DatasetError(f"--item-features expects NAME=PATH, got {item!r}")
+        out[name] = path
+    return out
+
+
+def register_cli(sub) -> None:
+    e = sub.add_parser("export", help="embeddings and top-K recommendations of a trained run -> Parquet")
+    # --run-dir: under torchrun, whose own --run-path makes a script's "--run" an ambiguous option
+    e.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory of `lgmrec train`")
+    e.add_argument("--out", required=True)
+    e.add_argument("--top-k", type=int, default=20)
+    e.add_argument("--cold-items", help="Parquet from `lgmrec embed-items` to rank beside the catalogue")
+    e.add_argument("--data", help="prepared dataset (default: the one the run trained on)")
+    e.add_argument("--overwrite", action="store_true")
+    e.set_defaults(func=_cmd_export)
+    r = sub.add_parser("recommend", help="print the top-K items for one user of a trained run")
+    r.add_argument("--run", "--run-dir", dest="run", required=True)
+    r.add_argument("--user", required=True, help="raw user id")
+    r.add_argument("--k", type=int, default=10)
+    r.set_defaults(func=_cmd_recommend)
+    c = sub.add_parser("embed-items", help="embed items unseen in training from their modality features")
+    c.add_argument("--run", "--run-dir", dest="run", required=True)
+    c.add_argument("--item-features", action="append", required=True, metavar="NAME=PATH")
+    c.add_argument("--id-col", default="item_id")
+    c.add_argument("--feature-col", default="embedding")
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=_cmd_embed_items)
+
+
+def _run(fn) -> int:
+    try:
+        fn()
+    except (DatasetError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from lgmrec_dist.distributed.group import init_process_group, launched_by_torchrun
+    ctx = init_process_group("cpu") if launched_by_torchrun() else None
+    return _run(lambda: print(f"wrote {export(args.run, args.out, args.top_k, args.cold_items, args.data, ctx, args.overwrite)}"))
+
+
+def _cmd_recommend(args) -> int:
+    def show():
+        rows = recommend(args.run, args.user, args.k)
+        print(f"{'rank':>4}  {'item':<24} {'score':>10}")
+        for rank, item, score in rows:
+            print(f"{rank:>4}  {str(item):<24} {score:>10.4f}")
+    return _run(show)
+
+
+def _cmd_embed_items(args) -> int:
+    return _run(lambda: print(f"wrote {embed_items(args.run, _specs(args.item_features), args.out, args.id_col, args.feature_col)}"))
