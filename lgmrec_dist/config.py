@@ -43,6 +43,14 @@ class Config:
     use_ghe: bool = True                    # ablation switch: global hypergraph embeddings (and HCL)
     eval_gumbel_noise: bool = False         # True = official stochastic inference (§6.2.1)
     mge_precompute: bool = True             # speed rewrite: precompute G^K [P X ; X] once (docs/model.md)
+    # large-catalogue mode (issue 6, docs/sampled.md); exact is the default and the reference
+    mode: str = "exact"                     # "exact" | "sampled"
+    fanouts: list = field(default_factory=lambda: [-1])  # per CGE layer (-1 = all neighbours); one value = every layer
+    hyper_refresh_steps: int = 0            # sampled: hyperedge messages from a full pass every r steps (0 = every step)
+    hcl_negatives: str = "all"              # sampled: "all" | "in_batch" | "uniform" contrastive denominators
+    hcl_num_negatives: int = 1024           # sampled, uniform: negatives per anchor set
+    sparse_embeddings: bool = False         # sampled: optimizer work only on the rows a batch touches
+    sampler_workers: int = 0                # sampled: DataLoader worker processes for neighbour sampling
     # evaluation (§2)
     eval_batch_size: int = 4096
     eval_item_tile: int = 65536
@@ -60,6 +68,14 @@ class Config:
                                             # many ranks, else contiguous), "dataset", "contiguous"
 
     def validate(self) -> "Config":
+        if self.mode not in ("exact", "sampled"):
+            raise ConfigError(f"mode: expected 'exact' or 'sampled', got {self.mode!r}")
+        if self.hcl_negatives not in ("all", "in_batch", "uniform"):
+            raise ConfigError(f"hcl_negatives: expected 'all', 'in_batch' or 'uniform', got {self.hcl_negatives!r}")
+        if not self.fanouts or any((not isinstance(f, int)) or f == 0 or f < -1 for f in self.fanouts):
+            raise ConfigError(f"fanouts: expected a list of positive integers or -1, got {self.fanouts!r}")
+        if len(self.fanouts) not in (1, self.n_ui_layers) and self.n_ui_layers > 0:
+            raise ConfigError(f"fanouts: give one value or one per CGE layer ({self.n_ui_layers}), got {self.fanouts!r}")
         if self.cf_model not in ("lightgcn", "mf"):
             raise ConfigError(f"cf_model: expected 'lightgcn' or 'mf', got {self.cf_model!r}")
         if self.partitioning not in ("auto", "dataset", "contiguous"):

@@ -211,7 +211,11 @@ def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank) -> dict:
              ds.manifest["num_test"], ds.manifest["modalities"])
 
     t0 = time.perf_counter()
-    if ctx is None:
+    if cfg.mode == "sampled":
+        from lgmrec_dist.sampled import SampledEngine  # large-catalogue mode (issue 6)
+        device = ctx.device if ctx else resolve_device(cfg)
+        engine = SampledEngine(cfg, ds, device, ctx)
+    elif ctx is None:
         device = resolve_device(cfg)
         engine = LocalEngine(cfg, ds, device)
     else:
