@@ -104,8 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--name", default="synthetic")
     s.set_defaults(func=cmd_synth_mmrec)
-    from lgmrec_dist import export
+    from data_prep import extract
+    from lgmrec_dist import export, ray_train, report, sweep
+    extract.register_cli(sub)
     export.register_cli(sub)
+    report.register_cli(sub)
+    sweep.register_cli(sub)
+    ray_train.register_cli(sub)
     return p
 
 

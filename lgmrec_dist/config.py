@@ -46,11 +46,13 @@ class Config:
     # large-catalogue mode (issue 6, docs/sampled.md); exact is the default and the reference
     mode: str = "exact"                     # "exact" | "sampled"
     fanouts: list = field(default_factory=lambda: [-1])  # per CGE layer (-1 = all neighbours); one value = every layer
-    hyper_refresh_steps: int = 0            # sampled: hyperedge messages from a full pass every r steps (0 = every step)
-    hcl_negatives: str = "all"              # sampled: "all" | "in_batch" | "uniform" contrastive denominators
-    hcl_num_negatives: int = 1024           # sampled, uniform: negatives per anchor set
-    sparse_embeddings: bool = False         # sampled: optimizer work only on the rows a batch touches
-    sampler_workers: int = 0                # sampled: DataLoader worker processes for neighbour sampling
+    hyper_refresh_steps: int = 0            # sampled: r >= 1 = hyperedge messages from a full pass (no gradient)
+                                            # every r steps, held constant in between; 0 = exact (every step, with gradient)
+    hcl_negatives: str = "all"              # sampled: "all" (exact) | "in_batch" | "uniform" contrastive denominators
+    hcl_num_negatives: int = 1024           # sampled, uniform: negative users and negative items drawn per step
+    sparse_embeddings: bool = False         # sampled: sparse row gradients + SparseAdam (only touched rows move)
+    sampler_workers: int = 0                # sampled: DataLoader worker processes that prefetch the sampled blocks
+                                            # (0 = sample in the training process, synchronously)
     # evaluation (§2)
     eval_batch_size: int = 4096
     eval_item_tile: int = 65536
@@ -76,6 +78,10 @@ class Config:
             raise ConfigError(f"fanouts: expected a list of positive integers or -1, got {self.fanouts!r}")
         if len(self.fanouts) not in (1, self.n_ui_layers) and self.n_ui_layers > 0:
             raise ConfigError(f"fanouts: give one value or one per CGE layer ({self.n_ui_layers}), got {self.fanouts!r}")
+        if self.mode == "sampled" and self.sparse_embeddings and self.use_ghe and self.hyper_refresh_steps == 0:
+            raise ConfigError("sparse_embeddings: needs hyper_refresh_steps >= 1 when use_ghe is true (with 0 the "
+                              "hyperedge messages are recomputed with gradient from every item at every step, "
+                              "which touches every embedding row; docs/sampled.md)")
         if self.cf_model not in ("lightgcn", "mf"):
             raise ConfigError(f"cf_model: expected 'lightgcn' or 'mf', got {self.cf_model!r}")
         if self.partitioning not in ("auto", "dataset", "contiguous"):
@@ -83,11 +89,11 @@ class Config:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
         for key in ("epochs", "train_batch_size", "embedding_size", "hyper_num", "eval_batch_size",
-                    "eval_item_tile"):
+                    "eval_item_tile", "hcl_num_negatives"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("n_ui_layers", "n_mm_layers", "max_steps", "stopping_step", "num_threads",
-                    "checkpoint_every_steps"):
+                    "checkpoint_every_steps", "hyper_refresh_steps", "sampler_workers"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.use_ghe and self.n_hyper_layer < 1:
@@ -119,6 +125,11 @@ def _coerce(key: str, value):
     elif expected is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
     elif expected is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
     elif expected is str:
