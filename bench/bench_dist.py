@@ -72,6 +72,7 @@ def worker(args) -> None:
     if ctx.device.type == "cuda":
         row["peak_cuda_GB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print("BENCH " + json.dumps(row), flush=True)
+    torch.distributed.destroy_process_group()
 
 
 def main() -> None:

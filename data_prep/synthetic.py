@@ -79,7 +79,12 @@ def mmrec_split(users: np.ndarray, n_users: int, rng) -> np.ndarray:
     rng = np.random.default_rng(rng)
     counts = np.bincount(users, minlength=n_users)
     perm = rng.permutation(n)
-    order = perm[np.argsort(users[perm], kind="stable")]     # grouped by user, random within a user
+    # grouped by user, random within a user: the stable argsort of users[perm]. When user * n + position
+    # fits in int64 the same order comes from one plain sort of those (distinct) keys (~2x faster overall).
+    if int(users.max()) < (2**62) // n:
+        order = perm[np.sort(users[perm] * n + np.arange(n, dtype=np.int64)) % n]
+    else:
+        order = perm[np.argsort(users[perm], kind="stable")]
     grouped = users[order]
     starts = np.cumsum(counts) - counts
     pos = np.arange(n, dtype=np.int64) - starts[grouped]     # rank of the row within its user

@@ -104,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--name", default="synthetic")
     s.set_defaults(func=cmd_synth_mmrec)
-    from data_prep import extract
+    from data_prep import extract, prep, synth_parquet
     from lgmrec_dist import export, ray_train, report, sweep
+    synth_parquet.register_cli(sub)
+    prep.register_cli(sub)
     extract.register_cli(sub)
     export.register_cli(sub)
     report.register_cli(sub)

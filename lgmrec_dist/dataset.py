@@ -7,6 +7,8 @@ Layout (format version 1)::
     DIR/user_map.parquet         user int64, raw_id (raw ids in dense-id order)
     DIR/item_map.parquet         item int64, raw_id
     DIR/features/<name>.npy      float32 (num_items, dim), row i = item i (memory-mappable)
+    DIR/partitions/node_part.npy   (written by lgmrec prep) int32 (num_users + num_items,): part of each node,
+                                 users first, then items; partition.json beside it (data_prep/partition.py)
 
 Directories are written atomically: built in a temporary sibling and renamed into place, so a failed
 write leaves nothing behind and an existing dataset is never half-overwritten.

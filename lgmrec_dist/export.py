@@ -267,7 +267,12 @@ def _run(fn) -> int:
 def _cmd_export(args) -> int:
     from lgmrec_dist.distributed.group import init_process_group, launched_by_torchrun
     ctx = init_process_group("cpu") if launched_by_torchrun() else None
-    return _run(lambda: print(f"wrote {export(args.run, args.out, args.top_k, args.cold_items, args.data, ctx, args.overwrite)}"))
+    try:
+        return _run(lambda: print(f"wrote {export(args.run, args.out, args.top_k, args.cold_items, args.data, ctx, args.overwrite)}"))
+    finally:
+        if ctx is not None:
+            import torch.distributed as dist
+            dist.destroy_process_group()
 
 
 def _cmd_recommend(args) -> int:

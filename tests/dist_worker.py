@@ -50,6 +50,7 @@ def main(data, out, ownership, steps, overrides):
                 "dense": {k: v.detach() for k, v in m.dense.state_dict().items()},
                 "valid": eng.evaluate(valid_eval, emb), "test": eng.evaluate(test_eval, emb),
                 "halo": m.graph.num_halo}, f"{out}/rank{ctx.rank}.pt")
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,1 +1,6 @@
 """The exact distributed path (issue 5): process groups, row ownership, halo exchange, sharded LGMRec."""
+import warnings
+
+# torch 2.13 marks the autograd-aware collectives of torch.distributed.nn.functional deprecated in favour
+# of a private API (torch.distributed._functional_collectives); they still work and are what we need.
+warnings.filterwarnings("ignore", message=r"torch\.distributed\.nn\.functional\.\w+ is deprecated")

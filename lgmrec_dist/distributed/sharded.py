@@ -20,8 +20,6 @@ their rows of the ID embeddings, of the precomputed MGE inputs Y_m and of the it
 """
 from __future__ import annotations
 
-import warnings
-
 import dgl
 import numpy as np
 import torch
@@ -37,9 +35,6 @@ from lgmrec_dist.model.cge import cge
 from lgmrec_dist.model.hypergraph import HyperEmbedding, assignments, hypergraph_propagate
 from lgmrec_dist.model.lgmrec import TAU, LGMRec, keyed_draws
 from lgmrec_dist.model.losses import lowrank_logsumexp
-
-# torch 2.13 marks the autograd-aware all_gather deprecated in favour of a private API; it still works
-warnings.filterwarnings("ignore", message="torch.distributed.nn.functional.all_gather is deprecated")
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -154,7 +149,7 @@ class ShardedLGMRec(nn.Module):
             # The default group: DDP's bucket all-reduces are issued from the same autograd pass as the
             # model's backward collectives, in the same order on every rank. (A second group made with
             # new_group() cannot be re-created after a torchrun restart: its store keys are stale.)
-            ddp = DDP(self.dense, broadcast_buffers=False)
+            ddp = DDP(self.dense)
             ddp.register_comm_hook(None, sum_gradients_hook)
             object.__setattr__(self, "dense_ddp", ddp)  # not a submodule: state_dict keeps one copy of W, V
         return self
