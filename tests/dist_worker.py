@@ -24,8 +24,8 @@ def main(data, out, ownership, steps, overrides):
     ctx = init_process_group("cpu")
     ds = PreparedDataset.load(data)
     cfg = load_config(None, overrides)
-    if ownership == "random":  # a non-contiguous partition, as METIS would give
-        part = np.random.default_rng(0).integers(0, ctx.world_size, ds.num_users + ds.num_items)
+    if ownership != "contiguous":  # non-contiguous ownership given as a node_part.npy file (random, METIS)
+        part = np.load(ownership)
         engine_mod.ownership_for = lambda *a: Ownership(part, ctx.rank, ctx.world_size)
     eng = engine_mod.ShardedEngine(cfg, ds, ctx)
     m = eng.model
@@ -37,11 +37,7 @@ def main(data, out, ownership, steps, overrides):
     losses = []
     for b in range(steps):
         sl = slice(b * cfg.train_batch_size, (b + 1) * cfg.train_batch_size)
-        terms = m.batch_loss(users[sl], pos[sl], neg[sl], b)
-        eng.optimizer.zero_grad()
-        terms["loss"].backward()
-        eng.optimizer.step()
-        losses.append(terms["global"])
+        losses.append(eng.step(users[sl], pos[sl], neg[sl], b))
     valid_eval, test_eval = make_evaluators(ds, cfg)
     emb = eng.embeddings()
     torch.save({"owned": owned, "cge0": cge0, "losses": losses,
@@ -50,6 +46,7 @@ def main(data, out, ownership, steps, overrides):
                 "dense": {k: v.detach() for k, v in m.dense.state_dict().items()},
                 "valid": eng.evaluate(valid_eval, emb), "test": eng.evaluate(test_eval, emb),
                 "halo": m.graph.num_halo}, f"{out}/rank{ctx.rank}.pt")
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 

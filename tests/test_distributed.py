@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from data_prep.partition import partition_nodes
 from lgmrec_dist.batches import TripleSampler
 from lgmrec_dist.config import load_config
 from lgmrec_dist.dataset import TRAIN, PreparedDataset
@@ -29,10 +30,19 @@ def torchrun(nproc: int, *args, env=None) -> subprocess.CompletedProcess:
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-@pytest.fixture(scope="module", params=["contiguous", "random"])
+@pytest.fixture(scope="module", params=["contiguous", "random", "metis"])
 def two_ranks(request, tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"dist-{request.param}")
-    res = torchrun(2, str(ROOT / "tests" / "dist_worker.py"), str(tiny_dataset), str(out), request.param,
+    ownership = request.param
+    if ownership != "contiguous":  # the partition is made once here: METIS is not deterministic across processes
+        ds = PreparedDataset.load(tiny_dataset)
+        if ownership == "random":
+            part = np.random.default_rng(0).integers(0, 2, ds.num_users + ds.num_items)
+        else:
+            part = partition_nodes(ds.num_users, ds.num_items, *ds.pairs(TRAIN), 2, "metis")
+        ownership = str(out / "node_part.npy")
+        np.save(ownership, part)
+    res = torchrun(2, str(ROOT / "tests" / "dist_worker.py"), str(tiny_dataset), str(out), ownership,
                    str(STEPS), *OVERRIDES)
     assert res.returncode == 0, res.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]

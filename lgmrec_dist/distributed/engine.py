@@ -53,6 +53,7 @@ class ShardedEngine:
         terms = self.model.batch_loss(users, pos, neg, step)
         self.optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
+        self.model.sync_dense_gradients()
         self.optimizer.step()
         return terms["global"]
 

@@ -71,13 +71,3 @@ def _attempt_store(rank: int, world: int) -> dist.Store:
     else:
         store = dist.TCPStore(host, port, world, is_master=rank == 0, timeout=timeout, multi_tenant=True)
     return dist.PrefixStore(f"lgmrec/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-
-
-def sum_gradients_hook(state, bucket):
-    """DDP communication hook that sums gradients instead of averaging them.
-
-    Each rank's loss is its share of the global loss (the parts add up to the spec's loss), so the
-    gradient of the global loss is the sum of the ranks' gradients, not their mean.
-    """
-    fut = dist.all_reduce(bucket.buffer(), async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0])

@@ -15,8 +15,8 @@ their rows of the ID embeddings, of the precomputed MGE inputs Y_m and of the it
   Frobenius norms are combined from per-rank sums of squares; the contrastive loss is computed for the
   anchors a rank owns, with all-user/all-item denominators combined from per-rank partial log-sum-exps.
   The ranks' losses add up to the single-process loss, so their gradients add up to its gradient.
-* Dense parameters W_m, V_m are replicated and synchronised by DDP with a summing hook
-  (``group.sum_gradients_hook``); embedding rows are updated by their owner.
+* Dense parameters W_m, V_m are replicated; their gradients are summed over ranks after backward
+  (:meth:`ShardedLGMRec.sync_dense_gradients`); embedding rows are updated by their owner.
 """
 from __future__ import annotations
 
@@ -45,6 +45,13 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     world = dist.get_world_size()
     CommStats.add(2 * (world - 1) * _nbytes(t) // world)  # ring all-reduce
     return dnn.all_reduce(t)
+
+
+def _all_reduce_(t: torch.Tensor) -> None:
+    """In-place, non-differentiable all-reduce (sum)."""
+    world = dist.get_world_size()
+    CommStats.add(2 * (world - 1) * _nbytes(t) // world)
+    dist.all_reduce(t)
 
 
 def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
@@ -104,7 +111,7 @@ class LocalGraph:
 
 
 class DenseParams(nn.Module):
-    """The replicated parameters (W_m, V_m), the module DDP wraps."""
+    """The replicated parameters (W_m, V_m)."""
 
     def __init__(self, proj: nn.ParameterDict, hyper: nn.ParameterDict):
         super().__init__()
@@ -129,7 +136,6 @@ class ShardedLGMRec(nn.Module):
         self.user_embedding = nn.Parameter(full.user_embedding.detach()[self.user_ids].clone())
         self.item_embedding = nn.Parameter(full.item_embedding.detach()[self.item_ids].clone())
         self.dense = DenseParams(full.proj, full.hyper)
-        self.dense_ddp = None
         self.eval_calls = 0
 
     # ------------------------------------------------------------------ set-up
@@ -143,15 +149,6 @@ class ShardedLGMRec(nn.Module):
         self.mge_y = {}
         if self.cfg.use_mge:
             self.mge_y = {m: self._mge_inputs(x) for m, x in self.features.items()}
-        if dist.get_world_size() > 1 and list(self.dense.parameters()):
-            from torch.nn.parallel import DistributedDataParallel as DDP
-            from lgmrec_dist.distributed.group import sum_gradients_hook
-            # The default group: DDP's bucket all-reduces are issued from the same autograd pass as the
-            # model's backward collectives, in the same order on every rank. (A second group made with
-            # new_group() cannot be re-created after a torchrun restart: its store keys are stale.)
-            ddp = DDP(self.dense)
-            ddp.register_comm_hook(None, sum_gradients_hook)
-            object.__setattr__(self, "dense_ddp", ddp)  # not a submodule: state_dict keeps one copy of W, V
         return self
 
     def _node_rows(self, item_rows: torch.Tensor) -> torch.Tensor:
@@ -211,15 +208,30 @@ class ShardedLGMRec(nn.Module):
             e = e + self.cfg.alpha * F.normalize(sum(h.nodes(rows) for h in hyper), dim=1)
         return e
 
-    def _params(self):
-        return self.dense_ddp() if self.dense_ddp is not None else self.dense()
+    def sync_dense_gradients(self) -> None:
+        """Sum the replicated parameters' gradients over ranks (after backward, before the optimizer).
+
+        Each rank's loss is its share of the global loss, so the global gradient is the sum of the ranks'
+        gradients, not their mean. One flat all-reduce, issued after the backward pass: DDP's bucketed
+        reducer (with a summing hook) did the same but, with gloo on torch 2.13, intermittently hung or
+        aborted in its destructor at process exit (docs/distributed.md).
+        """
+        params = [p for p in self.dense.parameters() if p.grad is not None]
+        if dist.get_world_size() == 1 or not params:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        _all_reduce_(flat)
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
 
     # ------------------------------------------------------------------ training
     def batch_loss(self, users, pos, neg, step: int) -> dict:
         """This rank's share of the loss of the global batch (users, pos, neg); shares add up to §1.8."""
         world, rank = dist.get_world_size(), dist.get_rank()
         batch_size, n_u = len(users), self.num_users
-        params = self._params()
+        params = self.dense()
         e_c = self.cge()
         hyper = self.ghe(e_c, step, True, params) if self.cfg.use_ghe else None
 
