@@ -59,7 +59,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lgmrec_dist.dataset import MANIFEST, DatasetError, write_dataset
+from lgmrec_dist.dataset import MANIFEST, DatasetError, parse_named_paths, write_dataset
 from data_prep.mmrec import check_modality_name
 from data_prep.partition import METHODS, partition_nodes, partition_stats, write_partitions
 from data_prep.synthetic import mmrec_split
@@ -1010,21 +1010,9 @@ def summary_table(manifest: dict, pstats: dict | None = None, seconds: float | N
 # command line
 # --------------------------------------------------------------------------------------------------
 
-def _parse_features(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items or []:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise DatasetError(f"--item-features expects NAME=PATH, got {item!r}")
-        if name in out:
-            raise DatasetError(f"--item-features: modality {name!r} given twice")
-        out[name] = path
-    return out
-
-
 def cmd_prep(args) -> int:
     try:
-        prep(args.interactions, _parse_features(args.item_features), args.out, kcore=args.kcore, split=args.split,
+        prep(args.interactions, parse_named_paths(args.item_features, "--item-features"), args.out, kcore=args.kcore, split=args.split,
              seed=args.seed, partitions=args.partitions, partition_method=args.partition_method,
              user_col=args.user_col, item_col=args.item_col, time_col=args.time_col,
              feature_col=args.feature_col, require_features=args.require_features, overwrite=args.overwrite,

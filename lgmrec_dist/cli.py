@@ -5,18 +5,6 @@ import argparse
 import sys
 
 
-def _features(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"error: --feature expects NAME=FILE.npy, got {item!r}")
-        if name in out:
-            raise SystemExit(f"error: modality {name!r} given twice")
-        out[name] = path
-    return out
-
-
 def cmd_train(args) -> int:
     if args.nproc:  # convenience: one node, P processes, via torchrun
         import subprocess
@@ -31,9 +19,10 @@ def cmd_train(args) -> int:
 
 def cmd_import_mmrec(args) -> int:
     from data_prep.mmrec import import_mmrec
-    from lgmrec_dist.dataset import DatasetError
+    from lgmrec_dist.dataset import DatasetError, parse_named_paths
     try:
-        manifest = import_mmrec(args.inter, _features(args.feature), args.out, overwrite=args.overwrite)
+        manifest = import_mmrec(args.inter, parse_named_paths(args.feature, "--feature"), args.out,
+                                overwrite=args.overwrite)
     except DatasetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -40,6 +40,20 @@ class DatasetError(ValueError):
     pass
 
 
+def parse_named_paths(items: list[str] | None, flag: str) -> dict[str, str]:
+    """``["image=a.npy", "text=b.npy"]`` -> ``{"image": "a.npy", "text": "b.npy"}``, order kept (the first
+    modality is the contrastive anchor); a malformed or repeated name is a DatasetError naming ``flag``."""
+    out = {}
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise DatasetError(f"{flag} expects NAME=PATH, got {item!r}")
+        if name in out:
+            raise DatasetError(f"{flag}: modality {name!r} given twice")
+        out[name] = path
+    return out
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from lgmrec_dist.checkpoint import CheckpointError, read_meta, read_sharded
 from lgmrec_dist.config import load_config
-from lgmrec_dist.dataset import TRAIN, DatasetError, PreparedDataset, atomic_directory
+from lgmrec_dist.dataset import TRAIN, DatasetError, PreparedDataset, atomic_directory, parse_named_paths
 from lgmrec_dist.evaluation import MASK_SCORE, _csr_from_pairs, _csr_rows, streaming_topk
 from lgmrec_dist.graph import build_graph
 from lgmrec_dist.model import TAU, LGMRec
@@ -221,16 +221,6 @@ def recommend(run_dir, user: str, k: int = 10) -> list[tuple]:
             if s > MASK_SCORE / 2]
 
 
-def _specs(items: list[str]) -> dict[str, str]:
-    out = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep:
-            raise DatasetError(f"--item-features expects NAME=PATH, got {item!r}")
-        out[name] = path
-    return out
-
-
 def register_cli(sub) -> None:
     e = sub.add_parser("export", help="embeddings and top-K recommendations of a trained run -> Parquet")
     # --run-dir: under torchrun, whose own --run-path makes a script's "--run" an ambiguous option
@@ -285,4 +275,7 @@ def _cmd_recommend(args) -> int:
 
 
 def _cmd_embed_items(args) -> int:
-    return _run(lambda: print(f"wrote {embed_items(args.run, _specs(args.item_features), args.out, args.id_col, args.feature_col)}"))
+    def run():
+        specs = parse_named_paths(args.item_features, "--item-features")
+        print(f"wrote {embed_items(args.run, specs, args.out, args.id_col, args.feature_col)}")
+    return _run(run)

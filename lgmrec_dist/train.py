@@ -24,7 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from lgmrec_dist.batches import TripleSampler
-from lgmrec_dist.checkpoint import Checkpointer, CheckpointError, RunLock, rng_state, set_rng_state
+from lgmrec_dist.checkpoint import Checkpointer, CheckpointError, EngineState, RunLock, rng_state, set_rng_state
 from lgmrec_dist.config import Config, ConfigError, load_config
 from lgmrec_dist.dataset import TEST, TRAIN, VALID, DatasetError, PreparedDataset, atomic_write_json
 from lgmrec_dist.evaluation import EarlyStopping, Evaluator
@@ -88,7 +88,7 @@ def summary_table(valid: dict, test: dict, ks: list[int]) -> str:
     return "\n".join(lines)
 
 
-class LocalEngine:
+class LocalEngine(EngineState):
     """One process, the whole graph: the reference path (lgmrec_dist.model.LGMRec)."""
 
     def __init__(self, cfg: Config, ds: PreparedDataset, device: torch.device):
@@ -116,15 +116,6 @@ class LocalEngine:
 
     def evaluate(self, evaluator: Evaluator, emb) -> dict:
         return evaluator.evaluate_metrics(*emb)
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "eval_calls": self.model.eval_calls}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.model.eval_calls = state["eval_calls"]
 
     def model_payload(self) -> dict:
         """The trained parameters keyed for export (all rows: one process owns everything)."""

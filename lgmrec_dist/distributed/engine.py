@@ -5,6 +5,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lgmrec_dist.checkpoint import EngineState
 from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import TRAIN, PreparedDataset
 from lgmrec_dist.distributed.exchange import Ownership
@@ -30,7 +31,7 @@ def ownership_for(ds: PreparedDataset, cfg: Config, rank: int, world: int) -> Ow
     return Ownership(np.load(path), rank, world)
 
 
-class ShardedEngine:
+class ShardedEngine(EngineState):
     def __init__(self, cfg: Config, ds: PreparedDataset, ctx: Context):
         self.ctx = ctx
         self.own = ownership_for(ds, cfg, ctx.rank, ctx.world_size)
@@ -56,15 +57,6 @@ class ShardedEngine:
         self.model.sync_dense_gradients()
         self.optimizer.step()
         return terms["global"]
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "eval_calls": self.model.eval_calls}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.model.eval_calls = state["eval_calls"]
 
     def model_payload(self) -> dict:
         """This rank's rows and the dense parameters, keyed for export."""
