@@ -48,6 +48,8 @@ class Config:
     fanouts: list = field(default_factory=lambda: [-1])  # per CGE layer (-1 = all neighbours); one value = every layer
     hyper_refresh_steps: int = 0            # sampled: r >= 1 = hyperedge messages from a full pass (no gradient)
                                             # every r steps, held constant in between; 0 = exact (every step, with gradient)
+    hyper_message_grad: bool = True         # sampled, r >= 1: gradient of the held messages estimated from the batch's
+                                            # negative items (straight-through; the value stays the refreshed one)
     hcl_negatives: str = "all"              # sampled: "all" (exact) | "in_batch" | "uniform" contrastive denominators
     hcl_num_negatives: int = 1024           # sampled, uniform: negative users and negative items drawn per step
     sparse_embeddings: bool = False         # sampled: sparse row gradients + SparseAdam (only touched rows move)

@@ -1,0 +1,466 @@
+"""Large-catalogue mode (issue 6, docs/sampled.md): the sampled engine with every approximation off equals
+the exact engine, and each approximation switch behaves as documented.
+
+Statistical tests are deterministic (every draw is keyed by a step number), and their tolerances follow
+from the sample count: an estimator's mean over S draws is compared with the exact value in units of its
+standard error sd/√S; |z| < 5 everywhere (a false alarm has probability ~6e-7 per entry for a normal
+mean). Each test also checks that it has the power to see a bias (the un-rescaled or uncorrected
+estimator fails the same bound), so a pass means something.
+"""
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lgmrec_dist.batches import TripleSampler
+from lgmrec_dist.config import ConfigError, load_config
+from lgmrec_dist.dataset import TRAIN, PreparedDataset
+from lgmrec_dist.graph import build_graph
+from lgmrec_dist.model.cge import cge
+from lgmrec_dist.sampled import (RowAdam, SampledEngine, cge_on_blocks, sampled_logsumexp, straight_through_message,
+                                 uniform_negatives)
+from lgmrec_dist.sampling import BlockSampler, inclusion_probability
+from lgmrec_dist.train import LocalEngine, make_evaluators
+
+OVERRIDES = ["embedding_size=16", "train_batch_size=256", "learning_rate=0.005", "cl_weight=0.001",
+             "n_hyper_layer=2", "seed=5"]
+EXACT_SWITCHES = ["mode=sampled", "fanouts=[-1]", "hyper_refresh_steps=0", "hcl_negatives=all",
+                  "sparse_embeddings=false"]
+Z_MAX = 5.0
+
+
+@pytest.fixture
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dataset):
+    ds = PreparedDataset.load(tiny_dataset)
+    tu, ti = ds.pairs(TRAIN)
+    return ds, TripleSampler(ds.num_items, tu, ti, 5).epoch(0)
+
+
+def batch_of(triples, b, size=256):
+    sl = slice(b * size, (b + 1) * size)
+    return tuple(torch.from_numpy(a[sl]) for a in triples)
+
+
+def engines(ds, extra=(), exact_extra=()):
+    cpu = torch.device("cpu")
+    exact = LocalEngine(load_config(None, OVERRIDES + list(exact_extra)), ds, cpu)
+    sampled = SampledEngine(load_config(None, OVERRIDES + EXACT_SWITCHES + list(exact_extra) + list(extra)), ds, cpu)
+    return exact, sampled
+
+
+def z_scores(samples: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """(mean − exact) / (sd/√S) per entry; entries without spread must be exact (z = 0 or inf)."""
+    mean, sd = samples.mean(0), samples.std(0)
+    se = sd / math.sqrt(samples.shape[0])
+    diff = (mean - exact).abs()
+    return torch.where(se > 0, diff / se.clamp_min(1e-30), torch.where(diff < 1e-5, 0.0, math.inf))
+
+
+# ------------------------------------------------------------------ exactness
+@pytest.mark.parametrize("variant", [[], ["n_ui_layers=3"], ["use_ghe=false"]], ids=["default", "L3", "no_ghe"])
+def test_full_fanout_sampled_equals_exact(tiny, one_thread, variant):
+    ds, triples = tiny
+    exact, sampled = engines(ds, exact_extra=variant)
+    users, pos, neg = batch_of(triples, 0)
+    with torch.no_grad():  # the sampled CGE rows at the batch's nodes == the full-graph CGE rows
+        batch = sampled.model.sampler.sample(users, pos, neg, 0)
+        assert torch.allclose(sampled.model.cge_rows(batch), exact.model.cge()[batch.seeds], atol=1e-6)
+    for step in range(4):
+        users, pos, neg = batch_of(triples, step)
+        ref = exact.step(users, pos, neg, step)
+        got = sampled.step(users, pos, neg, step)
+        for key in ("loss", "bpr", "hcl", "reg"):
+            assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (step, key)
+    params = dict(sampled.model.model.named_parameters())
+    for name, ref in exact.model.named_parameters():
+        assert torch.allclose(params[name], ref, rtol=1e-4, atol=1e-6), name
+    emb, ref_emb = sampled.embeddings(), exact.embeddings()
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(emb, ref_emb))
+
+
+# ------------------------------------------------------------------ fanout: unbiased aggregation
+def small_graph(seed=0, num_users=60, num_items=40, pairs=500):
+    r = np.random.default_rng(seed)
+    u = r.integers(0, num_users, pairs)
+    i = np.minimum(r.zipf(1.6, pairs) - 1, num_items - 1)  # skewed item degrees: many above the fanout
+    return num_users, num_items, u, i
+
+
+def test_fanout_rescaled_cge_is_unbiased(one_thread):
+    """E[sampled E_c] = E_c: each layer's deg/k rescaling is unbiased and the layers' draws independent."""
+    nu, ni, u, i = small_graph()
+    graph = build_graph(nu, ni, u, i)
+    e0 = torch.randn(nu + ni, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = cge(graph, e0.float(), 2).double()
+    users, pos, neg = torch.arange(0, 20), torch.arange(0, 20), torch.arange(20, 40)
+    draws = 1000
+
+    def estimates(rescale):
+        sampler = BlockSampler(nu, ni, u, i, [3, 2], 2, seed=1, rescale=rescale)
+        out = []
+        for s in range(draws):
+            batch = sampler.sample(users, pos, neg, s)
+            out.append(cge_on_blocks(batch, e0[batch.input_ids].float(), "cpu").double())
+        return batch.seeds, torch.stack(out)
+
+    seeds, samples = estimates(True)
+    assert (samples.std(0) > 0).any()                      # the fanouts really sample
+    assert z_scores(samples, exact[seeds]).max() < Z_MAX
+    _, naive = estimates(False)                            # without deg/k the estimate is biased: seen
+    assert z_scores(naive, exact[seeds]).max() > 3 * Z_MAX
+
+
+def test_full_fanout_blocks_are_the_graph_rows():
+    nu, ni, u, i = small_graph(1)
+    graph = build_graph(nu, ni, u, i)
+    sampler = BlockSampler(nu, ni, u, i, [-1], 1, seed=0)
+    batch = sampler.sample(torch.arange(nu), torch.arange(ni), torch.arange(ni), 0)
+    a, _ = batch.layers[0].matrices("cpu")
+    ids = batch.input_ids
+    dense = torch.zeros(nu + ni, nu + ni)
+    dense[batch.seeds.unsqueeze(1), ids.unsqueeze(0)] = a.to_dense()
+    assert torch.equal(dense, graph.norm_adj.to_dense())    # same weights, bit for bit
+
+
+def test_sampling_is_keyed_by_step():
+    nu, ni, u, i = small_graph(2)
+    sampler = BlockSampler(nu, ni, u, i, [2], 2, seed=0)
+    args = (torch.arange(10), torch.arange(10), torch.arange(10, 20))
+    a, b, c = sampler.sample(*args, 7), sampler.sample(*args, 7), sampler.sample(*args, 8)
+    assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.layers[0].adj[1], b.layers[0].adj[1])
+    assert not torch.equal(a.layers[0].adj[1], c.layers[0].adj[1])
+
+
+# ------------------------------------------------------------------ contrastive denominators
+def test_uniform_negatives_logq_estimate_is_unbiased():
+    """D̂ = exp(pos) + (N/K)·Σ_k [neg_k ≠ anchor] exp(logit_k) has mean Σ_all exp(logit); log D̂ is biased low."""
+    g = torch.Generator().manual_seed(0)
+    n, k, draws = 500, 16, 3000
+    keys = torch.randn(n, 4, generator=g, dtype=torch.float64)
+    rows = torch.tensor([0, 7, 123])
+    q = torch.randn(len(rows), 4, generator=g, dtype=torch.float64)
+    exact = torch.logsumexp(q @ keys.t(), dim=1).exp()
+    pos_logit = (q * keys[rows]).sum(1)
+    est, naive = [], []
+    for s in range(draws):
+        neg, log_w = uniform_negatives(n, k, s)
+        est.append(sampled_logsumexp(pos_logit, q @ keys[neg].t(), log_w.double(), neg, rows).exp())
+        naive.append(sampled_logsumexp(pos_logit, q @ keys[neg].t(), torch.zeros(k, dtype=torch.float64), neg, rows).exp())
+    est, naive = torch.stack(est), torch.stack(naive)
+    assert z_scores(est, exact).max() < Z_MAX
+    assert z_scores(naive, exact).min() > 3 * Z_MAX         # without the log-q correction: far off
+    assert (est.log().mean(0) < exact.log()).all()          # Jensen: the loss term itself is biased low
+
+
+def test_inclusion_probability_matches_combinatorics():
+    got = inclusion_probability(np.array([0, 1, 3, 10, 95]), 10, 100)
+    want = [1 - math.comb(100 - d, 10) / math.comb(100, 10) for d in (0, 1, 3, 10, 95)]
+    assert np.allclose(got, want, atol=1e-12)
+
+
+def test_in_batch_horvitz_thompson_sum_is_unbiased():
+    """Over the training loop's batches, Σ_{u in batch, distinct} f(u)/π(u) has mean Σ_{u with pairs} f(u)."""
+    nu, ni, u, i = small_graph(3, pairs=800)
+    triples = TripleSampler(ni, u, i, seed=0)
+    deg = np.bincount(triples.users, minlength=nu)
+    f = torch.rand(nu, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    exact = f[torch.from_numpy(deg > 0)].sum()
+    batch_size = 50
+    est, naive = [], []
+    for epoch in range(150):
+        users = triples.epoch(epoch)[0]
+        for b in range(triples.num_batches(batch_size)):
+            ids = np.unique(users[b * batch_size:(b + 1) * batch_size])
+            pi = inclusion_probability(deg[ids], len(users[b * batch_size:(b + 1) * batch_size]), len(users))
+            est.append((f[ids] / torch.from_numpy(pi)).sum())
+            # the count-based log-q weight 1/(B·deg/E) (expected occurrences instead of the probability of
+            # at least one): biased as soon as a node can occur twice in a batch
+            naive.append((f[ids] / torch.from_numpy(deg[ids] * batch_size / len(users))).sum())
+    est, naive = torch.stack(est), torch.stack(naive)
+    assert z_scores(est.unsqueeze(1), exact.view(1)).item() < Z_MAX
+    assert z_scores(naive.unsqueeze(1), exact.view(1)).item() > Z_MAX
+
+
+@pytest.mark.parametrize("negatives", ["in_batch", "uniform"])
+def test_sampled_hcl_modes_train(tiny, one_thread, negatives):
+    ds, triples = tiny
+    _, eng = engines(ds, ["fanouts=[4,2]", "hyper_refresh_steps=2", f"hcl_negatives={negatives}",
+                          "hcl_num_negatives=32"])
+    exact_hcl = None
+    for step in range(3):
+        terms = eng.step(*batch_of(triples, step), step)
+        assert all(math.isfinite(v) for v in terms.values())
+        if step == 0:
+            exact_hcl = terms["hcl"]
+    # the approximate denominators estimate the same loss: same order of magnitude as the exact one
+    _, ref = engines(ds)
+    want = ref.step(*batch_of(triples, 0), 0)["hcl"]
+    assert 0.5 * want < exact_hcl < 1.5 * want
+
+
+# ------------------------------------------------------------------ stale hyperedge messages
+def test_refresh_every_r_steps_uses_messages_from_the_last_refresh(tiny, one_thread):
+    """r = 3: steps 3j..3j+2 use the messages of a full pass at step 3j with the parameters of that moment."""
+    ds, triples = tiny
+    r = 3
+    _, eng = engines(ds, [f"hyper_refresh_steps={r}", "fanouts=[5]"])
+    m = eng.model
+    expected = None
+    for step in range(8):
+        if step % r == 0:
+            expected = m.full_messages(step)              # parameters as they are before this step
+        else:
+            fresh = m.full_messages(step)
+            assert not all(torch.allclose(a, b) for a, b in zip(fresh, expected))  # params moved: stale != fresh
+        eng.step(*batch_of(triples, step), step)
+        assert m.cache["step"] == step - step % r
+        assert all(torch.equal(a, b) for a, b in zip(m.cache["messages"], expected))
+        assert not any(t.requires_grad for t in m.cache["messages"])
+
+
+def test_message_gradient_switch_changes_gradients_not_values(tiny, one_thread):
+    ds, triples = tiny
+    args = batch_of(triples, 0)
+    base = ["hyper_refresh_steps=3", "fanouts=[5]", "hcl_negatives=uniform", "hcl_num_negatives=32"]
+    grads = {}
+    for flag in (True, False):
+        _, eng = engines(ds, base + [f"hyper_message_grad={str(flag).lower()}"])
+        m = eng.model
+        batch = m.sampler.sample(*args, 0)
+        terms = m.batch_loss(*args, 0, batch)
+        terms["loss"].backward()
+        grads[flag] = (terms["loss"].item(), m.model.item_embedding.grad.clone())
+    assert grads[True][0] == grads[False][0]                  # the same forward value: the held messages
+    assert not torch.equal(grads[True][1], grads[False][1])   # the global branch now reaches the CGE rows
+
+
+def test_straight_through_message_gradient_is_unbiased():
+    """Held message in value; gradient (to Q and H) of coupling·Hᵀ·Q estimated from uniform rows, unbiased."""
+    g = torch.Generator().manual_seed(0)
+    n, a, d, draws, per_draw = 40, 3, 2, 4000, 6
+    h, q = torch.rand(n, a, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    c, upstream = torch.randn(a, a, generator=g, dtype=torch.float64), torch.randn(a, d, generator=g, dtype=torch.float64)
+    held = torch.randn(a, d, generator=g, dtype=torch.float64)
+
+    def grads(rows=None):
+        hh, qq = h.clone().requires_grad_(), q.clone().requires_grad_()
+        if rows is None:
+            out = c @ hh.t() @ qq
+        else:
+            out = straight_through_message(held, c, hh[rows], qq[rows], n / len(rows))
+            assert torch.equal(out.detach(), held)
+        (out * upstream).sum().backward()
+        return torch.cat([hh.grad.flatten(), qq.grad.flatten()])
+
+    exact = grads()
+    samples = torch.stack([grads(torch.randint(n, (per_draw,), generator=g)) for _ in range(draws)])
+    assert z_scores(samples, exact).max() < Z_MAX
+    biased = torch.stack([grads(torch.randint(n // 2, (per_draw,), generator=g)) for _ in range(200)])
+    assert z_scores(biased, exact).max() > Z_MAX          # a non-uniform sample is seen as biased
+
+
+def test_state_dict_round_trip_keeps_the_message_cache(tiny, one_thread):
+    ds, triples = tiny
+    extra = ["hyper_refresh_steps=4", "fanouts=[3]", "hcl_negatives=uniform", "hcl_num_negatives=16",
+             "sparse_embeddings=true"]
+    _, a = engines(ds, extra)
+    for step in range(2):
+        a.step(*batch_of(triples, step), step)
+    buffer = io.BytesIO()               # as a checkpoint: saved, then loaded (no tensor shared with `a`)
+    torch.save(a.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=False)
+    _, b = engines(ds, extra)
+    b.load_state_dict(state)
+    assert b.model.cache["step"] == 0
+    for step in (2, 3):
+        ta, tb = a.step(*batch_of(triples, step), step), b.step(*batch_of(triples, step), step)
+        assert ta == tb
+
+
+# ------------------------------------------------------------------ sparse embeddings
+def test_sparse_embeddings_move_only_touched_rows(tiny, one_thread):
+    ds, triples = tiny
+    _, eng = engines(ds, ["sparse_embeddings=true", "hyper_refresh_steps=1", "fanouts=[2]",
+                          "hcl_negatives=uniform", "hcl_num_negatives=8", "train_batch_size=16"])
+    model = eng.model.model
+    nu = model.num_users
+    for step in range(3):
+        users, pos, neg = batch_of(triples, step, size=16)
+        batch = eng.model.sampler.sample(users, pos, neg, step)
+        touched = torch.zeros(nu + model.num_items, dtype=torch.bool)
+        touched[batch.input_ids] = True
+        before = torch.cat([model.user_embedding, model.item_embedding]).detach().clone()
+        eng.step(users, pos, neg, step)
+        after = torch.cat([model.user_embedding, model.item_embedding]).detach()
+        assert torch.equal(after[~touched], before[~touched])       # untouched rows: bit for bit
+        # touched rows move, except those whose E^(0) no sampled edge reads (zero gradient on a first touch)
+        assert (after[touched] != before[touched]).any(1).float().mean() > 0.5
+        assert eng.last_stats["bytes"]["optimizer_rows"] == int(touched.sum())
+    # dense Adam moves rows a step does not touch (momentum of earlier steps): equality with exact mode
+    # therefore needs sparse_embeddings false
+    _, dense = engines(ds, ["hyper_refresh_steps=1", "fanouts=[2]", "train_batch_size=16"])
+    dm = dense.model.model
+    dense.step(*batch_of(triples, 0, size=16), 0)
+    users, pos, neg = batch_of(triples, 1, size=16)
+    batch = dense.model.sampler.sample(users, pos, neg, 1)
+    before = torch.cat([dm.user_embedding, dm.item_embedding]).detach().clone()
+    dense.step(users, pos, neg, 1)
+    after = torch.cat([dm.user_embedding, dm.item_embedding]).detach()
+    untouched = torch.ones(len(after), dtype=torch.bool)
+    untouched[batch.input_ids] = False
+    assert (after[untouched] != before[untouched]).any()
+
+
+def test_row_adam_is_adam_on_the_touched_rows():
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(50, 4, generator=g)
+    ref = torch.nn.Parameter(table.clone())
+    adam = torch.optim.Adam([ref], lr=0.01)
+    row = RowAdam({"t": table}, lr=0.01)
+    for _ in range(5):                               # every row touched: identical to dense Adam
+        grad = torch.randn(50, 4, generator=g)
+        ref.grad = grad.clone()
+        adam.step()
+        row.step("t", table, torch.arange(50), grad)
+    assert torch.allclose(table, ref.detach(), atol=1e-7)
+    before = table.clone()
+    rows = torch.tensor([3, 17, 40])
+    row.step("t", table, rows, torch.randn(3, 4, generator=g))
+    untouched = torch.ones(50, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(table[untouched], before[untouched]) and (table[rows] != before[rows]).all()
+
+
+# ------------------------------------------------------------------ prefetching, config, loop
+def test_prefetch_workers_give_the_same_batches(tiny, one_thread):
+    ds, _ = tiny
+    extra = ["fanouts=[3,2]", "hyper_refresh_steps=2", "hcl_negatives=uniform", "hcl_num_negatives=16"]
+    cfg = load_config(None, OVERRIDES + EXACT_SWITCHES + extra)
+    tu, ti = ds.pairs(TRAIN)
+    triples = TripleSampler(ds.num_items, tu, ti, cfg.seed).epoch(0)   # what train.py feeds the engine
+    _, sync = engines(ds, extra)
+    _, pre = engines(ds, extra + ["sampler_workers=1"])
+    try:
+        for step in range(3):
+            args = batch_of(triples, step)
+            assert sync.step(*args, step) == pre.step(*args, step)
+        assert pre.prefetcher.hits == 3                                     # all three came from the worker
+        other = batch_of(triples, 5)                                        # not the predicted batch
+        assert sync.step(*other, 3) == pre.step(*other, 3)
+    finally:
+        pre.close()
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match="hyper_refresh_steps"):
+        load_config(None, ["mode=sampled", "sparse_embeddings=true"])
+    load_config(None, ["mode=sampled", "sparse_embeddings=true", "use_ghe=false"])
+    for bad in ("hyper_refresh_steps=-1", "hcl_num_negatives=0", "sampler_workers=-2", "hcl_negatives=some",
+                "fanouts=[0]"):
+        with pytest.raises(ConfigError):
+            load_config(None, ["mode=sampled", bad])
+
+
+def test_train_loop_runs_sampled_mode(tiny_dataset, tmp_path, one_thread):
+    from lgmrec_dist.train import train
+    cfg = load_config(None, OVERRIDES + ["mode=sampled", "fanouts=[4,3]", "hyper_refresh_steps=5",
+                                         "hcl_negatives=uniform", "hcl_num_negatives=64", "sparse_embeddings=true",
+                                         "epochs=2", "max_steps=14", "checkpoint_every_steps=4", "num_threads=1"])
+    metrics = train(tiny_dataset, cfg, tmp_path / "run")
+    assert metrics["steps"] == 14 and "recall@20" in metrics["test"]
+
+
+# ------------------------------------------------------------------ 2 ranks (gloo, torchrun)
+ROOT = Path(__file__).resolve().parents[1]
+APPROX = ["fanouts=[3,2]", "hyper_refresh_steps=2", "hcl_negatives=uniform", "hcl_num_negatives=32",
+          "sparse_embeddings=true"]
+
+
+def torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def rank_worker(data: str, out: str, steps: int, extra: list[str]) -> None:
+    """Run under torchrun: sampled engine on 2 ranks, global batches of epoch 0; write rank<R>.pt."""
+    from lgmrec_dist.distributed.group import init_process_group
+    from lgmrec_dist.train import make_evaluators
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+    ctx = init_process_group("cpu")
+    ds = PreparedDataset.load(data)
+    cfg = load_config(None, OVERRIDES + EXACT_SWITCHES + extra)
+    eng = SampledEngine(cfg, ds, torch.device("cpu"), ctx)
+    tu, ti = ds.pairs(TRAIN)
+    triples = TripleSampler(ds.num_items, tu, ti, cfg.seed).epoch(0)
+    losses = [eng.step(*batch_of(triples, b), b) for b in range(steps)]
+    valid_eval, _ = make_evaluators(ds, cfg)
+    m = eng.model.model
+    torch.save({"losses": losses, "params": {k: v.detach() for k, v in m.named_parameters()},
+                "valid": eng.evaluate(valid_eval, eng.embeddings()), "sent": eng.last_stats["bytes"]["sent_to_other_ranks"]},
+               f"{out}/rank{ctx.rank}.pt")
+    eng.close()
+
+
+@pytest.fixture(scope="module", params=["exact_switches", "approximations"])
+def two_rank_run(request, tiny_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp(f"sampled-{request.param}")
+    extra = [] if request.param == "exact_switches" else APPROX
+    res = torchrun(2, str(Path(__file__).resolve()), str(tiny_dataset), str(out), "4", *extra)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return request.param, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def test_two_ranks_sampled(two_rank_run, tiny, one_thread):
+    kind, ranks = two_rank_run
+    a, b = ranks
+    assert a["losses"] == b["losses"] and a["valid"] == b["valid"]
+    for key, value in a["params"].items():                     # the replicas stay identical
+        assert torch.equal(value, b["params"][key]), key
+    assert a["sent"] > 0
+    ds, triples = tiny
+    if kind == "exact_switches":                               # 2 ranks == the exact single-process engine
+        exact = LocalEngine(load_config(None, OVERRIDES), ds, torch.device("cpu"))
+        for step, got in enumerate(a["losses"]):
+            ref = exact.step(*batch_of(triples, step), step)
+            for key in ("loss", "bpr", "hcl", "reg"):
+                assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (step, key)
+        for name, ref in exact.model.named_parameters():
+            assert torch.allclose(a["params"][name], ref.detach(), rtol=1e-4, atol=1e-6), name
+        valid_eval, _ = make_evaluators(ds, load_config(None, OVERRIDES))
+        ref = valid_eval.evaluate_metrics(*exact.embeddings())
+        assert all(a["valid"][k] == pytest.approx(ref[k], abs=1e-4) for k in ref)
+    else:
+        assert all(math.isfinite(v) for step in a["losses"] for v in step.values())
+
+
+def test_torchrun_train_sampled_mode(tiny_dataset, tmp_path):
+    res = torchrun(2, "-m", "lgmrec_dist.train", "--data", str(tiny_dataset), "--config", "configs/demo.yaml",
+                   "--out", str(tmp_path / "run"), "--set", "epochs=1", "--set", "max_steps=3",
+                   "--set", "embedding_size=8", "--set", "mode=sampled", "--set", "fanouts=[4,4]",
+                   "--set", "hyper_refresh_steps=2", "--set", "hcl_negatives=in_batch",
+                   "--set", "sparse_embeddings=true")
+    assert res.returncode == 0, res.stderr[-4000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 3 and "recall@20" in metrics["test"]
+
+
+if __name__ == "__main__":   # the torchrun worker of test_two_ranks_sampled
+    rank_worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])
