@@ -1,9 +1,11 @@
 """Benchmark: step time, bytes per step and peak memory of the sampled (large-catalogue) mode against the
-exact mode, on synthetic catalogues at 1x and 10x users and items (issue 6, docs/sampled.md).
+exact mode, on synthetic catalogues at 1x and 10x users and items; and quality of both (issue 6,
+docs/sampled.md).
 
-    .venv/bin/python bench/bench_sampled.py                          # sampled and exact at 1x and 10x
+    .venv/bin/python bench/bench_sampled.py --paired          # sampled and exact at 1x and 10x, + paired ratio
     .venv/bin/python bench/bench_sampled.py --scales 1 --modes sampled --steps 20
-    .venv/bin/python bench/bench_sampled.py --set fanouts=[5,5] --set hyper_refresh_steps=200
+    .venv/bin/python bench/bench_sampled.py --set fanouts=[10,10] --set hyper_refresh_steps=100
+    .venv/bin/python bench/bench_sampled.py --quality --seeds 1 2 3   # test Recall@20, exact vs sampled
 
 Scale 1 = an MMRec-Baby-sized catalogue (19,445 users, 7,050 items, 160,792 interactions, image 4096-d and
 text 384-d features; ``bench_train.dataset_for``); scale s multiplies users, items and interactions by s.
@@ -12,9 +14,14 @@ Every (mode, scale) runs in its own process, so peak RSS is that configuration's
 ``--set``). Reported per configuration: set-up time; the median step time over the timed steps that ran
 no full pass (the first step, with start-up effects, is reported apart); the time of a hyperedge-message
 refresh (a full pass, timed on its own after the steps); the step time amortised over
-``hyper_refresh_steps`` (median + refresh / r); the time spent waiting for the sampler; bytes per step; peak RSS. The machine
-load (1-minute load average before and after each run) is printed with the figures: other jobs on a
-shared 2-core box inflate absolute times.
+``hyper_refresh_steps`` (median + refresh / r); the time spent waiting for the sampler; bytes per step;
+peak RSS; the 1-minute load average before and after (other jobs on a shared 2-core box inflate absolute
+times). ``--paired`` also steps the sampled engines of all scales in turn inside one process, so that
+their ratio is measured under the same load. Runs get ``OMP_WAIT_POLICY=PASSIVE`` (``--omp-active`` not).
+
+``--quality`` trains both modes on a planted-structure catalogue (``QUALITY_DATA``; settings
+``QUALITY_COMMON``, a fixed epoch budget, test metrics at the best-validation epoch) for each seed.
+Runs on CUDA unchanged when torch sees a GPU (sampling stays on the CPU).
 """
 from __future__ import annotations
 
@@ -35,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_train import dataset_for  # noqa: E402
 
-SAMPLED = ["mode=sampled", "fanouts=[5,5]", "hyper_refresh_steps=100", "hcl_negatives=uniform",
+SAMPLED = ["mode=sampled", "fanouts=[5,5]", "hyper_refresh_steps=20", "hcl_negatives=uniform",
            "hcl_num_negatives=1024", "sparse_embeddings=true", "sampler_workers=1"]
 
 
@@ -164,7 +171,7 @@ def paired(scales: list[int], steps: int, overrides: list[str], out_root: Path) 
 # ---------------------------------------------------------------------------------------------- quality
 QUALITY_DATA = dict(num_users=8000, num_items=4000, num_interactions=80_000, modalities={"image": 128, "text": 64},
                     num_clusters=1000)
-QUALITY_COMMON = ["epochs=60", "stopping_step=5", "train_batch_size=1024", "learning_rate=0.001",
+QUALITY_COMMON = ["epochs=50", "stopping_step=50", "train_batch_size=1024", "learning_rate=0.001",
                   "embedding_size=64", "eval_batch_size=2048"]
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from lgmrec_dist import rng
 from lgmrec_dist.batches import TripleSampler
-from lgmrec_dist.config import Config, ConfigError
+from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import TRAIN, PreparedDataset
 from lgmrec_dist.evaluation import Evaluator
 from lgmrec_dist.graph import Graph, build_graph, spmm
