@@ -6,6 +6,7 @@ docs/sampled.md).
     .venv/bin/python bench/bench_sampled.py --scales 1 --modes sampled --steps 20
     .venv/bin/python bench/bench_sampled.py --set fanouts=[10,10] --set hyper_refresh_steps=100
     .venv/bin/python bench/bench_sampled.py --quality --seeds 1 2 3   # test Recall@20, exact vs sampled
+    .venv/bin/python bench/bench_sampled.py --epoch-10m               # one epoch, 10M interactions
 
 Scale 1 = an MMRec-Baby-sized catalogue (19,445 users, 7,050 items, 160,792 interactions, image 4096-d and
 text 384-d features; ``bench_train.dataset_for``); scale s multiplies users, items and interactions by s.
@@ -50,6 +51,21 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+# An epoch of a 10M-interaction catalogue (issue 6): Baby's user/item/interaction ratios, scaled to 10M
+# interactions; image 512-d and text 384-d features, the widths `lgmrec extract` gives with resnet18 and MiniLM.
+EPOCH_10M = dict(num_users=1_210_000, num_items=440_000, num_interactions=10_000_000,
+                 modalities={"image": 512, "text": 384}, seed=10)
+EPOCH_10M_SET = ["user_feature_table=false"]
+
+
+def dataset_10m(out_root: Path) -> Path:
+    from data_prep.synthetic import make_prepared_synthetic
+    path = out_root / "synthetic_10m"
+    if not (path / "manifest.json").exists():
+        make_prepared_synthetic(path, overwrite=True, **EPOCH_10M)
+    return path
+
+
 def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: Path) -> dict:
     from lgmrec_dist.batches import TripleSampler
     from lgmrec_dist.config import load_config
@@ -57,7 +73,7 @@ def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: P
     from lgmrec_dist.train import LocalEngine
 
     load0 = os.getloadavg()[0]
-    ds = PreparedDataset.load(dataset_for(scale, out_root), verify=False)
+    ds = PreparedDataset.load(dataset_10m(out_root) if scale == 0 else dataset_for(scale, out_root), verify=False)
     extra = (SAMPLED + overrides) if mode == "sampled" else overrides
     cfg = load_config(ROOT / "configs" / "baby.yaml", extra)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,7 +90,11 @@ def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: P
     n_batches = triples.num_batches(cfg.train_batch_size)
     times, refresh, waits, stats = [], [], [], []
     engine.train()
+    t_steps = time.perf_counter()
     for b in range(min(steps, n_batches)):
+        if b and b % 500 == 0:
+            print(f"step {b}/{min(steps, n_batches)}, {time.perf_counter() - t_steps:.0f} s", file=sys.stderr,
+                  flush=True)
         sl = slice(b * cfg.train_batch_size, (b + 1) * cfg.train_batch_size)
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -93,6 +113,7 @@ def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: P
         if last:
             waits.append(last["sample_wait_s"])
             stats.append(last)
+    steps_wall_s = time.perf_counter() - t_steps
     refresh_s = None
     if mode == "sampled" and cfg.use_ghe:         # a message refresh, timed on its own after warm-up
         reps = []
@@ -110,7 +131,8 @@ def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: P
            "setup_s": round(setup_s, 2), "steps_timed": len(times) + len(refresh),
            "seconds_per_step": step_s and round(step_s, 4),
            "first_step_s": round(first, 3), "refresh_s": refresh_s and round(refresh_s, 3),
-           "steps_per_epoch": n_batches, "peak_rss_gb": round(peak_rss_gb(), 2),
+           "steps_per_epoch": n_batches, "steps_wall_s": round(steps_wall_s, 1),
+           "peak_rss_gb": round(peak_rss_gb(), 2),
            "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2),
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
     if mode == "sampled":
@@ -146,7 +168,8 @@ def paired(scales: list[int], steps: int, overrides: list[str], out_root: Path) 
         cfg = load_config(ROOT / "configs" / "baby.yaml", SAMPLED + overrides)
         tu, ti = ds.pairs(TRAIN)
         triples = TripleSampler(ds.num_items, tu, ti, cfg.seed).epoch(0)
-        runs[scale] = (SampledEngine(cfg, ds, torch.device("cpu")), [torch.from_numpy(a) for a in triples],
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        runs[scale] = (SampledEngine(cfg, ds, device), [torch.from_numpy(a).to(device) for a in triples],
                        cfg.train_batch_size)
     times = {scale: [] for scale in scales}
     for b in range(steps):
@@ -154,6 +177,8 @@ def paired(scales: list[int], steps: int, overrides: list[str], out_root: Path) 
             sl = slice(b * size, (b + 1) * size)
             t = time.perf_counter()
             engine.step(users[sl], pos[sl], neg[sl], b)
+            if users.is_cuda:
+                torch.cuda.synchronize()
             if b and not engine.last_stats["bytes"]["full_pass"]:   # the first step and refreshes apart
                 times[scale].append(time.perf_counter() - t)
     for engine, *_ in runs.values():
@@ -238,6 +263,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--paired", action="store_true",
                    help="also time the sampled mode of all scales in ONE process, stepping in turn (robust ratio)")
+    p.add_argument("--epoch-10m", action="store_true",
+                   help="instead: one whole training epoch of the sampled mode on a 10M-interaction synthetic "
+                        "catalogue (EPOCH_10M, made under --out on first use), evaluation not included")
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--quality-one", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--paired-one", action="store_true", help=argparse.SUPPRESS)
@@ -258,6 +286,9 @@ def main() -> None:
         steps = args.steps if mode == "sampled" else args.exact_steps
         print(json.dumps(run_one(mode, scale, steps, args.set, out_root)))
         return
+    if args.epoch_10m:   # scale 0 = the 10M catalogue; every step of its epoch, in its own process
+        dataset_10m(out_root)
+        args.modes, args.scales, args.steps, args.set = ["sampled"], [0], 10**9, EPOCH_10M_SET + args.set
     rows = []
     for mode in args.modes:
         for scale in args.scales:
@@ -268,13 +299,13 @@ def main() -> None:
             env = {**os.environ}
             if args.omp_passive:
                 env["OMP_WAIT_POLICY"] = "PASSIVE"
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)   # progress on stderr
             if res.returncode:
-                sys.exit(f"{mode} x{scale} failed:\n{res.stderr[-3000:]}")
+                sys.exit(f"{mode} x{scale} failed (exit {res.returncode})")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
     cols = ["mode", "scale", "users", "items", "seconds_per_step", "refresh_s", "amortised_step_s",
-            "sample_wait_s", "epoch_estimate_s", "peak_rss_gb", "load_before", "load_after"]
+            "sample_wait_s", "epoch_estimate_s", "steps_wall_s", "peak_rss_gb", "load_before", "load_after"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(c)) for c in cols) + " |")

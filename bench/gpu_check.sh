@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # One script for the GPU checks (run on a GPU machine after launch/setup.sh; the project itself never
 # needs a GPU). Prints: CUDA visible, an NCCL group with one rank per GPU, a CUDA training run end to
-# end, and the distributed benchmark with NCCL.
+# end, and the distributed benchmark with NCCL ("dist"); the sampled-vs-exact comparison of issue 6 at
+# 1x, 10x and 30x Baby plus the 10M-interaction epoch on CUDA ("sampled", docs/sampled.md).
+#   bash bench/gpu_check.sh [all|dist|sampled]
 set -euo pipefail
+what=${1:-all}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 py=.venv/bin/python
 ngpu=$("$py" -c "import torch; print(torch.cuda.device_count())")
 echo "gpus: $ngpu"; [ "$ngpu" -ge 1 ] || { echo "no CUDA device"; exit 1; }
+if [ "$what" = all ] || [ "$what" = sampled ]; then
+    "$py" bench/bench_sampled.py --scales 1 10 30 --paired --steps 50 --exact-steps 10
+    "$py" bench/bench_sampled.py --epoch-10m
+fi
+[ "$what" = all ] || [ "$what" = dist ] || exit 0
 work=$(mktemp -d)
 .venv/bin/lgmrec synth-mmrec --out "$work/raw" --users 4000 --items 2000 --interactions 80000 --seed 0
 .venv/bin/lgmrec import-mmrec --inter "$work/raw/synthetic.inter" --feature image="$work/raw/image_feat.npy" \

@@ -43,6 +43,8 @@ class Config:
     use_ghe: bool = True                    # ablation switch: global hypergraph embeddings (and HCL)
     eval_gumbel_noise: bool = False         # True = official stochastic inference (§6.2.1)
     mge_precompute: bool = True             # speed rewrite: precompute G^K [P X ; X] once (docs/model.md)
+    feature_dtype: str = "float32"          # dtype of the precomputed feature tables (Y_m, R·X_m): "float32" |
+                                            # "bfloat16" | "float16"; rows become float32 when read (docs/sampled.md)
     # large-catalogue mode (issue 6, docs/sampled.md); exact is the default and the reference
     mode: str = "exact"                     # "exact" | "sampled"
     fanouts: list = field(default_factory=lambda: [-1])  # per CGE layer (-1 = all neighbours); one value = every layer
@@ -53,6 +55,8 @@ class Config:
     hcl_negatives: str = "all"              # sampled: "all" (exact) | "in_batch" | "uniform" contrastive denominators
     hcl_num_negatives: int = 1024           # sampled, uniform: negative users and negative items drawn per step
     sparse_embeddings: bool = False         # sampled: sparse row gradients + SparseAdam (only touched rows move)
+    user_feature_table: bool = True         # sampled: hold R·X_m (|U| × d_m) for the user hyperedge logits; false =
+                                            # sum each step's users' item rows X_m[i]·V_m instead (no table, more reads)
     sampler_workers: int = 0                # sampled: DataLoader worker processes that prefetch the sampled blocks
                                             # (0 = sample in the training process, synchronously)
     # evaluation (§2)
@@ -84,6 +88,8 @@ class Config:
             raise ConfigError("sparse_embeddings: needs hyper_refresh_steps >= 1 when use_ghe is true (with 0 the "
                               "hyperedge messages are recomputed with gradient from every item at every step, "
                               "which touches every embedding row; docs/sampled.md)")
+        if self.feature_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"feature_dtype: expected 'float32', 'bfloat16' or 'float16', got {self.feature_dtype!r}")
         if self.cf_model not in ("lightgcn", "mf"):
             raise ConfigError(f"cf_model: expected 'lightgcn' or 'mf', got {self.cf_model!r}")
         if self.partitioning not in ("auto", "dataset", "contiguous"):

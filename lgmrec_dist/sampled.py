@@ -9,7 +9,8 @@ A step of :class:`SampledLGMRec` reads only:
   rescaled by deg/k where only k of deg neighbours were sampled (unbiased per layer);
 * **MGE** (§1.5): the batch rows of the precomputed Y_m = Ĝ^K [P·X_m ; X_m], times W_m (exact);
 * **GHE** (§1.6): the batch rows' hyperedge dependencies, from X_m[items]·V_m and (R·X_m)[users]·V_m
-  (R·X_m precomputed once: Z_U = R·X·V = (R·X)·V), with the keyed Gumbel noise and dropout masks of the
+  (R·X_m precomputed once: Z_U = R·X·V = (R·X)·V; or, with ``user_feature_table`` false, summed from the
+  users' item rows X_m[i]·V_m each step, without the |U| × d_m table), with the keyed Gumbel noise and dropout masks of the
   exact model. The A × d hyperedge messages M^m need every item: ``hyper_refresh_steps`` r = 0 computes
   them with gradient at every step (exact), r ≥ 1 recomputes them from a full pass (no gradient) at
   steps where the cached ones are r steps old and holds their value in between; with
@@ -44,7 +45,10 @@ from lgmrec_dist.dataset import TRAIN, PreparedDataset
 from lgmrec_dist.evaluation import Evaluator
 from lgmrec_dist.graph import Graph, build_graph, spmm
 from lgmrec_dist.model.lgmrec import GUMBEL_ITEM, GUMBEL_USER, KEEP_ITEM, KEEP_USER, TAU, LGMRec
+from lgmrec_dist.model.hypergraph import hypergraph_propagate
 from lgmrec_dist.model.losses import bpr_loss, hcl_loss, lowrank_logsumexp, reg_loss
+from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul
+from lgmrec_dist.model.mge import column_chunk
 from lgmrec_dist.sampling import BlockSampler, Prefetcher, SampledBatch, inclusion_probability
 
 log = logging.getLogger("lgmrec")
@@ -54,33 +58,15 @@ FLOAT = 4                                                          # bytes per f
 
 
 @torch.no_grad()
-def user_feature_sums(graph: Graph, x: torch.Tensor, chunk: int = 512) -> torch.Tensor:
-    """R·X (|U| × d_m): the sum of each user's training items' features, built in column chunks."""
-    out = torch.empty(graph.num_users, x.shape[1], dtype=torch.float32, device=x.device)
+def user_feature_sums(graph: Graph, x: torch.Tensor, chunk: int | None = None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """R·X (|U| × d_m): the sum of each user's training items' features, built in column chunks (held in
+    ``dtype``, ``feature_dtype``)."""
+    out = torch.empty(graph.num_users, x.shape[1], dtype=dtype, device=x.device)
+    chunk = chunk or column_chunk(graph.num_users)
     for c in range(0, x.shape[1], chunk):
         out[:, c:c + chunk] = torch.sparse.mm(graph.R, x[:, c:c + chunk].contiguous())
     return out
-
-
-class _ConstRowsMatmul(torch.autograd.Function):
-    """``rows @ w`` for constant rows (feature rows), gradient for w only, computed as (gradᵀ·rows)ᵀ.
-
-    On CPU, MKL runs rowsᵀ·grad (what autograd does for a d_m × A weight with A = 4) 10-15× slower
-    than the equal (gradᵀ·rows)ᵀ: 4096 × 4700 × 4 takes ~60-90 ms instead of ~6 ms."""
-
-    @staticmethod
-    def forward(ctx, rows, w):
-        ctx.save_for_backward(rows)
-        return rows @ w
-
-    @staticmethod
-    def backward(ctx, grad):
-        (rows,) = ctx.saved_tensors
-        return None, (grad.t() @ rows).t()
-
-
-def const_rows_matmul(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return _ConstRowsMatmul.apply(rows, w)
 
 
 def straight_through_message(message: torch.Tensor, coupling: torch.Tensor, h_sample: torch.Tensor,
@@ -182,10 +168,12 @@ class SampledLGMRec:
         # the whole graph serves the start-up precomputation, the message refreshes and inference only
         self.model.attach(graph, features)
         self.modalities = self.model.modalities
-        self.rx = ({m: user_feature_sums(self.model.graph, x) for m, x in self.model.features.items()}
-                   if cfg.use_ghe else {})
+        self.rx = ({m: user_feature_sums(self.model.graph, x, dtype=HELD_DTYPES[cfg.feature_dtype])
+                    for m, x in self.model.features.items()} if cfg.use_ghe and cfg.user_feature_table else {})
         n_layers = cfg.n_ui_layers if cfg.cf_model == "lightgcn" else 0
         self.n_layers = n_layers
+        r = self.model.graph.R
+        self.r_csr = (r.crow_indices(), r.col_indices(), r.values())   # users' item lists (user_feature_table false)
         self.sampler = BlockSampler(num_users, num_items, graph.train_users, graph.train_items, cfg.fanouts,
                                     n_layers, cfg.seed)
         deg = self.sampler.deg
@@ -246,9 +234,29 @@ class SampledLGMRec:
 
     def _h_compute(self, k: int, user: bool, ids: torch.Tensor, step: int) -> torch.Tensor:
         m = self.modalities[k]
+        if user and not self.rx:
+            return self._assign(k, self._user_logits_from_items(m, ids), ids, step, user)
         src = self.rx[m] if user else self.model.features[m]
-        self.counts["logit_rows"] = self.counts.get("logit_rows", 0) + len(ids) * src.shape[1]
-        return self._assign(k, const_rows_matmul(src.index_select(0, ids), self.model.hyper[m]), ids, step, user)
+        self.counts["logit_bytes"] = self.counts.get("logit_bytes", 0) + len(ids) * src.shape[1] * src.element_size()
+        z = const_rows_matmul(src.index_select(0, ids).float(), self.model.hyper[m])
+        return self._assign(k, z, ids, step, user)
+
+    def _user_logits_from_items(self, m: str, ids: torch.Tensor) -> torch.Tensor:
+        """Z_U rows R[ids]·(X_m·V_m), summed from the users' training items (``user_feature_table`` false).
+
+        The same values as (R·X_m)[ids]·V_m up to the order of the float sums, without the |U| × d_m table;
+        a step reads the X_m rows of every item of its users instead of one R·X_m row per user."""
+        crow, col, val = self.r_csr
+        start, count = crow[ids], crow[ids + 1] - crow[ids]
+        seg = torch.repeat_interleave(torch.arange(len(ids), device=ids.device), count)
+        offset = torch.cumsum(count, 0) - count                      # each user's first slot in the flat list
+        flat = start[seg] + torch.arange(len(seg), device=ids.device) - offset[seg]
+        items, inverse = torch.unique(col[flat], return_inverse=True)
+        x = self.model.features[m]
+        self.counts["logit_bytes"] = self.counts.get("logit_bytes", 0) + len(items) * x.shape[1] * x.element_size()
+        z_items = const_rows_matmul(x.index_select(0, items), self.model.hyper[m])
+        z = z_items.index_select(0, inverse) * val[flat].unsqueeze(1)
+        return z.new_zeros(len(ids), z.shape[1]).index_add(0, seg, z)
 
     def _fill_hcache(self, step: int, users: torch.Tensor, items: torch.Tensor) -> None:
         """H̄ rows of every user / item the step reads (its nodes and sampled negatives), computed once per
@@ -280,12 +288,16 @@ class SampledLGMRec:
         With ``with_coupling`` also C^(H−1) per modality, C = H̄_Iᵀ·H̄_I (A × A): M^(H) = C^(H−1)·H̄_Iᵀ·Q^(0),
         the linear map through which the straight-through message gradient reaches the CGE rows."""
         m = self.model
-        hyper = m.ghe(m.cge(), step, train=True)
-        messages = [h.message.detach().clone() for h in hyper]
-        if not with_coupling:
-            return messages
-        coupling = [torch.matrix_power(h.h_item.t() @ h.h_item, self.cfg.n_hyper_layer - 1) for h in hyper]
-        return messages, coupling
+        q0 = m.cge()[self.num_users:]
+        ids = torch.arange(self.num_items, device=q0.device)
+        messages, coupling = [], []
+        for k, mod in enumerate(self.modalities):
+            # the item side of the exact model's GHE only: the messages never read the users' assignments
+            h_item = self._assign(k, m.features[mod] @ m.hyper[mod], ids, step, user=False)
+            message = hypergraph_propagate(h_item, h_item[:0], q0, self.cfg.n_hyper_layer).message
+            messages.append(message)
+            coupling.append(torch.matrix_power(h_item.t() @ h_item, self.cfg.n_hyper_layer - 1))
+        return (messages, coupling) if with_coupling else messages
 
     def _message_grad(self, messages, e_c: torch.Tensor, neg_rows: torch.Tensor, neg: torch.Tensor, step: int,
                       global_size: int):
@@ -356,7 +368,7 @@ class SampledLGMRec:
         messages = self._messages(step) if cfg.use_ghe else None
         if cfg.use_mge:
             for mod in self.modalities:
-                y = const_rows_matmul(m.mge_y[mod].index_select(0, seeds), m.proj[mod]) if m.mge_y \
+                y = const_rows_matmul(m.mge_y[mod].index_select(0, seeds).float(), m.proj[mod]) if m.mge_y \
                     else m.mge_rows(mod, seeds)
                 e = e + F.normalize(y, dim=1)
         n_su = int(torch.searchsorted(seeds, self.num_users))
@@ -415,10 +427,10 @@ class SampledLGMRec:
         rows = len(batch.input_ids)
         opt_rows = rows if cfg.sparse_embeddings else self.num_users + self.num_items
         dense = sum(p.numel() for n, p in self.model.named_parameters() if n.startswith(("proj.", "hyper.")))
-        y_dims = sum(y.shape[1] for y in self.model.mge_y.values())
+        y_row_bytes = sum(y.shape[1] * y.element_size() for y in self.model.mge_y.values())
         return {"embedding_rows": rows, "optimizer_rows": opt_rows,
                 "embeddings": FLOAT * d * (2 * rows + 6 * opt_rows),
-                "features": FLOAT * (batch.num_seeds * y_dims + self.counts.get("logit_rows", 0)),
+                "features": batch.num_seeds * y_row_bytes + self.counts.get("logit_bytes", 0),
                 "graph": batch.stats()["index_bytes"], "dense": FLOAT * 8 * dense,
                 "full_pass": self.counts.get("full_pass", 0)}
 

@@ -224,6 +224,9 @@ def test_refresh_every_r_steps_uses_messages_from_the_last_refresh(tiny, one_thr
     for step in range(8):
         if step % r == 0:
             expected = m.full_messages(step)              # parameters as they are before this step
+            with torch.no_grad():                         # == the exact model's GHE messages (all nodes)
+                ghe = m.model.ghe(m.model.cge(), step, train=True)
+            assert all(torch.allclose(a, h.message, rtol=1e-6, atol=1e-7) for a, h in zip(expected, ghe))
         else:
             fresh = m.full_messages(step)
             assert not all(torch.allclose(a, b) for a, b in zip(fresh, expected))  # params moved: stale != fresh
@@ -291,6 +294,55 @@ def test_state_dict_round_trip_keeps_the_message_cache(tiny, one_thread):
     for step in (2, 3):
         ta, tb = a.step(*batch_of(triples, step), step), b.step(*batch_of(triples, step), step)
         assert ta == tb
+
+
+# ------------------------------------------------------------------ memory switches
+APPROX = ["hyper_refresh_steps=2", "fanouts=[3]", "hcl_negatives=uniform", "hcl_num_negatives=32",
+          "sparse_embeddings=true"]
+
+
+def test_user_logits_from_items_equal_the_table(tiny, one_thread):
+    """user_feature_table false sums the users' item rows each step: the same values as R·X_m's rows."""
+    ds, triples = tiny
+    _, table = engines(ds, APPROX)
+    _, summed = engines(ds, APPROX + ["user_feature_table=false"])
+    assert table.model.rx and not summed.model.rx
+    ids = torch.tensor([0, 3, 7, 8, 40])
+    for m in table.model.modalities:
+        ref = table.model.rx[m].index_select(0, ids) @ table.model.model.hyper[m]
+        assert torch.allclose(summed.model._user_logits_from_items(m, ids), ref, rtol=1e-5, atol=1e-6)
+    for step in range(4):
+        ta, tb = table.step(*batch_of(triples, step), step), summed.step(*batch_of(triples, step), step)
+        for key in ta:
+            assert tb[key] == pytest.approx(ta[key], rel=1e-5, abs=1e-7), (step, key)
+    for name, p in table.model.model.named_parameters():
+        assert torch.allclose(dict(summed.model.model.named_parameters())[name], p, rtol=1e-4, atol=1e-6), name
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_feature_tables(tiny, one_thread, dtype):
+    """feature_dtype holds Y_m and R·X_m in 16 bits (half the bytes); a step stays close to float32's."""
+    ds, triples = tiny
+    exact32, ref = engines(ds, APPROX)
+    exact16, low = engines(ds, APPROX + [f"feature_dtype={dtype}"], exact_extra=[f"feature_dtype={dtype}"])
+    assert all(y.dtype == getattr(torch, dtype) for y in low.model.model.mge_y.values())
+    assert all(x.dtype == getattr(torch, dtype) for x in low.model.rx.values())
+    mem32, mem16 = ref.model.memory_bytes(), low.model.memory_bytes()
+    assert mem16["mge_inputs_Y"] * 2 == mem32["mge_inputs_Y"]
+    assert mem16["user_feature_sums_RX"] * 2 == mem32["user_feature_sums_RX"]
+    tol = 2e-2 if dtype == "bfloat16" else 2e-3
+    for step in range(3):
+        for a, b in ((ref, low), (exact32, exact16)):
+            ta, tb = a.step(*batch_of(triples, step), step), b.step(*batch_of(triples, step), step)
+            assert tb["loss"] == pytest.approx(ta["loss"], rel=tol), (step, dtype)
+            assert tb["loss"] != ta["loss"]               # really a different precision
+    e32, e16 = exact32.embeddings(), exact16.embeddings()
+    assert all(torch.allclose(a, b, rtol=tol, atol=tol) for a, b in zip(e32, e16))
+
+
+def test_feature_dtype_is_checked():
+    with pytest.raises(ConfigError, match="feature_dtype"):
+        load_config(None, ["feature_dtype=int8"])
 
 
 # ------------------------------------------------------------------ sparse embeddings

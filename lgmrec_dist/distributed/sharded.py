@@ -29,12 +29,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lgmrec_dist.config import Config
+from lgmrec_dist.dataset import features_tensor
 from lgmrec_dist.distributed.exchange import CommStats, Ownership, RowExchange
 from lgmrec_dist.graph import csr, spmm
 from lgmrec_dist.model.cge import cge
 from lgmrec_dist.model.hypergraph import HyperEmbedding, assignments, hypergraph_propagate
 from lgmrec_dist.model.lgmrec import TAU, LGMRec, keyed_draws
 from lgmrec_dist.model.losses import lowrank_logsumexp
+from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul, held_matmul
+from lgmrec_dist.model.mge import column_chunk
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -144,8 +147,7 @@ class ShardedLGMRec(nn.Module):
         self.user_ids, self.item_ids = self.user_ids.to(device), self.item_ids.to(device)
         self.graph = LocalGraph(self.own, self.num_users, self.num_items, train_users, train_items, device)
         items = self.item_ids.cpu().numpy()
-        self.features = {m: torch.tensor(np.asarray(features[m])[items], dtype=torch.float32, device=device)
-                         for m in self.modalities}
+        self.features = {m: features_tensor(features[m], items, device) for m in self.modalities}
         self.mge_y = {}
         if self.cfg.use_mge:
             self.mge_y = {m: self._mge_inputs(x) for m, x in self.features.items()}
@@ -156,10 +158,14 @@ class ShardedLGMRec(nn.Module):
         return torch.cat([item_rows.new_zeros((self.n_own_users, *item_rows.shape[1:])), item_rows])
 
     @torch.no_grad()
-    def _mge_inputs(self, x_items: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    def _mge_inputs(self, x_items: torch.Tensor) -> torch.Tensor:
         """Owned rows of Y = Ĝ^K [P·X ; X] (as ``mge.mge_inputs``, row-sharded with halo exchange)."""
         g = self.graph
-        out = torch.empty(self.n_own_users + len(self.item_ids), x_items.shape[1], device=x_items.device)
+        out = torch.empty(self.n_own_users + len(self.item_ids), x_items.shape[1], device=x_items.device,
+                          dtype=HELD_DTYPES[self.cfg.feature_dtype])
+        # every rank must take the same number of chunks (each one is a halo exchange): size them by N, not by
+        # the rank's own rows
+        chunk = column_chunk(self.num_users + self.num_items)
         for c in range(0, x_items.shape[1], chunk):
             x = self._node_rows(x_items[:, c:c + chunk].contiguous())
             y = torch.sparse.mm(g.P, g.extend(x)) + x
@@ -188,7 +194,7 @@ class ShardedLGMRec(nn.Module):
         _, hyper = proj_hyper
         g, out = self.graph, []
         for k, m in enumerate(self.modalities):
-            z_item = self.features[m] @ hyper[m]
+            z_item = const_rows_matmul(self.features[m], hyper[m])
             z_user = spmm(g.R, g.R_t, g.extend(self._node_rows(z_item)))[:self.n_own_users]
             noise, masks = keyed_draws(self.cfg, step, k, train, self.user_ids, self.item_ids)
             h_item, h_user = assignments(z_item, z_user, TAU, noise, masks, self.cfg.keep_rate)
@@ -203,7 +209,7 @@ class ShardedLGMRec(nn.Module):
         if self.cfg.use_mge:
             for m in self.modalities:
                 y = self.mge_y[m] if rows is None else self.mge_y[m][rows]
-                e = e + F.normalize(y @ proj[m], dim=1)
+                e = e + F.normalize(held_matmul(y, proj[m]), dim=1)
         if self.cfg.use_ghe:
             e = e + self.cfg.alpha * F.normalize(sum(h.nodes(rows) for h in hyper), dim=1)
         return e

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from lgmrec_dist.graph import Graph, spmm
+from lgmrec_dist.model.features import const_rows_matmul
 
 
 @dataclass
@@ -37,7 +38,7 @@ class HyperEmbedding:
 def dependencies(x: torch.Tensor, v: torch.Tensor, graph: Graph, tau: float, noise=None, masks=None,
                  keep_rate: float = 1.0):
     """Soft hyperedge assignments (H̄_I, H̄_U) of §1.6 items 1-3 on the whole graph."""
-    z_item = x @ v
+    z_item = const_rows_matmul(x, v)
     return assignments(z_item, spmm(graph.R, graph.R_t, z_item), tau, noise, masks, keep_rate)
 
 

@@ -19,8 +19,10 @@ import torch.nn.functional as F
 
 from lgmrec_dist import rng
 from lgmrec_dist.config import Config
+from lgmrec_dist.dataset import features_tensor
 from lgmrec_dist.graph import Graph
 from lgmrec_dist.model.cge import cge
+from lgmrec_dist.model.features import HELD_DTYPES, held_matmul
 from lgmrec_dist.model.hypergraph import HyperEmbedding, dependencies, hypergraph_propagate
 from lgmrec_dist.model.losses import bpr_loss, hcl_loss, reg_loss
 from lgmrec_dist.model.mge import mge_direct, mge_inputs
@@ -85,9 +87,11 @@ class LGMRec(nn.Module):
         device = self.user_embedding.device
         self.graph = graph.to(device)
         # a copy: features arrive as read-only memory maps, and they must live on the training device
-        self.features = {m: torch.tensor(features[m], dtype=torch.float32, device=device) for m in self.modalities}
+        self.features = {m: features_tensor(features[m], device=device) for m in self.modalities}
         if self.cfg.use_mge and self.cfg.mge_precompute:
-            self.mge_y = {m: mge_inputs(self.graph, x, self.cfg.n_mm_layers) for m, x in self.features.items()}
+            dtype = HELD_DTYPES[self.cfg.feature_dtype]
+            self.mge_y = {m: mge_inputs(self.graph, x, self.cfg.n_mm_layers, dtype=dtype)
+                          for m, x in self.features.items()}
         return self
 
     # ------------------------------------------------------------------ branches
@@ -98,12 +102,12 @@ class LGMRec(nn.Module):
     def mge_rows(self, m: str, rows: torch.Tensor) -> torch.Tensor:
         """F^m at node rows (§1.5)."""
         if self.mge_y:
-            return self.mge_y[m][rows] @ self.proj[m]
+            return held_matmul(self.mge_y[m][rows], self.proj[m])
         return mge_direct(self.graph, self.features[m], self.proj[m], self.cfg.n_mm_layers)[rows]
 
     def mge_all(self, m: str) -> torch.Tensor:
         if self.mge_y:
-            return self.mge_y[m] @ self.proj[m]
+            return held_matmul(self.mge_y[m], self.proj[m])
         return mge_direct(self.graph, self.features[m], self.proj[m], self.cfg.n_mm_layers)
 
     def _draws(self, step: int, k: int, train: bool):
