@@ -7,6 +7,7 @@ docs/sampled.md).
     .venv/bin/python bench/bench_sampled.py --set fanouts=[10,10] --set hyper_refresh_steps=100
     .venv/bin/python bench/bench_sampled.py --quality --seeds 1 2 3   # test Recall@20, exact vs sampled
     .venv/bin/python bench/bench_sampled.py --epoch-10m               # one epoch, 10M interactions
+    .venv/bin/python bench/bench_sampled.py --ranks 2 --scales 1 --set shard_tables=true   # 2 gloo ranks
 
 Scale 1 = an MMRec-Baby-sized catalogue (19,445 users, 7,050 items, 160,792 interactions, image 4096-d and
 text 384-d features; ``bench_train.dataset_for``); scale s multiplies users, items and interactions by s.
@@ -153,6 +154,59 @@ def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: P
     return row
 
 
+# ---------------------------------------------------------------------------------------------- P ranks
+def rank_worker(scale: int, steps: int, overrides: list[str], out_root: Path) -> None:
+    """Under torchrun: the sampled engine on P ranks (gloo on CPU); each rank writes its figures."""
+    from lgmrec_dist.batches import TripleSampler
+    from lgmrec_dist.config import load_config
+    from lgmrec_dist.dataset import TRAIN, PreparedDataset
+    from lgmrec_dist.distributed.group import init_process_group
+    from lgmrec_dist.sampled import SampledEngine
+
+    ctx = init_process_group()
+    ds = PreparedDataset.load(dataset_10m(out_root) if scale == 0 else dataset_for(scale, out_root), verify=False)
+    cfg = load_config(ROOT / "configs" / "baby.yaml", SAMPLED + overrides)
+    t0 = time.perf_counter()
+    engine = SampledEngine(cfg, ds, ctx.device, ctx)
+    setup_s = time.perf_counter() - t0
+    held = engine.model.memory_bytes()
+    tu, ti = ds.pairs(TRAIN)
+    users, pos, neg = (torch.from_numpy(a) for a in TripleSampler(ds.num_items, tu, ti, cfg.seed).epoch(0))
+    times, sent = [], []
+    for b in range(steps):
+        sl = slice(b * cfg.train_batch_size, (b + 1) * cfg.train_batch_size)
+        t = time.perf_counter()
+        engine.step(users[sl], pos[sl], neg[sl], b)
+        if b and not engine.last_stats["bytes"]["full_pass"]:
+            times.append(time.perf_counter() - t)
+        sent.append(engine.last_stats["bytes"]["sent_to_other_ranks"])
+    engine.close()
+    row = {"rank": ctx.rank, "world": ctx.world_size, "scale": scale, "setup_s": round(setup_s, 1),
+           "seconds_per_step": round(statistics.median(times), 4) if times else None,
+           "sent_mb_per_step": round(statistics.median(sent[1:] or sent) / 1e6, 2),
+           "held_gb": {k: round(v / 1e9, 3) for k, v in held.items()}, "peak_rss_gb": round(peak_rss_gb(), 2),
+           "config": SAMPLED + overrides}
+    (out_root / f"ranks_{ctx.rank}.json").write_text(json.dumps(row))
+
+
+def ranks(args, out_root: Path) -> None:
+    """``--ranks P``: torchrun P processes of :func:`rank_worker` on this machine; print each rank's row."""
+    (dataset_10m(out_root) if args.scales[0] == 0 else dataset_for(args.scales[0], out_root))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
+           __file__, "--rank-worker", "--scales", str(args.scales[0]), "--steps", str(args.steps), "--out",
+           str(out_root)]
+    for kv in args.set:
+        cmd += ["--set", kv]
+    threads = max(1, (os.cpu_count() or 1) // args.ranks)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    if args.omp_passive:
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    if subprocess.run(cmd, env=env).returncode:
+        sys.exit("the P-rank run failed")
+    for r in range(args.ranks):
+        print((out_root / f"ranks_{r}.json").read_text())
+
+
 # ---------------------------------------------------------------------------------------------- paired
 def paired(scales: list[int], steps: int, overrides: list[str], out_root: Path) -> dict:
     """Sampled engines of all scales in one process, stepping in turn: the step-time ratio of two scales is
@@ -266,12 +320,22 @@ def main() -> None:
     p.add_argument("--epoch-10m", action="store_true",
                    help="instead: one whole training epoch of the sampled mode on a 10M-interaction synthetic "
                         "catalogue (EPOCH_10M, made under --out on first use), evaluation not included")
+    p.add_argument("--ranks", type=int, default=0,
+                   help="instead: the sampled mode on this many gloo ranks (torchrun) at the first --scales value "
+                        "(0 = the 10M catalogue), --steps steps; per-rank held bytes, peak RSS, bytes sent")
+    p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--quality-one", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--paired-one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     out_root = Path(args.out)
     out_root.mkdir(parents=True, exist_ok=True)
+    if args.rank_worker:
+        rank_worker(args.scales[0], args.steps, args.set, out_root)
+        return
+    if args.ranks:
+        ranks(args, out_root)
+        return
     if args.quality_one is not None:
         print(json.dumps(quality_one(args.quality_one[0], int(args.quality_one[1]), args.set, out_root)))
         return

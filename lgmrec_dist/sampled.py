@@ -43,30 +43,19 @@ from lgmrec_dist.batches import TripleSampler
 from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import TRAIN, PreparedDataset
 from lgmrec_dist.evaluation import Evaluator
-from lgmrec_dist.graph import Graph, build_graph, spmm
-from lgmrec_dist.model.lgmrec import GUMBEL_ITEM, GUMBEL_USER, KEEP_ITEM, KEEP_USER, TAU, LGMRec
+from lgmrec_dist.graph import build_graph, spmm
+from lgmrec_dist.distributed.exchange import CommStats, Ownership, all_gather_rows
+from lgmrec_dist.distributed.tables import ShardedFeatureTables
+from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul, user_feature_sums
 from lgmrec_dist.model.hypergraph import hypergraph_propagate
+from lgmrec_dist.model.lgmrec import GUMBEL_ITEM, GUMBEL_USER, KEEP_ITEM, KEEP_USER, TAU, LGMRec
 from lgmrec_dist.model.losses import bpr_loss, hcl_loss, lowrank_logsumexp, reg_loss
-from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul
-from lgmrec_dist.model.mge import column_chunk
 from lgmrec_dist.sampling import BlockSampler, Prefetcher, SampledBatch, inclusion_probability
 
 log = logging.getLogger("lgmrec")
 
 NEG_USER_STREAM, NEG_ITEM_STREAM = (1 << 20) + 1, (1 << 20) + 2   # rng streams of the uniform negatives
 FLOAT = 4                                                          # bytes per float32
-
-
-@torch.no_grad()
-def user_feature_sums(graph: Graph, x: torch.Tensor, chunk: int | None = None,
-                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """R·X (|U| × d_m): the sum of each user's training items' features, built in column chunks (held in
-    ``dtype``, ``feature_dtype``)."""
-    out = torch.empty(graph.num_users, x.shape[1], dtype=dtype, device=x.device)
-    chunk = chunk or column_chunk(graph.num_users)
-    for c in range(0, x.shape[1], chunk):
-        out[:, c:c + chunk] = torch.sparse.mm(graph.R, x[:, c:c + chunk].contiguous())
-    return out
 
 
 def straight_through_message(message: torch.Tensor, coupling: torch.Tensor, h_sample: torch.Tensor,
@@ -160,16 +149,23 @@ class SampledLGMRec:
     """The parameters of :class:`~lgmrec_dist.model.LGMRec` (same initial values) trained with sampled steps."""
 
     def __init__(self, cfg: Config, num_users: int, num_items: int, feature_dims: dict[str, int],
-                 train_users: np.ndarray, train_items: np.ndarray, features: dict, device: torch.device):
+                 train_users: np.ndarray, train_items: np.ndarray, features: dict, device: torch.device,
+                 own: Ownership | None = None):
         self.cfg, self.device = cfg, device
         self.num_users, self.num_items = num_users, num_items
         self.model = LGMRec(cfg, num_users, num_items, feature_dims).to(device)
         graph = build_graph(num_users, num_items, train_users, train_items)
         # the whole graph serves the start-up precomputation, the message refreshes and inference only
-        self.model.attach(graph, features)
+        self.tables = None               # row-sharded feature tables (``shard_tables``, P ranks)
+        if own is not None:
+            self.model.attach(graph, None)
+            self.tables = ShardedFeatureTables(cfg, own, self.model.graph, features, device)
+            self.rx = self.tables.rx
+        else:
+            self.model.attach(graph, features)
+            self.rx = ({m: user_feature_sums(self.model.graph, x, dtype=HELD_DTYPES[cfg.feature_dtype])
+                        for m, x in self.model.features.items()} if cfg.use_ghe and cfg.user_feature_table else {})
         self.modalities = self.model.modalities
-        self.rx = ({m: user_feature_sums(self.model.graph, x, dtype=HELD_DTYPES[cfg.feature_dtype])
-                    for m, x in self.model.features.items()} if cfg.use_ghe and cfg.user_feature_table else {})
         n_layers = cfg.n_ui_layers if cfg.cf_model == "lightgcn" else 0
         self.n_layers = n_layers
         r = self.model.graph.R
@@ -230,12 +226,20 @@ class SampledLGMRec:
             pos = torch.searchsorted(known, ids).clamp_max(len(known) - 1)
             if torch.equal(known[pos], ids):
                 return rows[pos]
+        if self.tables is not None:      # one rank alone cannot start an exchange: every row is prepared
+            raise RuntimeError("sharded tables: H̄ rows requested that the step did not prepare")
         return self._h_compute(k, user, ids, step)
 
     def _h_compute(self, k: int, user: bool, ids: torch.Tensor, step: int) -> torch.Tensor:
         m = self.modalities[k]
         if user and not self.rx:
             return self._assign(k, self._user_logits_from_items(m, ids), ids, step, user)
+        if self.tables is not None:
+            v = self.model.hyper[m]
+            src = (self.tables.rx if user else self.tables.x)[m]
+            self.counts["logit_bytes"] = self.counts.get("logit_bytes", 0) + len(ids) * src.shape[1] * src.element_size()
+            z = self.tables.user_logits(m, ids, v) if user else self.tables.item_logits(m, ids, v)
+            return self._assign(k, z, ids, step, user)
         src = self.rx[m] if user else self.model.features[m]
         self.counts["logit_bytes"] = self.counts.get("logit_bytes", 0) + len(ids) * src.shape[1] * src.element_size()
         z = const_rows_matmul(src.index_select(0, ids).float(), self.model.hyper[m])
@@ -252,9 +256,12 @@ class SampledLGMRec:
         offset = torch.cumsum(count, 0) - count                      # each user's first slot in the flat list
         flat = start[seg] + torch.arange(len(seg), device=ids.device) - offset[seg]
         items, inverse = torch.unique(col[flat], return_inverse=True)
-        x = self.model.features[m]
-        self.counts["logit_bytes"] = self.counts.get("logit_bytes", 0) + len(items) * x.shape[1] * x.element_size()
-        z_items = const_rows_matmul(x.index_select(0, items), self.model.hyper[m])
+        if self.tables is not None:
+            z_items = self.tables.item_logits(m, items, self.model.hyper[m])
+        else:
+            x = self.model.features[m]
+            self.counts["logit_bytes"] = self.counts.get("logit_bytes", 0) + len(items) * x.shape[1] * x.element_size()
+            z_items = const_rows_matmul(x.index_select(0, items), self.model.hyper[m])
         z = z_items.index_select(0, inverse) * val[flat].unsqueeze(1)
         return z.new_zeros(len(ids), z.shape[1]).index_add(0, seg, z)
 
@@ -264,7 +271,7 @@ class SampledLGMRec:
         self._hcache = {}
         for k in range(len(self.modalities)):
             for user, ids in ((True, users), (False, items)):
-                if len(ids):
+                if len(ids) or self.tables is not None:      # sharded tables: a collective on every rank
                     self._hcache[(k, user)] = (ids, self._h_compute(k, user, ids, step))
 
     def _messages(self, step: int) -> list[torch.Tensor]:
@@ -289,6 +296,8 @@ class SampledLGMRec:
         the linear map through which the straight-through message gradient reaches the CGE rows."""
         m = self.model
         q0 = m.cge()[self.num_users:]
+        if self.tables is not None:
+            return self._sharded_messages(q0, step, with_coupling)
         ids = torch.arange(self.num_items, device=q0.device)
         messages, coupling = [], []
         for k, mod in enumerate(self.modalities):
@@ -298,6 +307,35 @@ class SampledLGMRec:
             messages.append(message)
             coupling.append(torch.matrix_power(h_item.t() @ h_item, self.cfg.n_hyper_layer - 1))
         return (messages, coupling) if with_coupling else messages
+
+    def _sharded_messages(self, q0: torch.Tensor, step: int, with_coupling: bool):
+        """:meth:`full_messages` with row-sharded tables: each rank assigns its own items and the partial
+        sums H̄_Iᵀ·Q^(0) and C = H̄_Iᵀ·H̄_I are all-reduced; M^(H) = C^(H−1)·H̄_Iᵀ·Q^(0) (the same value as
+        H rounds of hypergraph_propagate, summed in another order)."""
+        import torch.distributed as dist
+        ids = self.tables.owned_item_ids
+        messages, coupling = [], []
+        for k, mod in enumerate(self.modalities):
+            h_item = self._assign(k, self.tables.owned_item_logits(mod, self.model.hyper[mod]), ids, step, user=False)
+            parts = torch.cat([h_item.t() @ q0[ids], h_item.t() @ h_item], dim=1)
+            dist.all_reduce(parts)
+            first, c = parts[:, :q0.shape[1]], parts[:, q0.shape[1]:]
+            c_power = torch.matrix_power(c, self.cfg.n_hyper_layer - 1)
+            messages.append(c_power @ first)
+            coupling.append(c_power)
+        return (messages, coupling) if with_coupling else messages
+
+    @torch.no_grad()
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """E* of every user and item at inference (``LGMRec.final_embeddings``; with sharded tables the
+        feature products come from their owners)."""
+        m = self.model
+        if self.tables is None:
+            return m.final_embeddings()
+        mge = {mod: self.tables.all_mge(mod, m.proj[mod]) for mod in self.modalities} if self.cfg.use_mge else None
+        logits = ({mod: self.tables.all_item_logits(mod, m.hyper[mod]) for mod in self.modalities}
+                  if self.cfg.use_ghe else None)
+        return m.final_embeddings(item_logits=logits, mge=mge)
 
     def _message_grad(self, messages, e_c: torch.Tensor, neg_rows: torch.Tensor, neg: torch.Tensor, step: int,
                       global_size: int):
@@ -368,8 +406,12 @@ class SampledLGMRec:
         messages = self._messages(step) if cfg.use_ghe else None
         if cfg.use_mge:
             for mod in self.modalities:
-                y = const_rows_matmul(m.mge_y[mod].index_select(0, seeds).float(), m.proj[mod]) if m.mge_y \
-                    else m.mge_rows(mod, seeds)
+                if self.tables is not None:
+                    y = self.tables.mge_products(mod, seeds, m.proj[mod])
+                elif m.mge_y:
+                    y = const_rows_matmul(m.mge_y[mod].index_select(0, seeds).float(), m.proj[mod])
+                else:
+                    y = m.mge_rows(mod, seeds)
                 e = e + F.normalize(y, dim=1)
         n_su = int(torch.searchsorted(seeds, self.num_users))
         s_users, s_items = seeds[:n_su], seeds[n_su:] - self.num_users
@@ -408,10 +450,13 @@ class SampledLGMRec:
         nb = lambda t: t.numel() * t.element_size()  # noqa: E731
         m, g = self.model, self.model.graph
         mats = (g.norm_adj, g.R, g.R_t, g.P, g.P_t)
-        return {"embeddings": nb(m.user_embedding) + nb(m.item_embedding),
-                "features_X": sum(nb(x) for x in m.features.values()),
-                "mge_inputs_Y": sum(nb(y) for y in m.mge_y.values()),
-                "user_feature_sums_RX": sum(nb(x) for x in self.rx.values()),
+        if self.tables is not None:          # this rank's rows only
+            tables = self.tables.nbytes()
+        else:
+            tables = {"features_X": sum(nb(x) for x in m.features.values()),
+                      "mge_inputs_Y": sum(nb(y) for y in m.mge_y.values()),
+                      "user_feature_sums_RX": sum(nb(x) for x in self.rx.values())}
+        return {"embeddings": nb(m.user_embedding) + nb(m.item_embedding), **tables,
                 "full_graph": sum(nb(a.values()) + nb(a.col_indices()) + nb(a.crow_indices()) for a in mats),
                 "dgl_graph": 16 * self.sampler.graph.num_edges()}
 
@@ -427,7 +472,8 @@ class SampledLGMRec:
         rows = len(batch.input_ids)
         opt_rows = rows if cfg.sparse_embeddings else self.num_users + self.num_items
         dense = sum(p.numel() for n, p in self.model.named_parameters() if n.startswith(("proj.", "hyper.")))
-        y_row_bytes = sum(y.shape[1] * y.element_size() for y in self.model.mge_y.values())
+        ys = self.tables.y if self.tables is not None else self.model.mge_y
+        y_row_bytes = sum(y.shape[1] * y.element_size() for y in ys.values())
         return {"embedding_rows": rows, "optimizer_rows": opt_rows,
                 "embeddings": FLOAT * d * (2 * rows + 6 * opt_rows),
                 "features": batch.num_seeds * y_row_bytes + self.counts.get("logit_bytes", 0),
@@ -445,14 +491,18 @@ class SampledEngine:
     touched (an all-gather of (row id, gradient) pairs: traffic proportional to the touched rows with
     ``sparse_embeddings``; a whole-table all-reduce without); every rank then applies the same update.
     Full passes (message refreshes, inference) run on every rank. Evaluation shards the users over ranks.
+    With ``shard_tables`` the frozen feature tables are row-sharded instead of replicated
+    (:mod:`lgmrec_dist.distributed.tables`: contiguous users and items per rank).
     """
 
     def __init__(self, cfg: Config, ds: PreparedDataset, device: torch.device, ctx=None):
         self.cfg, self.device, self.ctx = cfg, device, ctx
         self.rank, self.world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
         tu, ti = ds.pairs(TRAIN)
+        own = (Ownership.contiguous(ds.num_users, ds.num_items, self.rank, self.world)
+               if cfg.shard_tables and self.world > 1 else None)
         self.model = SampledLGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"], tu, ti,
-                                   ds.features, device)
+                                   ds.features, device, own)
         self.model.world = self.world
         params = self.model.model
         self.dense_params = [p for n, p in params.named_parameters() if n.startswith(("proj.", "hyper."))]
@@ -520,7 +570,7 @@ class SampledEngine:
     def _sync_gradients(self) -> int:
         """Sum the ranks' gradients: dense parameters by all-reduce; embedding rows by all-gathering the
         (row, gradient) pairs each rank touched (``sparse_embeddings``) or all-reducing the whole tables.
-        Returns the payload bytes this rank sent."""
+        Returns the payload bytes this rank sent, with the feature-table exchanges of the step."""
         import torch.distributed as dist
         sent = 0
         dense = [p for p in self.dense_params if p.grad is not None]
@@ -539,14 +589,13 @@ class SampledEngine:
             gathered = []
             for name, rows, leaf in self.model.leaves:
                 grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                all_rows, all_grads = _all_gather_variable(rows), _all_gather_variable(grad)
-                sent += (self.world - 1) * (rows.numel() * 8 + grad.numel() * grad.element_size())
+                all_rows, all_grads = all_gather_rows(rows), all_gather_rows(grad)   # counted in CommStats
                 union, inverse = torch.unique(torch.cat(all_rows), return_inverse=True)
                 total = torch.zeros(len(union), grad.shape[1], dtype=grad.dtype, device=grad.device)
                 total.index_add_(0, inverse, torch.cat(all_grads))
                 gathered.append((name, union, total))
             self._synced_rows = gathered
-        return sent
+        return sent + CommStats.take()
 
     def _row_gradients(self):
         if self.world > 1:
@@ -557,7 +606,7 @@ class SampledEngine:
     # ------------------------------------------------------------------ inference, state
     def embeddings(self):
         self.model.model.eval()
-        return self.model.model.final_embeddings()
+        return self.model.final_embeddings()
 
     def evaluate(self, evaluator: Evaluator, emb) -> dict:
         if self.world == 1:
@@ -604,15 +653,3 @@ class SampledEngine:
     def close(self) -> None:
         self.prefetcher.close()
 
-
-def _all_gather_variable(t: torch.Tensor) -> list[torch.Tensor]:
-    """All-gather tensors whose first dimension differs between ranks (padded to the largest, then cut)."""
-    import torch.distributed as dist
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    sizes = [int(x) for x in sizes]
-    padded = torch.cat([t, t.new_zeros((max(sizes) - t.shape[0], *t.shape[1:]))])
-    out = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(out, padded.contiguous())
-    return [o[:k] for o, k in zip(out, sizes)]

@@ -33,6 +33,8 @@ OVERRIDES = ["embedding_size=16", "train_batch_size=256", "learning_rate=0.005",
              "n_hyper_layer=2", "seed=5"]
 EXACT_SWITCHES = ["mode=sampled", "fanouts=[-1]", "hyper_refresh_steps=0", "hcl_negatives=all",
                   "sparse_embeddings=false"]
+APPROX = ["fanouts=[3,2]", "hyper_refresh_steps=2", "hcl_negatives=uniform", "hcl_num_negatives=32",
+          "sparse_embeddings=true"]                     # every approximation on
 Z_MAX = 5.0
 
 
@@ -297,8 +299,6 @@ def test_state_dict_round_trip_keeps_the_message_cache(tiny, one_thread):
 
 
 # ------------------------------------------------------------------ memory switches
-APPROX = ["hyper_refresh_steps=2", "fanouts=[3]", "hcl_negatives=uniform", "hcl_num_negatives=32",
-          "sparse_embeddings=true"]
 
 
 def test_user_logits_from_items_equal_the_table(tiny, one_thread):
@@ -440,8 +440,6 @@ def test_train_loop_runs_sampled_mode(tiny_dataset, tmp_path, one_thread):
 
 # ------------------------------------------------------------------ 2 ranks (gloo, torchrun)
 ROOT = Path(__file__).resolve().parents[1]
-APPROX = ["fanouts=[3,2]", "hyper_refresh_steps=2", "hcl_negatives=uniform", "hcl_num_negatives=32",
-          "sparse_embeddings=true"]
 
 
 def torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
@@ -514,5 +512,64 @@ def test_torchrun_train_sampled_mode(tiny_dataset, tmp_path):
     assert metrics["world_size"] == 2 and metrics["steps"] == 3 and "recall@20" in metrics["test"]
 
 
-if __name__ == "__main__":   # the torchrun worker of test_two_ranks_sampled
-    rank_worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])
+def tables_worker(data: str, out: str, steps: int) -> None:
+    """Run under torchrun: replicated vs row-sharded feature tables (with and without the R·X table), the
+    same global batches, every approximation on; write tables<R>.pt."""
+    from lgmrec_dist.distributed.group import init_process_group
+    from lgmrec_dist.train import make_evaluators
+    torch.set_num_threads(1)
+    ctx = init_process_group("cpu")
+    ds = PreparedDataset.load(data)
+    tu, ti = ds.pairs(TRAIN)
+    variants = {"replicated": [], "sharded": ["shard_tables=true"],
+                "sharded_no_rx": ["shard_tables=true", "user_feature_table=false"]}
+    result = {}
+    for name, extra in variants.items():
+        cfg = load_config(None, OVERRIDES + EXACT_SWITCHES + APPROX + extra)
+        eng = SampledEngine(cfg, ds, torch.device("cpu"), ctx)
+        triples = TripleSampler(ds.num_items, tu, ti, cfg.seed).epoch(0)
+        losses = [eng.step(*batch_of(triples, b), b) for b in range(steps)]
+        valid_eval, _ = make_evaluators(ds, cfg)
+        result[name] = {"losses": losses, "memory": eng.model.memory_bytes(),
+                        "params": {k: v.detach().clone() for k, v in eng.model.model.named_parameters()},
+                        "valid": eng.evaluate(valid_eval, eng.embeddings()),
+                        "sent": eng.last_stats["bytes"]["sent_to_other_ranks"]}
+        eng.close()
+    torch.save(result, f"{out}/tables{ctx.rank}.pt")
+
+
+def test_row_sharded_tables_equal_replicated(tiny_dataset, tmp_path):
+    """shard_tables: each rank holds 1/P of X_m, Y_m, R·X_m; losses, parameters and evaluation equal the
+    replicated tables' (the products are made by the rows' owners and only their sums' order differs)."""
+    res = torchrun(2, str(Path(__file__).resolve()), "--tables", str(tiny_dataset), str(tmp_path), "4")
+    assert res.returncode == 0, res.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"tables{r}.pt", weights_only=False) for r in range(2)]
+    for got in ranks:
+        ref = got["replicated"]
+        for name in ("sharded", "sharded_no_rx"):
+            run = got[name]
+            for step, (a, b) in enumerate(zip(ref["losses"], run["losses"])):
+                for key in ("loss", "bpr", "hcl", "reg"):
+                    assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (name, step, key)
+            for key, value in ref["params"].items():
+                assert torch.allclose(run["params"][key], value, rtol=1e-4, atol=1e-6), (name, key)
+            assert all(run["valid"][k] == pytest.approx(v, abs=1e-4) for k, v in ref["valid"].items()), name
+        for key in ("features_X", "mge_inputs_Y", "user_feature_sums_RX"):   # about half of each table
+            assert 0.3 < got["sharded"]["memory"][key] / ref["memory"][key] < 0.7, key
+        assert got["sharded_no_rx"]["memory"]["user_feature_sums_RX"] == 0
+        assert got["sharded"]["sent"] > ref["sent"]       # the products travel too
+    assert ranks[0]["sharded"]["params"].keys() == ranks[1]["sharded"]["params"].keys()
+    for key, value in ranks[0]["sharded"]["params"].items():            # the replicas stay identical
+        assert torch.equal(value, ranks[1]["sharded"]["params"][key]), key
+
+
+def test_shard_tables_needs_the_sampled_global_terms():
+    with pytest.raises(ConfigError, match="shard_tables"):
+        load_config(None, ["mode=sampled", "shard_tables=true", "hyper_refresh_steps=0"])
+
+
+if __name__ == "__main__":   # the torchrun workers of test_two_ranks_sampled and test_row_sharded_tables_*
+    if sys.argv[1] == "--tables":
+        tables_worker(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+    else:
+        rank_worker(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:])

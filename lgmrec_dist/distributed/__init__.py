@@ -1,4 +1,5 @@
-"""The exact distributed path (issue 5): process groups, row ownership, halo exchange, sharded LGMRec."""
+"""Distributed pieces: process groups, row ownership and exchange, the sharded exact LGMRec (issue 5), and
+the row-sharded feature tables of the sampled mode (issue 6)."""
 import warnings
 
 # torch 2.13 marks the autograd-aware collectives of torch.distributed.nn.functional deprecated in favour

@@ -8,9 +8,9 @@ import torch.distributed as dist
 from lgmrec_dist.checkpoint import EngineState
 from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import TRAIN, PreparedDataset
-from lgmrec_dist.distributed.exchange import Ownership
+from lgmrec_dist.distributed.exchange import Ownership, all_gather_rows
 from lgmrec_dist.distributed.group import Context, LaunchError
-from lgmrec_dist.distributed.sharded import ShardedLGMRec, _all_gather_rows
+from lgmrec_dist.distributed.sharded import ShardedLGMRec
 from lgmrec_dist.evaluation import Evaluator, finalize
 
 
@@ -70,8 +70,8 @@ class ShardedEngine(EngineState):
         """This rank's users (ids, E*) and every item's E* (gathered from the owners)."""
         self.model.eval()
         user_ids, user_emb, item_ids, item_emb = self.model.final_embeddings()
-        ids = torch.cat(_all_gather_rows(item_ids.unsqueeze(1))).squeeze(1)
-        rows = torch.cat(_all_gather_rows(item_emb))
+        ids = torch.cat(all_gather_rows(item_ids.unsqueeze(1))).squeeze(1)
+        rows = torch.cat(all_gather_rows(item_emb))
         items = torch.empty_like(rows)
         items[ids] = rows
         return user_ids.cpu().numpy(), user_emb, items

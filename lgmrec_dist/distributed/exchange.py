@@ -94,9 +94,33 @@ class RowExchange:
         self.rank = own.rank
 
     def __call__(self, x_src: torch.Tensor) -> torch.Tensor:
-        send = x_src[self.send_rows.to(x_src.device)]
+        return self.gather(lambda rows: x_src[rows.to(x_src.device)])
+
+    def gather(self, rows_of) -> torch.Tensor:
+        """The requested rows, each made by its owner as ``rows_of(local row indices)`` — e.g. a product of
+        held rows with a weight, so that only the product travels; autograd returns its gradient to the
+        owner's inputs."""
+        send = rows_of(self.send_rows)
         row_bytes = send[0].numel() * send.element_size() if len(send) else 0
         CommStats.add(sum(s for q, s in enumerate(self.send_splits) if q != self.rank) * row_bytes)
-        out = x_src.new_empty((self.num, *x_src.shape[1:]))
+        out = send.new_empty((self.num, *send.shape[1:]))
         recv = dnn.all_to_all_single(out, send, self.recv_splits, self.send_splits)
-        return recv[self.unsort.to(x_src.device)]
+        return recv[self.unsort.to(send.device)]
+
+
+
+def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
+    """Autograd-aware all-gather (counted in :class:`CommStats`)."""
+    CommStats.add((dist.get_world_size() - 1) * t.numel() * t.element_size())
+    return list(dnn.all_gather(t))
+
+
+def all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:
+    """Autograd-aware all-gather of tensors whose first dimension differs between ranks (padded to the
+    largest, then cut)."""
+    n = torch.tensor([t.shape[0]], device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    padded = torch.cat([t, t.new_zeros((max(sizes) - t.shape[0], *t.shape[1:]))])
+    return [g[:s] for g, s in zip(all_gather(padded.contiguous()), sizes)]

@@ -30,14 +30,13 @@ import torch.nn.functional as F
 
 from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import features_tensor
-from lgmrec_dist.distributed.exchange import CommStats, Ownership, RowExchange
+from lgmrec_dist.distributed.exchange import CommStats, Ownership, RowExchange, all_gather, all_gather_rows
 from lgmrec_dist.graph import csr, spmm
 from lgmrec_dist.model.cge import cge
 from lgmrec_dist.model.hypergraph import HyperEmbedding, assignments, hypergraph_propagate
 from lgmrec_dist.model.lgmrec import TAU, LGMRec, keyed_draws
+from lgmrec_dist.model.features import HELD_DTYPES, column_chunk, const_rows_matmul, held_matmul
 from lgmrec_dist.model.losses import lowrank_logsumexp
-from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul, held_matmul
-from lgmrec_dist.model.mge import column_chunk
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -55,21 +54,6 @@ def _all_reduce_(t: torch.Tensor) -> None:
     world = dist.get_world_size()
     CommStats.add(2 * (world - 1) * _nbytes(t) // world)
     dist.all_reduce(t)
-
-
-def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
-    CommStats.add((dist.get_world_size() - 1) * _nbytes(t))
-    return list(dnn.all_gather(t))
-
-
-def _all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:
-    """Autograd-aware all-gather of tensors whose first dimension differs between ranks."""
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    padded = torch.cat([t, t.new_zeros((max(sizes) - t.shape[0], *t.shape[1:]))])
-    return [g[:s] for g, s in zip(_all_gather(padded), sizes)]
 
 
 class LocalGraph:
@@ -277,9 +261,9 @@ class ShardedLGMRec(nn.Module):
                 sq_norms = ((h_p @ (p.message @ p.message.t())) * h_p).sum(1)
                 keys = h_p / sq_norms.clamp_min(1e-24).sqrt().unsqueeze(1)
                 queries = (anchor @ p.message.t()) / TAU
-                gathered = _all_gather_rows(queries)
+                gathered = all_gather_rows(queries)
                 partial = lowrank_logsumexp(torch.cat(gathered), keys)      # over my users/items
-                lse_all = torch.logsumexp(torch.stack(_all_gather(partial)), dim=0)
+                lse_all = torch.logsumexp(torch.stack(all_gather(partial)), dim=0)
                 offset = sum(g.shape[0] for g in gathered[:self.own.rank])
                 lse = lse_all[offset:offset + len(local)]
                 total = total + (weights.to(lse.device) * (lse - pos_logit)).sum()

@@ -1,4 +1,5 @@
-"""Products of the frozen feature tables (X_m, Y_m = Ĝ^K [P·X_m ; X_m], R·X_m) with trained weights.
+"""Frozen feature tables (X_m, Y_m = Ĝ^K [P·X_m ; X_m], R·X_m): their products with trained weights, and
+the chunked precomputation of R·X_m (Y_m's is ``mge.mge_inputs``).
 
 The tables never get gradients, only the weights (W_m of MGE, §1.5; V_m of the hyperedge logits, §1.6).
 Two things follow, used by the exact and the sampled mode alike:
@@ -12,6 +13,8 @@ Two things follow, used by the exact and the sampled mode alike:
 from __future__ import annotations
 
 import torch
+
+from lgmrec_dist.graph import Graph
 
 HELD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,3 +43,22 @@ def held_matmul(y: torch.Tensor, w: torch.Tensor, chunk: int = 1 << 16) -> torch
     if y.dtype == torch.float32:
         return const_rows_matmul(y, w)
     return torch.cat([const_rows_matmul(y[i:i + chunk].float(), w) for i in range(0, len(y), chunk)])
+
+
+def column_chunk(rows: int, budget: int = 256 << 20) -> int:
+    """Columns per chunk so that one float32 chunk of ``rows`` rows stays near ``budget`` bytes: the
+    temporaries of a chunked precomputation then stay small next to the table being built."""
+    return max(16, min(512, budget // (4 * max(rows, 1))))
+
+
+@torch.no_grad()
+def user_feature_sums(graph: Graph, x: torch.Tensor, chunk: int | None = None,
+                      dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """R·X (|U| × d_m), or its ``rows``: the sum of each user's training items' features, built in column
+    chunks (held in ``dtype``, ``feature_dtype``)."""
+    out = torch.empty(graph.num_users if rows is None else len(rows), x.shape[1], dtype=dtype, device=x.device)
+    chunk = chunk or column_chunk(graph.num_users)
+    for c in range(0, x.shape[1], chunk):
+        sums = torch.sparse.mm(graph.R, x[:, c:c + chunk].contiguous())
+        out[:, c:c + chunk] = sums if rows is None else sums[rows]
+    return out

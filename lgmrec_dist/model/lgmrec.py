@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from lgmrec_dist import rng
 from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import features_tensor
-from lgmrec_dist.graph import Graph
+from lgmrec_dist.graph import Graph, spmm
 from lgmrec_dist.model.cge import cge
 from lgmrec_dist.model.features import HELD_DTYPES, held_matmul
-from lgmrec_dist.model.hypergraph import HyperEmbedding, dependencies, hypergraph_propagate
+from lgmrec_dist.model.hypergraph import HyperEmbedding, assignments, dependencies, hypergraph_propagate
 from lgmrec_dist.model.losses import bpr_loss, hcl_loss, reg_loss
 from lgmrec_dist.model.mge import mge_direct, mge_inputs
 
@@ -83,9 +83,12 @@ class LGMRec(nn.Module):
         self.eval_calls = 0
 
     # ------------------------------------------------------------------ set-up
-    def attach(self, graph: Graph, features: dict[str, torch.Tensor]) -> "LGMRec":
+    def attach(self, graph: Graph, features: dict[str, torch.Tensor] | None) -> "LGMRec":
+        """The graph and the frozen features; ``features`` None = held elsewhere (row-sharded tables)."""
         device = self.user_embedding.device
         self.graph = graph.to(device)
+        if features is None:
+            return self
         # a copy: features arrive as read-only memory maps, and they must live on the training device
         self.features = {m: features_tensor(features[m], device=device) for m in self.modalities}
         if self.cfg.use_mge and self.cfg.mge_precompute:
@@ -115,22 +118,32 @@ class LGMRec(nn.Module):
         return keyed_draws(self.cfg, step, k, train, torch.arange(self.num_users, device=dev),
                            torch.arange(self.num_items, device=dev))
 
-    def ghe(self, e_c: torch.Tensor, step: int, train: bool) -> list[HyperEmbedding]:
-        """Per-modality global embeddings (§1.6)."""
+    def ghe(self, e_c: torch.Tensor, step: int, train: bool, item_logits: dict | None = None) -> list[HyperEmbedding]:
+        """Per-modality global embeddings (§1.6); ``item_logits`` = Z_I = X_m·V_m per modality when the
+        features are held elsewhere (row-sharded tables of the sampled mode)."""
         out = []
         for k, m in enumerate(self.modalities):
             noise, masks = self._draws(step, k, train)
-            h_item, h_user = dependencies(self.features[m], self.hyper[m], self.graph, TAU, noise, masks,
-                                          self.cfg.keep_rate)
+            if item_logits is not None:
+                z = item_logits[m]
+                h_item, h_user = assignments(z, spmm(self.graph.R, self.graph.R_t, z), TAU, noise, masks,
+                                             self.cfg.keep_rate)
+            else:
+                h_item, h_user = dependencies(self.features[m], self.hyper[m], self.graph, TAU, noise, masks,
+                                              self.cfg.keep_rate)
             out.append(hypergraph_propagate(h_item, h_user, e_c[self.num_users:], self.cfg.n_hyper_layer))
         return out
 
-    def fuse(self, e_c: torch.Tensor, hyper, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """E* at node rows, or at every node when ``rows`` is None (§1.7)."""
+    def fuse(self, e_c: torch.Tensor, hyper, rows: torch.Tensor | None = None, mge: dict | None = None) -> torch.Tensor:
+        """E* at node rows, or at every node when ``rows`` is None (§1.7); ``mge`` = F^m of every node per
+        modality when computed elsewhere (row-sharded tables)."""
         e = e_c if rows is None else e_c[rows]
         if self.cfg.use_mge:
             for m in self.modalities:
-                f = self.mge_all(m) if rows is None else self.mge_rows(m, rows)
+                if mge is not None:
+                    f = mge[m]
+                else:
+                    f = self.mge_all(m) if rows is None else self.mge_rows(m, rows)
                 e = e + F.normalize(f, dim=1)
         if self.cfg.use_ghe:
             g = sum(h.nodes(rows) for h in hyper)
@@ -156,14 +169,15 @@ class LGMRec(nn.Module):
         return {"loss": loss, "bpr": bpr.detach(), "hcl": hcl.detach(), "reg": reg.detach()}
 
     @torch.no_grad()
-    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """E* for all users and items at inference: no dropout; Gumbel noise only if eval_gumbel_noise."""
+    def final_embeddings(self, item_logits: dict | None = None, mge: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """E* for all users and items at inference: no dropout; Gumbel noise only if eval_gumbel_noise.
+        ``item_logits``, ``mge``: as in :meth:`ghe` and :meth:`fuse`, for features held elsewhere."""
         e_c = self.cge()
         hyper = None
         if self.cfg.use_ghe:
             self.eval_calls += 1
-            hyper = self.ghe(e_c, -self.eval_calls, train=False)
-        e = self.fuse(e_c, hyper)
+            hyper = self.ghe(e_c, -self.eval_calls, train=False, item_logits=item_logits)
+        e = self.fuse(e_c, hyper, mge=mge)
         return e[:self.num_users], e[self.num_users:]
 
     def num_parameters(self) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from lgmrec_dist.graph import Graph, spmm
-from lgmrec_dist.model.features import const_rows_matmul
+from lgmrec_dist.model.features import column_chunk, const_rows_matmul
 
 
 def mge_direct(graph: Graph, x: torch.Tensor, w: torch.Tensor, n_layers: int) -> torch.Tensor:
@@ -22,23 +22,17 @@ def mge_direct(graph: Graph, x: torch.Tensor, w: torch.Tensor, n_layers: int) ->
     return f
 
 
-def column_chunk(rows: int, budget: int = 256 << 20) -> int:
-    """Columns per chunk so that one float32 chunk of ``rows`` rows stays near ``budget`` bytes: the
-    temporaries of a chunked precomputation then stay small next to the table being built."""
-    return max(16, min(512, budget // (4 * max(rows, 1))))
-
-
 @torch.no_grad()
 def mge_inputs(graph: Graph, x: torch.Tensor, n_layers: int, chunk: int | None = None,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Y = Ĝ^K [P·X ; X] (N × d_m), built in column chunks (computed in float32, held in ``dtype``) so the
-    peak stays near the size of Y."""
-    out = torch.empty(graph.num_nodes, x.shape[1], dtype=dtype, device=x.device)
+               dtype: torch.dtype = torch.float32, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Y = Ĝ^K [P·X ; X] (N × d_m), or its ``rows``, built in column chunks (computed in float32, held in
+    ``dtype``) so the peak stays near the size of the result."""
+    out = torch.empty(graph.num_nodes if rows is None else len(rows), x.shape[1], dtype=dtype, device=x.device)
     chunk = chunk or column_chunk(graph.num_nodes)
     for c in range(0, x.shape[1], chunk):
         xc = x[:, c:c + chunk].float().contiguous()
         y = torch.cat([torch.sparse.mm(graph.P, xc), xc])
         for _ in range(n_layers):
             y = torch.sparse.mm(graph.norm_adj, y)
-        out[:, c:c + chunk] = y
+        out[:, c:c + chunk] = y if rows is None else y[rows]
     return out

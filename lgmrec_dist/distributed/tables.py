@@ -1,0 +1,93 @@
+"""Row-sharded frozen feature tables of the sampled mode on P ranks (``shard_tables``, docs/sampled.md).
+
+Rank r holds X_m of the items it owns, Y_m = Ĝ^K [P·X_m ; X_m] of the nodes it owns and, with
+``user_feature_table``, R·X_m of the users it owns: 1/P of each table instead of all of it. A step needs
+products of rows with a weight (Y_m rows × W_m for MGE, X_m / R·X_m rows × V_m for the hyperedge logits)
+for rows held anywhere: their owners compute them and send the d- or A-wide products
+(:meth:`RowExchange.gather`), not the d_m-wide rows. In backward the products' gradients return to the
+owners, whose copy of the weight gets them, and the dense all-reduce of the engine sums the weight's
+gradient over ranks, as for any replicated parameter.
+
+Every method is a collective: all ranks call them in the same order and the same number of times.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lgmrec_dist.config import Config
+from lgmrec_dist.dataset import features_tensor
+from lgmrec_dist.distributed.exchange import Ownership, RowExchange, all_gather_rows
+from lgmrec_dist.graph import Graph
+from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul, held_matmul, user_feature_sums
+from lgmrec_dist.model.mge import mge_inputs
+
+
+class ShardedFeatureTables:
+    """This rank's rows of X_m, Y_m and R·X_m, and the exchanges that serve other ranks' rows."""
+
+    def __init__(self, cfg: Config, own: Ownership, graph: Graph, features: dict, device: torch.device):
+        self.own, self.num_users = own, graph.num_users
+        owned = own.owned                                        # sorted global node ids of this rank
+        self.owned_users = owned[owned < self.num_users]
+        self.owned_items = owned[owned >= self.num_users]       # node ids (items follow the users)
+        item_rows = torch.from_numpy(self.owned_items - self.num_users)
+        dtype = HELD_DTYPES[cfg.feature_dtype]
+        self.x, self.y, self.rx = {}, {}, {}
+        for m, arr in features.items():
+            # the whole X_m is needed once, to precompute this rank's rows of Y_m and R·X_m
+            full = features_tensor(arr, device=device)
+            self.x[m] = full[item_rows.to(device)].contiguous()
+            if cfg.use_mge:
+                self.y[m] = mge_inputs(graph, full, cfg.n_mm_layers, dtype=dtype,
+                                       rows=torch.from_numpy(owned).to(device))
+            if cfg.use_ghe and cfg.user_feature_table:
+                self.rx[m] = user_feature_sums(graph, full, dtype=dtype,
+                                               rows=torch.from_numpy(self.owned_users).to(device))
+            del full
+        self.owned_item_ids = item_rows.to(device)               # item numbering
+
+    def _products(self, node_ids: torch.Tensor, source_ids: np.ndarray | None, table: torch.Tensor,
+                  w: torch.Tensor) -> torch.Tensor:
+        exchange = RowExchange(self.own, node_ids.cpu().numpy(), source_ids)
+        return exchange.gather(lambda rows: held_matmul(table.index_select(0, rows.to(table.device)), w))
+
+    def mge_products(self, m: str, node_ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Y_m[node_ids]·W_m (§1.5)."""
+        return self._products(node_ids, None, self.y[m], w)
+
+    def item_logits(self, m: str, item_ids: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """X_m[item_ids]·V_m (§1.6 Z_I rows)."""
+        return self._products(item_ids + self.num_users, self.owned_items, self.x[m], v)
+
+    def user_logits(self, m: str, user_ids: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """(R·X_m)[user_ids]·V_m (§1.6 Z_U rows; needs ``user_feature_table``)."""
+        return self._products(user_ids, self.owned_users, self.rx[m], v)
+
+    def owned_item_logits(self, m: str, v: torch.Tensor) -> torch.Tensor:
+        """X_m·V_m of this rank's items (rows in ``owned_item_ids`` order); no exchange."""
+        return const_rows_matmul(self.x[m], v)
+
+    def _assemble(self, local: torch.Tensor, ids: np.ndarray, total: int) -> torch.Tensor:
+        """Every rank's rows put together in global order (inference)."""
+        parts = all_gather_rows(local)
+        where = all_gather_rows(torch.from_numpy(ids).to(local.device))
+        out = local.new_empty((total, *local.shape[1:]))
+        for rows, idx in zip(parts, where):
+            out[idx] = rows
+        return out
+
+    @torch.no_grad()
+    def all_item_logits(self, m: str, v: torch.Tensor) -> torch.Tensor:
+        """X_m·V_m of every item (|I| × A)."""
+        return self._assemble(self.owned_item_logits(m, v), self.owned_items - self.num_users,
+                              self.own.part.size - self.num_users)
+
+    @torch.no_grad()
+    def all_mge(self, m: str, w: torch.Tensor) -> torch.Tensor:
+        """F^m = Y_m·W_m of every node (N × d)."""
+        return self._assemble(held_matmul(self.y[m], w), self.own.owned, self.own.part.size)
+
+    def nbytes(self) -> dict:
+        nb = lambda ts: sum(t.numel() * t.element_size() for t in ts.values())  # noqa: E731
+        return {"features_X": nb(self.x), "mge_inputs_Y": nb(self.y), "user_feature_sums_RX": nb(self.rx)}
