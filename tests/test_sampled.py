@@ -501,6 +501,23 @@ def test_two_ranks_sampled(two_rank_run, tiny, one_thread):
         assert all(math.isfinite(v) for step in a["losses"] for v in step.values())
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.mode == ("sampled" if path.name == "large.yaml" else "exact")
+
+
+def test_large_catalogue_config_trains(tiny_dataset, tmp_path):
+    res = subprocess.run([sys.executable, "-m", "lgmrec_dist.cli", "train", "--data", str(tiny_dataset), "--config",
+                          "configs/large.yaml", "--out", str(tmp_path / "run"), "--set", "epochs=1",
+                          "--set", "max_steps=2", "--set", "train_batch_size=256", "--set", "hcl_num_negatives=64"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-4000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and "recall@20" in metrics["test"]
+    assert "mode: sampled" in (tmp_path / "run" / "config.yaml").read_text()
+
+
 def test_torchrun_train_sampled_mode(tiny_dataset, tmp_path):
     res = torchrun(2, "-m", "lgmrec_dist.train", "--data", str(tiny_dataset), "--config", "configs/demo.yaml",
                    "--out", str(tmp_path / "run"), "--set", "epochs=1", "--set", "max_steps=3",
