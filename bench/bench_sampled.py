@@ -187,6 +187,8 @@ def rank_worker(scale: int, steps: int, overrides: list[str], out_root: Path) ->
            "held_gb": {k: round(v / 1e9, 3) for k, v in held.items()}, "peak_rss_gb": round(peak_rss_gb(), 2),
            "config": SAMPLED + overrides}
     (out_root / f"ranks_{ctx.rank}.json").write_text(json.dumps(row))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def ranks(args, out_root: Path) -> None:

@@ -57,8 +57,8 @@ class Config:
     sparse_embeddings: bool = False         # sampled: sparse row gradients + SparseAdam (only touched rows move)
     user_feature_table: bool = True         # sampled: hold R·X_m (|U| × d_m) for the user hyperedge logits; false =
                                             # sum each step's users' item rows X_m[i]·V_m instead (no table, more reads)
-    shard_tables: bool = False              # sampled, P ranks: row-shard X_m, Y_m, R·X_m over the ranks (1/P each;
-                                            # owners compute the products rows·W_m / rows·V_m for the others)
+    shard_tables: bool = False              # sampled, P ranks: row-shard E_U, E_I (with RowAdam's moments) and X_m,
+                                            # Y_m, R·X_m over the ranks (1/P each; owners serve rows and products)
     sampler_workers: int = 0                # sampled: DataLoader worker processes that prefetch the sampled blocks
                                             # (0 = sample in the training process, synchronously)
     # evaluation (§2)
@@ -90,6 +90,9 @@ class Config:
             raise ConfigError("sparse_embeddings: needs hyper_refresh_steps >= 1 when use_ghe is true (with 0 the "
                               "hyperedge messages are recomputed with gradient from every item at every step, "
                               "which touches every embedding row; docs/sampled.md)")
+        if self.mode == "sampled" and self.shard_tables and not self.sparse_embeddings:
+            raise ConfigError("shard_tables: needs sparse_embeddings true (each rank applies RowAdam to the "
+                              "embedding rows it owns; docs/sampled.md)")
         if self.mode == "sampled" and self.shard_tables and self.use_ghe and (
                 self.hyper_refresh_steps == 0 or self.hcl_negatives == "all"):
             raise ConfigError("shard_tables: needs hyper_refresh_steps >= 1 and hcl_negatives 'in_batch' or "

@@ -160,6 +160,7 @@ class SampledLGMRec:
         if own is not None:
             self.model.attach(graph, None)
             self.tables = ShardedFeatureTables(cfg, own, self.model.graph, features, device)
+            self.tables.shard_embeddings(self.model)   # E_U, E_I now hold this rank's rows only
             self.rx = self.tables.rx
         else:
             self.model.attach(graph, features)
@@ -193,7 +194,10 @@ class SampledLGMRec:
         from the tables (dense gradients, as the exact mode)."""
         m, dev = self.model, self.device
         u_ids, i_ids = batch.input_users.to(dev), batch.input_items.to(dev)
-        if self.cfg.sparse_embeddings:
+        if self.tables is not None:       # rows from their owners; the leaves are the owner's rows
+            self.leaves = []
+            u_rows, i_rows = self.tables.lookup(m, u_ids, i_ids, self.leaves)
+        elif self.cfg.sparse_embeddings:
             u_rows = m.user_embedding.detach().index_select(0, u_ids).requires_grad_()
             i_rows = m.item_embedding.detach().index_select(0, i_ids).requires_grad_()
             self.leaves = [("user_embedding", u_ids, u_rows), ("item_embedding", i_ids, i_rows)]
@@ -295,7 +299,7 @@ class SampledLGMRec:
         With ``with_coupling`` also C^(H−1) per modality, C = H̄_Iᵀ·H̄_I (A × A): M^(H) = C^(H−1)·H̄_Iᵀ·Q^(0),
         the linear map through which the straight-through message gradient reaches the CGE rows."""
         m = self.model
-        q0 = m.cge()[self.num_users:]
+        q0 = m.cge(self.full_ego())[self.num_users:]
         if self.tables is not None:
             return self._sharded_messages(q0, step, with_coupling)
         ids = torch.arange(self.num_items, device=q0.device)
@@ -335,7 +339,11 @@ class SampledLGMRec:
         mge = {mod: self.tables.all_mge(mod, m.proj[mod]) for mod in self.modalities} if self.cfg.use_mge else None
         logits = ({mod: self.tables.all_item_logits(mod, m.hyper[mod]) for mod in self.modalities}
                   if self.cfg.use_ghe else None)
-        return m.final_embeddings(item_logits=logits, mge=mge)
+        return m.final_embeddings(item_logits=logits, mge=mge, ego=self.full_ego())
+
+    def full_ego(self) -> torch.Tensor | None:
+        """[E_U ; E_I] gathered from the ranks with row-sharded tables; None = the model's own tables."""
+        return None if self.tables is None else self.tables.full_embeddings(self.model)
 
     def _message_grad(self, messages, e_c: torch.Tensor, neg_rows: torch.Tensor, neg: torch.Tensor, step: int,
                       global_size: int):
@@ -525,7 +533,11 @@ class SampledEngine:
         self._logged = False
 
     def num_parameters(self) -> int:
-        return self.model.model.num_parameters()
+        m = self.model.model
+        if self.model.tables is None:
+            return m.num_parameters()
+        held = m.user_embedding.numel() + m.item_embedding.numel()      # this rank's rows of the tables
+        return m.num_parameters() - held + (m.num_users + m.num_items) * self.cfg.embedding_size
 
     def train(self):
         self.model.model.train()
@@ -547,7 +559,8 @@ class SampledEngine:
         if self.row_adam is not None:
             tables = {"user_embedding": self.model.model.user_embedding, "item_embedding": self.model.model.item_embedding}
             for name, rows, grad in self._row_gradients():
-                if len(rows):
+                # sharded tables: every owner steps every table each step (the shared step counter t)
+                if len(rows) or self.model.tables is not None:
                     self.row_adam.step(name, tables[name].data, rows, grad)
         self.model.leaves = []
         values = torch.stack([terms[k].detach() for k in ("loss", "bpr", "hcl", "reg")])
@@ -585,7 +598,7 @@ class SampledEngine:
             for p in dense:
                 p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
                 offset += p.numel()
-        if self.cfg.sparse_embeddings:
+        if self.cfg.sparse_embeddings and self.model.tables is None:
             gathered = []
             for name, rows, leaf in self.model.leaves:
                 grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
@@ -598,6 +611,9 @@ class SampledEngine:
         return sent + CommStats.take()
 
     def _row_gradients(self):
+        if self.model.tables is not None:          # the owner's rows, gradients of every rank already summed
+            return [(name, rows, leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
+                    for name, rows, leaf in self.model.leaves]
         if self.world > 1:
             rows, self._synced_rows = self._synced_rows, []
             return rows
@@ -643,11 +659,16 @@ class SampledEngine:
 
     def model_payload(self) -> dict:
         """The trained parameters keyed for export; with P ranks each writes every P-th row (replicas)."""
-        m = self.model.model
-        users = torch.arange(self.rank, m.num_users, self.world)
-        items = torch.arange(self.rank, m.num_items, self.world)
-        return {"user_ids": users, "user_embedding": m.user_embedding.detach().cpu()[users],
-                "item_ids": items, "item_embedding": m.item_embedding.detach().cpu()[items],
+        m, tables = self.model.model, self.model.tables
+        if tables is not None:                      # this rank's rows
+            users = torch.from_numpy(tables.owned_users)
+            items = torch.from_numpy(tables.owned_items - tables.num_users)
+            user_rows, item_rows = m.user_embedding.detach().cpu(), m.item_embedding.detach().cpu()
+        else:
+            users = torch.arange(self.rank, m.num_users, self.world)
+            items = torch.arange(self.rank, m.num_items, self.world)
+            user_rows, item_rows = m.user_embedding.detach().cpu()[users], m.item_embedding.detach().cpu()[items]
+        return {"user_ids": users, "user_embedding": user_rows, "item_ids": items, "item_embedding": item_rows,
                 "dense": {k: v.detach().cpu() for k, v in m.named_parameters() if k.startswith(("proj.", "hyper."))}}
 
     def close(self) -> None:

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -467,6 +468,8 @@ def rank_worker(data: str, out: str, steps: int, extra: list[str]) -> None:
                 "valid": eng.evaluate(valid_eval, eng.embeddings()), "sent": eng.last_stats["bytes"]["sent_to_other_ranks"]},
                f"{out}/rank{ctx.rank}.pt")
     eng.close()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 @pytest.fixture(scope="module", params=["exact_switches", "approximations"])
@@ -518,13 +521,23 @@ def test_large_catalogue_config_trains(tiny_dataset, tmp_path):
     assert "mode: sampled" in (tmp_path / "run" / "config.yaml").read_text()
 
 
-def test_torchrun_train_sampled_mode(tiny_dataset, tmp_path):
+@pytest.mark.parametrize("shard", [False, True], ids=["replicated", "shard_tables"])
+def test_torchrun_train_sampled_mode(tiny_dataset, tmp_path, shard):
+    """The training entry point end to end on 2 ranks (checkpoints, best model, test metrics); with sharded
+    tables the best model's rows come from their owners, and `lgmrec export` reads them."""
     res = torchrun(2, "-m", "lgmrec_dist.train", "--data", str(tiny_dataset), "--config", "configs/demo.yaml",
                    "--out", str(tmp_path / "run"), "--set", "epochs=1", "--set", "max_steps=3",
                    "--set", "embedding_size=8", "--set", "mode=sampled", "--set", "fanouts=[4,4]",
                    "--set", "hyper_refresh_steps=2", "--set", "hcl_negatives=in_batch",
-                   "--set", "sparse_embeddings=true")
+                   "--set", "sparse_embeddings=true", "--set", f"shard_tables={str(shard).lower()}")
     assert res.returncode == 0, res.stderr[-4000:]
+    if shard:
+        res = subprocess.run([sys.executable, "-m", "lgmrec_dist.cli", "export", "--run", str(tmp_path / "run"),
+                              "--data", str(tiny_dataset), "--out", str(tmp_path / "export")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-4000:]
+        users = pq.read_table(tmp_path / "export" / "users.parquet")
+        assert users.num_rows == PreparedDataset.load(tiny_dataset).num_users
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 3 and "recall@20" in metrics["test"]
 
@@ -547,17 +560,23 @@ def tables_worker(data: str, out: str, steps: int) -> None:
         triples = TripleSampler(ds.num_items, tu, ti, cfg.seed).epoch(0)
         losses = [eng.step(*batch_of(triples, b), b) for b in range(steps)]
         valid_eval, _ = make_evaluators(ds, cfg)
-        result[name] = {"losses": losses, "memory": eng.model.memory_bytes(),
-                        "params": {k: v.detach().clone() for k, v in eng.model.model.named_parameters()},
+        params = {k: v.detach().clone() for k, v in eng.model.model.named_parameters()}
+        if eng.model.tables is not None:        # this rank holds its rows of E_U, E_I: gather them
+            params["user_embedding"], params["item_embedding"] = eng.model.full_ego().split(
+                [ds.num_users, ds.num_items])
+        result[name] = {"losses": losses, "memory": eng.model.memory_bytes(), "params": params,
+                        "num_parameters": eng.num_parameters(),
                         "valid": eng.evaluate(valid_eval, eng.embeddings()),
                         "sent": eng.last_stats["bytes"]["sent_to_other_ranks"]}
         eng.close()
     torch.save(result, f"{out}/tables{ctx.rank}.pt")
+    torch.distributed.barrier()                 # a clean gloo teardown (its threads abort at exit otherwise)
+    torch.distributed.destroy_process_group()
 
 
 def test_row_sharded_tables_equal_replicated(tiny_dataset, tmp_path):
-    """shard_tables: each rank holds 1/P of X_m, Y_m, R·X_m; losses, parameters and evaluation equal the
-    replicated tables' (the products are made by the rows' owners and only their sums' order differs)."""
+    """shard_tables: each rank holds 1/P of E_U, E_I, X_m, Y_m, R·X_m; losses, parameters and evaluation equal
+    the replicated tables' (rows and products are served by their owners; only float sums' order differs)."""
     res = torchrun(2, str(Path(__file__).resolve()), "--tables", str(tiny_dataset), str(tmp_path), "4")
     assert res.returncode == 0, res.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"tables{r}.pt", weights_only=False) for r in range(2)]
@@ -571,7 +590,8 @@ def test_row_sharded_tables_equal_replicated(tiny_dataset, tmp_path):
             for key, value in ref["params"].items():
                 assert torch.allclose(run["params"][key], value, rtol=1e-4, atol=1e-6), (name, key)
             assert all(run["valid"][k] == pytest.approx(v, abs=1e-4) for k, v in ref["valid"].items()), name
-        for key in ("features_X", "mge_inputs_Y", "user_feature_sums_RX"):   # about half of each table
+        assert got["sharded"]["num_parameters"] == ref["num_parameters"]
+        for key in ("embeddings", "features_X", "mge_inputs_Y", "user_feature_sums_RX"):   # about half of each
             assert 0.3 < got["sharded"]["memory"][key] / ref["memory"][key] < 0.7, key
         assert got["sharded_no_rx"]["memory"]["user_feature_sums_RX"] == 0
         assert got["sharded"]["sent"] > ref["sent"]       # the products travel too

@@ -88,6 +88,40 @@ class ShardedFeatureTables:
         """F^m = Y_m·W_m of every node (N × d)."""
         return self._assemble(held_matmul(self.y[m], w), self.own.owned, self.own.part.size)
 
+    # ------------------------------------------------------------------ embedding tables
+    def shard_embeddings(self, model) -> None:
+        """Keep only this rank's rows of E_U and E_I in ``model`` (the full tables were drawn as in one
+        process, so the rows have the replicated run's initial values)."""
+        users = torch.from_numpy(self.owned_users).to(model.user_embedding.device)
+        items = torch.from_numpy(self.owned_items - self.num_users).to(model.item_embedding.device)
+        model.user_embedding.data = model.user_embedding.data.index_select(0, users)
+        model.item_embedding.data = model.item_embedding.data.index_select(0, items)
+
+    def lookup(self, model, user_ids: torch.Tensor, item_ids: torch.Tensor, leaves: list) -> tuple:
+        """E^(0) rows of (global) users and items, fetched from their owners. The owner gathers each row it
+        serves once into a leaf (appended to ``leaves`` as (table name, local rows, leaf)); the rows' gradients
+        of every rank arrive summed in that leaf's grad, for the owner's RowAdam."""
+        out = []
+        for name, ids, source, table in (("user_embedding", user_ids, self.owned_users, model.user_embedding),
+                                         ("item_embedding", item_ids + self.num_users, self.owned_items,
+                                          model.item_embedding)):
+            def rows_of(local, name=name, table=table):
+                local = local.to(table.device)
+                uniq, inverse = torch.unique(local, return_inverse=True)
+                leaf = table.detach().index_select(0, uniq).requires_grad_()
+                leaves.append((name, uniq, leaf))
+                return leaf.index_select(0, inverse)
+            out.append(RowExchange(self.own, ids.cpu().numpy(), source).gather(rows_of))
+        return tuple(out)
+
+    @torch.no_grad()
+    def full_embeddings(self, model) -> torch.Tensor:
+        """[E_U ; E_I] of every node, gathered from the owners (refreshes, inference)."""
+        users = self._assemble(model.user_embedding, self.owned_users, self.num_users)
+        n_items = self.own.part.size - self.num_users
+        items = self._assemble(model.item_embedding, self.owned_items - self.num_users, n_items)
+        return torch.cat([users, items])
+
     def nbytes(self) -> dict:
         nb = lambda ts: sum(t.numel() * t.element_size() for t in ts.values())  # noqa: E731
         return {"features_X": nb(self.x), "mge_inputs_Y": nb(self.y), "user_feature_sums_RX": nb(self.rx)}

@@ -98,8 +98,10 @@ class LGMRec(nn.Module):
         return self
 
     # ------------------------------------------------------------------ branches
-    def cge(self) -> torch.Tensor:
-        ego = torch.cat([self.user_embedding, self.item_embedding])
+    def cge(self, ego: torch.Tensor | None = None) -> torch.Tensor:
+        """E_c of every node (§1.4); ``ego`` = [E_U ; E_I] when the tables are held elsewhere (row-sharded)."""
+        if ego is None:
+            ego = torch.cat([self.user_embedding, self.item_embedding])
         return cge(self.graph, ego, self.cfg.n_ui_layers, self.cfg.cf_model)
 
     def mge_rows(self, m: str, rows: torch.Tensor) -> torch.Tensor:
@@ -169,10 +171,12 @@ class LGMRec(nn.Module):
         return {"loss": loss, "bpr": bpr.detach(), "hcl": hcl.detach(), "reg": reg.detach()}
 
     @torch.no_grad()
-    def final_embeddings(self, item_logits: dict | None = None, mge: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def final_embeddings(self, item_logits: dict | None = None, mge: dict | None = None,
+                         ego: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """E* for all users and items at inference: no dropout; Gumbel noise only if eval_gumbel_noise.
-        ``item_logits``, ``mge``: as in :meth:`ghe` and :meth:`fuse`, for features held elsewhere."""
-        e_c = self.cge()
+        ``item_logits``, ``mge``, ``ego``: as in :meth:`ghe`, :meth:`fuse`, :meth:`cge`, for tables held
+        elsewhere."""
+        e_c = self.cge(ego)
         hyper = None
         if self.cfg.use_ghe:
             self.eval_calls += 1
