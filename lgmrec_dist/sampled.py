@@ -44,6 +44,7 @@ from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import TRAIN, PreparedDataset
 from lgmrec_dist.evaluation import Evaluator
 from lgmrec_dist.graph import build_graph, spmm
+from lgmrec_dist.distributed.engine import ownership_for
 from lgmrec_dist.distributed.exchange import CommStats, Ownership, all_gather_rows
 from lgmrec_dist.distributed.tables import ShardedFeatureTables
 from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul, user_feature_sums
@@ -499,16 +500,16 @@ class SampledEngine:
     touched (an all-gather of (row id, gradient) pairs: traffic proportional to the touched rows with
     ``sparse_embeddings``; a whole-table all-reduce without); every rank then applies the same update.
     Full passes (message refreshes, inference) run on every rank. Evaluation shards the users over ranks.
-    With ``shard_tables`` the frozen feature tables are row-sharded instead of replicated
-    (:mod:`lgmrec_dist.distributed.tables`: contiguous users and items per rank).
+    With ``shard_tables`` the embedding and feature tables are row-sharded instead of replicated
+    (:mod:`lgmrec_dist.distributed.tables`; ownership as the exact mode: prep's partitions for this many
+    ranks, else contiguous ranges).
     """
 
     def __init__(self, cfg: Config, ds: PreparedDataset, device: torch.device, ctx=None):
         self.cfg, self.device, self.ctx = cfg, device, ctx
         self.rank, self.world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
         tu, ti = ds.pairs(TRAIN)
-        own = (Ownership.contiguous(ds.num_users, ds.num_items, self.rank, self.world)
-               if cfg.shard_tables and self.world > 1 else None)
+        own = ownership_for(ds, cfg, self.rank, self.world) if cfg.shard_tables and self.world > 1 else None
         self.model = SampledLGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"], tu, ti,
                                    ds.features, device, own)
         self.model.world = self.world

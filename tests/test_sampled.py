@@ -552,11 +552,21 @@ def tables_worker(data: str, out: str, steps: int) -> None:
     ds = PreparedDataset.load(data)
     tu, ti = ds.pairs(TRAIN)
     variants = {"replicated": [], "sharded": ["shard_tables=true"],
-                "sharded_no_rx": ["shard_tables=true", "user_feature_table=false"]}
+                "sharded_no_rx": ["shard_tables=true", "user_feature_table=false"],
+                "sharded_partitions": ["shard_tables=true", "partitioning=dataset"]}
+    # "sharded_partitions": ownership from a node partition (random, interleaved users and items) as prep
+    # writes it, instead of contiguous ranges
+    parts = Path(out) / "partitions"
+    parts.mkdir(exist_ok=True)
+    np.save(parts / "node_part.npy", np.random.default_rng(0).integers(0, 2, ds.num_users + ds.num_items))
     result = {}
     for name, extra in variants.items():
+        if name == "sharded_partitions":
+            ds.path, ds.manifest = Path(out), {**ds.manifest, "partitions": 2}
         cfg = load_config(None, OVERRIDES + EXACT_SWITCHES + APPROX + extra)
         eng = SampledEngine(cfg, ds, torch.device("cpu"), ctx)
+        if name == "sharded_partitions":
+            assert np.array_equal(eng.model.tables.own.part, np.load(parts / "node_part.npy"))
         triples = TripleSampler(ds.num_items, tu, ti, cfg.seed).epoch(0)
         losses = [eng.step(*batch_of(triples, b), b) for b in range(steps)]
         valid_eval, _ = make_evaluators(ds, cfg)
@@ -582,7 +592,7 @@ def test_row_sharded_tables_equal_replicated(tiny_dataset, tmp_path):
     ranks = [torch.load(tmp_path / f"tables{r}.pt", weights_only=False) for r in range(2)]
     for got in ranks:
         ref = got["replicated"]
-        for name in ("sharded", "sharded_no_rx"):
+        for name in ("sharded", "sharded_no_rx", "sharded_partitions"):
             run = got[name]
             for step, (a, b) in enumerate(zip(ref["losses"], run["losses"])):
                 for key in ("loss", "bpr", "hcl", "reg"):
