@@ -180,9 +180,15 @@ def rank_worker(scale: int, steps: int, overrides: list[str], out_root: Path) ->
         if b and not engine.last_stats["bytes"]["full_pass"]:
             times.append(time.perf_counter() - t)
         sent.append(engine.last_stats["bytes"]["sent_to_other_ranks"])
+    refresh = []
+    for _ in range(2):                            # a message refresh on its own (every rank takes part)
+        t = time.perf_counter()
+        engine.model.full_messages(0)
+        refresh.append(time.perf_counter() - t)
     engine.close()
     row = {"rank": ctx.rank, "world": ctx.world_size, "scale": scale, "setup_s": round(setup_s, 1),
            "seconds_per_step": round(statistics.median(times), 4) if times else None,
+           "refresh_s": round(min(refresh), 3),
            "sent_mb_per_step": round(statistics.median(sent[1:] or sent) / 1e6, 2),
            "held_gb": {k: round(v / 1e9, 3) for k, v in held.items()}, "peak_rss_gb": round(peak_rss_gb(), 2),
            "config": SAMPLED + overrides}

@@ -160,7 +160,7 @@ class SampledLGMRec:
         self.tables = None               # row-sharded feature tables (``shard_tables``, P ranks)
         if own is not None:
             self.model.attach(graph, None)
-            self.tables = ShardedFeatureTables(cfg, own, self.model.graph, features, device)
+            self.tables = ShardedFeatureTables(cfg, own, self.model.graph, features, device, train_users, train_items)
             self.tables.shard_embeddings(self.model)   # E_U, E_I now hold this rank's rows only
             self.rx = self.tables.rx
         else:
@@ -300,9 +300,10 @@ class SampledLGMRec:
         With ``with_coupling`` also C^(H−1) per modality, C = H̄_Iᵀ·H̄_I (A × A): M^(H) = C^(H−1)·H̄_Iᵀ·Q^(0),
         the linear map through which the straight-through message gradient reaches the CGE rows."""
         m = self.model
-        q0 = m.cge(self.full_ego())[self.num_users:]
         if self.tables is not None:
-            return self._sharded_messages(q0, step, with_coupling)
+            e_c = self.tables.owned_cge(m)                       # this rank's users, then its items
+            return self._sharded_messages(e_c[len(self.tables.owned_users):], step, with_coupling)
+        q0 = m.cge()[self.num_users:]
         ids = torch.arange(self.num_items, device=q0.device)
         messages, coupling = [], []
         for k, mod in enumerate(self.modalities):
@@ -313,18 +314,18 @@ class SampledLGMRec:
             coupling.append(torch.matrix_power(h_item.t() @ h_item, self.cfg.n_hyper_layer - 1))
         return (messages, coupling) if with_coupling else messages
 
-    def _sharded_messages(self, q0: torch.Tensor, step: int, with_coupling: bool):
-        """:meth:`full_messages` with row-sharded tables: each rank assigns its own items and the partial
-        sums H̄_Iᵀ·Q^(0) and C = H̄_Iᵀ·H̄_I are all-reduced; M^(H) = C^(H−1)·H̄_Iᵀ·Q^(0) (the same value as
-        H rounds of hypergraph_propagate, summed in another order)."""
+    def _sharded_messages(self, q_own: torch.Tensor, step: int, with_coupling: bool):
+        """:meth:`full_messages` with row-sharded tables, from Q^(0) = E_c of this rank's items (``q_own``):
+        each rank assigns its own items and the partial sums H̄_Iᵀ·Q^(0) and C = H̄_Iᵀ·H̄_I are all-reduced;
+        M^(H) = C^(H−1)·H̄_Iᵀ·Q^(0) (the value of H rounds of hypergraph_propagate, summed in another order)."""
         import torch.distributed as dist
         ids = self.tables.owned_item_ids
         messages, coupling = [], []
         for k, mod in enumerate(self.modalities):
             h_item = self._assign(k, self.tables.owned_item_logits(mod, self.model.hyper[mod]), ids, step, user=False)
-            parts = torch.cat([h_item.t() @ q0[ids], h_item.t() @ h_item], dim=1)
+            parts = torch.cat([h_item.t() @ q_own, h_item.t() @ h_item], dim=1)
             dist.all_reduce(parts)
-            first, c = parts[:, :q0.shape[1]], parts[:, q0.shape[1]:]
+            first, c = parts[:, :q_own.shape[1]], parts[:, q_own.shape[1]:]
             c_power = torch.matrix_power(c, self.cfg.n_hyper_layer - 1)
             messages.append(c_power @ first)
             coupling.append(c_power)

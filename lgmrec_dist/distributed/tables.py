@@ -18,7 +18,9 @@ import torch
 from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import features_tensor
 from lgmrec_dist.distributed.exchange import Ownership, RowExchange, all_gather_rows
+from lgmrec_dist.distributed.sharded import LocalGraph
 from lgmrec_dist.graph import Graph
+from lgmrec_dist.model.cge import cge
 from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul, held_matmul, user_feature_sums
 from lgmrec_dist.model.mge import mge_inputs
 
@@ -26,8 +28,11 @@ from lgmrec_dist.model.mge import mge_inputs
 class ShardedFeatureTables:
     """This rank's rows of X_m, Y_m and R·X_m, and the exchanges that serve other ranks' rows."""
 
-    def __init__(self, cfg: Config, own: Ownership, graph: Graph, features: dict, device: torch.device):
-        self.own, self.num_users = own, graph.num_users
+    def __init__(self, cfg: Config, own: Ownership, graph: Graph, features: dict, device: torch.device,
+                 train_users: np.ndarray, train_items: np.ndarray):
+        self.cfg, self.own, self.num_users = cfg, own, graph.num_users
+        # the owned rows of Ĝ with their halo (the exact mode's sharded CGE) for the message refreshes
+        self.graph = LocalGraph(own, graph.num_users, graph.num_items, train_users, train_items, device)
         owned = own.owned                                        # sorted global node ids of this rank
         self.owned_users = owned[owned < self.num_users]
         self.owned_items = owned[owned >= self.num_users]       # node ids (items follow the users)
@@ -113,6 +118,12 @@ class ShardedFeatureTables:
                 return leaf.index_select(0, inverse)
             out.append(RowExchange(self.own, ids.cpu().numpy(), source).gather(rows_of))
         return tuple(out)
+
+    def owned_cge(self, model) -> torch.Tensor:
+        """E_c (§1.4) of this rank's nodes (``own.owned`` order: its users, then its items) by the halo CGE
+        of the exact distributed mode: per layer, only the halo rows travel."""
+        ego = torch.cat([model.user_embedding, model.item_embedding])
+        return cge(self.graph, ego, self.cfg.n_ui_layers, self.cfg.cf_model)
 
     @torch.no_grad()
     def full_embeddings(self, model) -> torch.Tensor:
