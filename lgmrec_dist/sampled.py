@@ -10,12 +10,12 @@ A step of :class:`SampledLGMRec` reads only:
 * **MGE** (§1.5): the batch rows of the precomputed Y_m = Ĝ^K [P·X_m ; X_m], times W_m (exact);
 * **GHE** (§1.6): the batch rows' hyperedge dependencies, from X_m[items]·V_m and (R·X_m)[users]·V_m
   (R·X_m precomputed once: Z_U = R·X·V = (R·X)·V; or, with ``user_feature_table`` false, summed from the
-  users' item rows X_m[i]·V_m each step, without the |U| × d_m table), with the keyed Gumbel noise and dropout masks of the
-  exact model. The A × d hyperedge messages M^m need every item: ``hyper_refresh_steps`` r = 0 computes
-  them with gradient at every step (exact), r ≥ 1 recomputes them from a full pass (no gradient) at
-  steps where the cached ones are r steps old and holds their value in between; with
-  ``hyper_message_grad`` their gradient is still estimated each step from the batch's negative items
-  (straight-through, :func:`straight_through_message`);
+  users' item rows X_m[i]·V_m each step, without the |U| × d_m table), with the keyed Gumbel noise and
+  dropout masks of the exact model. The A × d hyperedge messages M^m need every item:
+  ``hyper_refresh_steps`` r = 0 computes them with gradient at every step (exact), r ≥ 1 recomputes
+  them from a full pass (no gradient) at steps where the cached ones are r steps old and holds their
+  value in between; with ``hyper_message_grad`` their gradient is still estimated each step from the
+  batch's negative items (straight-through, :func:`straight_through_message`);
 * **HCL** (§1.8): ``hcl_negatives`` "all" (exact all-user / all-item denominators), "in_batch" (the batch's
   other anchors, Horvitz-Thompson weighted by their inclusion probability), "uniform"
   (``hcl_num_negatives`` uniform draws, weighted |U|/K resp. |I|/K: the log-q correction); the positive
@@ -25,7 +25,8 @@ A step of :class:`SampledLGMRec` reads only:
   false keeps dense gradients and dense Adam over the whole tables, as the exact mode.
 
 With fanouts [-1], r = 0, "all" and dense Adam the step equals the exact model's (tests/test_sampled.py),
-in one process and on P ranks (:class:`SampledEngine`, data-parallel with replicated parameters).
+in one process and on P ranks (:class:`SampledEngine`, data-parallel with replicated parameters; with
+``shard_tables`` the tables are row-sharded instead, :mod:`lgmrec_dist.distributed.tables`).
 Evaluation uses the exact full-graph inference (``LGMRec.final_embeddings``) with the trained parameters.
 """
 from __future__ import annotations
@@ -42,11 +43,11 @@ from lgmrec_dist import rng
 from lgmrec_dist.batches import TripleSampler
 from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import TRAIN, PreparedDataset
-from lgmrec_dist.evaluation import Evaluator
-from lgmrec_dist.graph import build_graph, spmm
 from lgmrec_dist.distributed.engine import ownership_for
 from lgmrec_dist.distributed.exchange import CommStats, Ownership, all_gather_rows
 from lgmrec_dist.distributed.tables import ShardedFeatureTables
+from lgmrec_dist.evaluation import Evaluator
+from lgmrec_dist.graph import build_graph, spmm
 from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul, user_feature_sums
 from lgmrec_dist.model.hypergraph import hypergraph_propagate
 from lgmrec_dist.model.lgmrec import GUMBEL_ITEM, GUMBEL_USER, KEEP_ITEM, KEEP_USER, TAU, LGMRec
@@ -157,7 +158,7 @@ class SampledLGMRec:
         self.model = LGMRec(cfg, num_users, num_items, feature_dims).to(device)
         graph = build_graph(num_users, num_items, train_users, train_items)
         # the whole graph serves the start-up precomputation, the message refreshes and inference only
-        self.tables = None               # row-sharded feature tables (``shard_tables``, P ranks)
+        self.tables = None               # row-sharded tables (``shard_tables``, P ranks)
         if own is not None:
             self.model.attach(graph, None)
             self.tables = ShardedFeatureTables(cfg, own, self.model.graph, features, device, train_users, train_items)

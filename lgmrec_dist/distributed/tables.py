@@ -1,12 +1,15 @@
-"""Row-sharded frozen feature tables of the sampled mode on P ranks (``shard_tables``, docs/sampled.md).
+"""Row-sharded tables of the sampled mode on P ranks (``shard_tables``, docs/sampled.md).
 
-Rank r holds X_m of the items it owns, Y_m = Ĝ^K [P·X_m ; X_m] of the nodes it owns and, with
-``user_feature_table``, R·X_m of the users it owns: 1/P of each table instead of all of it. A step needs
+Rank r holds the rows of E_U, E_I (trained, with owner-side RowAdam) of the users and items it owns, X_m
+of its items, Y_m = Ĝ^K [P·X_m ; X_m] of its nodes and, with ``user_feature_table``, R·X_m of its users:
+1/P of each table instead of all of it. Embedding rows are served to the ranks whose blocks read them,
+and their gradients come back to the owner (:meth:`ShardedFeatureTables.lookup`). A step needs
 products of rows with a weight (Y_m rows × W_m for MGE, X_m / R·X_m rows × V_m for the hyperedge logits)
 for rows held anywhere: their owners compute them and send the d- or A-wide products
 (:meth:`RowExchange.gather`), not the d_m-wide rows. In backward the products' gradients return to the
 owners, whose copy of the weight gets them, and the dense all-reduce of the engine sums the weight's
-gradient over ranks, as for any replicated parameter.
+gradient over ranks, as for any replicated parameter. Message refreshes run the exact mode's halo CGE
+over the owned rows (:meth:`ShardedFeatureTables.owned_cge`).
 
 Every method is a collective: all ranks call them in the same order and the same number of times.
 """
@@ -26,7 +29,7 @@ from lgmrec_dist.model.mge import mge_inputs
 
 
 class ShardedFeatureTables:
-    """This rank's rows of X_m, Y_m and R·X_m, and the exchanges that serve other ranks' rows."""
+    """This rank's rows of E_U, E_I, X_m, Y_m and R·X_m, and the exchanges that serve other ranks' rows."""
 
     def __init__(self, cfg: Config, own: Ownership, graph: Graph, features: dict, device: torch.device,
                  train_users: np.ndarray, train_items: np.ndarray):
@@ -127,7 +130,7 @@ class ShardedFeatureTables:
 
     @torch.no_grad()
     def full_embeddings(self, model) -> torch.Tensor:
-        """[E_U ; E_I] of every node, gathered from the owners (refreshes, inference)."""
+        """[E_U ; E_I] of every node, gathered from the owners (inference)."""
         users = self._assemble(model.user_embedding, self.owned_users, self.num_users)
         n_items = self.own.part.size - self.num_users
         items = self._assemble(model.item_embedding, self.owned_items - self.num_users, n_items)
