@@ -28,6 +28,7 @@ Runs on CUDA unchanged when torch sees a GPU (sampling stays on the CPU).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -67,7 +68,7 @@ def dataset_10m(out_root: Path) -> Path:
     return path
 
 
-def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: Path) -> dict:
+def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: Path, eval_users: int = 0) -> dict:
     from lgmrec_dist.batches import TripleSampler
     from lgmrec_dist.config import load_config
     from lgmrec_dist.dataset import TRAIN, PreparedDataset
@@ -123,6 +124,17 @@ def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: P
             engine.model.full_messages(0)
             reps.append(time.perf_counter() - t)
         refresh_s = min(reps)
+    evaluation = {}
+    if eval_users:                                # inference + validation of a sample of users, timed
+        from lgmrec_dist.train import make_evaluators
+        valid_eval, _ = make_evaluators(ds, dataclasses.replace(cfg, valid_users=eval_users))
+        t = time.perf_counter()
+        emb = engine.embeddings()
+        evaluation["inference_s"] = round(time.perf_counter() - t, 1)
+        t = time.perf_counter()
+        valid = engine.evaluate(valid_eval, emb)
+        evaluation.update(eval_users=len(valid_eval.users), eval_s=round(time.perf_counter() - t, 1),
+                          valid_recall20=round(valid["recall@20"], 4))
     if hasattr(engine, "close"):
         engine.close()
     step_s = statistics.median(times) if times else None
@@ -135,7 +147,7 @@ def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: P
            "steps_per_epoch": n_batches, "steps_wall_s": round(steps_wall_s, 1),
            "peak_rss_gb": round(peak_rss_gb(), 2),
            "load_before": round(load0, 2), "load_after": round(os.getloadavg()[0], 2),
-           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
+           "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), **evaluation}
     if mode == "sampled":
         row["amortised_step_s"] = round(step_s + refresh_s / r, 4) if refresh_s and r else step_s
         row["sample_wait_s"] = round(statistics.median(waits[1:] or waits), 4)
@@ -331,6 +343,8 @@ def main() -> None:
     p.add_argument("--ranks", type=int, default=0,
                    help="instead: the sampled mode on this many gloo ranks (torchrun) at the first --scales value "
                         "(0 = the 10M catalogue), --steps steps; per-rank held bytes, peak RSS, bytes sent")
+    p.add_argument("--eval-users", type=int, default=0,
+                   help="also time inference and the validation of this many sampled users (valid_users)")
     p.add_argument("--rank-worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
     p.add_argument("--quality-one", nargs=2, help=argparse.SUPPRESS)
@@ -356,7 +370,7 @@ def main() -> None:
     if args.one is not None:
         mode, scale = args.one[0], int(args.one[1])
         steps = args.steps if mode == "sampled" else args.exact_steps
-        print(json.dumps(run_one(mode, scale, steps, args.set, out_root)))
+        print(json.dumps(run_one(mode, scale, steps, args.set, out_root, args.eval_users)))
         return
     if args.epoch_10m:   # scale 0 = the 10M catalogue; every step of its epoch, in its own process
         dataset_10m(out_root)
@@ -365,7 +379,7 @@ def main() -> None:
     for mode in args.modes:
         for scale in args.scales:
             cmd = [sys.executable, __file__, "--one", mode, str(scale), "--steps", str(args.steps),
-                   "--exact-steps", str(args.exact_steps), "--out", str(out_root)]
+                   "--exact-steps", str(args.exact_steps), "--out", str(out_root), "--eval-users", str(args.eval_users)]
             for kv in args.set:
                 cmd += ["--set", kv]
             env = {**os.environ}

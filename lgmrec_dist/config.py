@@ -66,6 +66,8 @@ class Config:
     eval_item_tile: int = 65536
     topk: list = field(default_factory=lambda: [5, 10, 20, 50])
     valid_metric: str = "recall@20"
+    valid_users: int = 0                    # > 0: validate (early stopping, best epoch) on a fixed random sample of
+                                            # this many users (all items ranked); test metrics use every user
     # checkpoints (docs/checkpoints.md)
     checkpoint_every_steps: int = 0         # also checkpoint every N optimizer steps (0 = epoch ends only)
     checkpoint_every_epoch: bool = True     # checkpoint after each epoch's evaluation
@@ -110,7 +112,7 @@ class Config:
                     "eval_item_tile", "hcl_num_negatives"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        for key in ("n_ui_layers", "n_mm_layers", "max_steps", "stopping_step", "num_threads",
+        for key in ("n_ui_layers", "n_mm_layers", "max_steps", "stopping_step", "num_threads", "valid_users",
                     "checkpoint_every_steps", "hyper_refresh_steps", "sampler_workers"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")

@@ -132,16 +132,20 @@ class Evaluator:
     """Full-ranking evaluation of one held-out split (validation or test), built once from numpy pairs.
 
     Duplicate (user, item) pairs count once. Evaluated users: every distinct user of the held-out pairs,
-    in ascending id order, processed ``batch_size`` users at a time.
+    in ascending id order, processed ``batch_size`` users at a time — or, with ``max_users`` > 0, a fixed
+    uniform sample of that many of them (drawn once with ``seed``; every item is still ranked for each).
     """
 
     def __init__(self, num_users: int, num_items: int, train_users, train_items, heldout_users,
-                 heldout_items, ks=(5, 10, 20, 50), batch_size: int = 4096, item_tile: int = 65536):
+                 heldout_items, ks=(5, 10, 20, 50), batch_size: int = 4096, item_tile: int = 65536,
+                 max_users: int = 0, seed: int = 0):
         self.num_users, self.num_items = num_users, num_items
         self.ks, self.batch_size, self.item_tile = tuple(ks), batch_size, item_tile
         self.train_csr = _csr_from_pairs(num_users, num_items, train_users, train_items)
         self.heldout_csr = _csr_from_pairs(num_users, num_items, heldout_users, heldout_items)
         self.users = np.flatnonzero(np.diff(self.heldout_csr[0]) > 0)
+        if 0 < max_users < len(self.users):
+            self.users = np.sort(np.random.default_rng(seed).choice(self.users, max_users, replace=False))
 
     @torch.no_grad()
     def evaluate(self, user_emb: torch.Tensor, item_emb: torch.Tensor, user_subset=None, user_rows=None):

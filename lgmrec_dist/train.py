@@ -71,9 +71,10 @@ def setup_logging(run_dir: Path) -> None:
 
 def make_evaluators(ds: PreparedDataset, cfg: Config) -> tuple[Evaluator, Evaluator]:
     tu, ti = ds.pairs(TRAIN)
-    make = lambda label: Evaluator(ds.num_users, ds.num_items, tu, ti, *ds.pairs(label), ks=cfg.topk,  # noqa: E731
-                                   batch_size=cfg.eval_batch_size, item_tile=cfg.eval_item_tile)
-    return make(VALID), make(TEST)
+    make = lambda label, users=0: Evaluator(ds.num_users, ds.num_items, tu, ti, *ds.pairs(label),  # noqa: E731
+                                            ks=cfg.topk, batch_size=cfg.eval_batch_size,
+                                            item_tile=cfg.eval_item_tile, max_users=users, seed=cfg.seed)
+    return make(VALID, cfg.valid_users), make(TEST)
 
 
 def summary_table(valid: dict, test: dict, ks: list[int]) -> str:
@@ -219,6 +220,9 @@ def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank) -> dict:
     tu, ti = ds.pairs(TRAIN)
     sampler = TripleSampler(ds.num_items, tu, ti, cfg.seed)
     valid_eval, test_eval = make_evaluators(ds, cfg)
+    if len(valid_eval.users) < len(test_eval.users) and cfg.valid_users:
+        log.info("validation on a fixed sample of %d users (valid_users); test on all %d", len(valid_eval.users),
+                 len(test_eval.users))
     stopper = EarlyStopping(cfg.stopping_step)
     loop = _fresh_loop()
     if latest is not None:

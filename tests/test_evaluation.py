@@ -164,6 +164,26 @@ def test_user_subset_halves_add_up():
     assert finalize(all_sums, all_count) == ev.evaluate_metrics(U, I)
 
 
+def test_sampled_validation_users_equal_the_subset_of_full_evaluation():
+    """max_users (config valid_users): a fixed uniform sample of the evaluated users, each ranked against
+    every item — its sums equal the full evaluator's restricted to the same users."""
+    rng = np.random.default_rng(3)
+    nu, ni = 60, 40
+    train, held = random_split(rng, nu, ni, 500, 120)
+    full = make_evaluator(train, held, nu, ni, batch_size=7, item_tile=9)
+    sample = make_evaluator(train, held, nu, ni, batch_size=7, item_tile=9, max_users=15, seed=4)
+    again = make_evaluator(train, held, nu, ni, batch_size=7, item_tile=9, max_users=15, seed=4)
+    assert len(sample.users) == 15 and set(sample.users) < set(full.users)
+    assert np.array_equal(sample.users, again.users)                          # fixed by the seed
+    other = make_evaluator(train, held, nu, ni, max_users=15, seed=5)
+    assert not np.array_equal(sample.users, other.users)
+    U = torch.from_numpy(rng.standard_normal((nu, 8)))
+    I = torch.from_numpy(rng.standard_normal((ni, 8)))
+    assert sample.evaluate(U, I) == full.evaluate(U, I, sample.users)
+    everyone = make_evaluator(train, held, nu, ni, max_users=10_000)          # more than there are: all
+    assert np.array_equal(everyone.users, full.users)
+
+
 def test_duplicate_pairs_count_once():
     rng = np.random.default_rng(2)
     nu, ni = 20, 15
