@@ -98,10 +98,12 @@ def main() -> None:
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if res.returncode:
             sys.exit(f"P={n} failed:\n{res.stderr[-3000:]}")
-        for line in res.stdout.splitlines():
-            if line.startswith("BENCH "):
-                rows.append(json.loads(line[6:]))
-                print(line[6:], flush=True)
+        # the ranks share one stdout: their lines can interleave, so decode each "BENCH " record where it starts
+        decoder = json.JSONDecoder()
+        for part in res.stdout.split("BENCH ")[1:]:
+            row, _ = decoder.raw_decode(part)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     cols = ["P", "rank", "threads", "seconds_per_step", "sent_MB_per_step", "peak_rss_GB"]
     print("\n| " + " | ".join(cols + ["graph MB", "emb+adam MB", "features MB", "mge_inputs MB", "halo rows"]) + " |")
     print("|" + "---|" * (len(cols) + 5))
