@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 from lgmrec_dist.dataset import MANIFEST, DatasetError, parse_named_paths, write_dataset
 from data_prep.mmrec import check_modality_name
 from data_prep.partition import METHODS, partition_nodes, partition_stats, write_partitions
-from data_prep.synthetic import mmrec_split
+from data_prep.synthetic import group_by_user, labels_by_rank, mmrec_split
 
 __all__ = ["prep", "register_cli", "temporal_split", "kcore_filter", "duplicate_rows", "unify_dictionaries",
            "resolve_files", "ray_session", "summary_table", "SPLITS"]
@@ -499,29 +499,11 @@ def temporal_split(users: np.ndarray, times: np.ndarray, num_users: int) -> np.n
     timestamps keep the input order (the later row counts as newer).
     """
     users = np.asarray(users, dtype=np.int64)
-    n = len(users)
-    if n == 0:
+    if len(users) == 0:
         return np.zeros(0, dtype=np.int8)
-    counts = np.bincount(users, minlength=num_users)
-    # rows by (user, time, row): stable sort by time, then one plain sort of user * n + time rank
-    by_time = np.argsort(times, kind="stable")
-    if int(users.max()) < (2**62) // n:
-        order = by_time[np.sort(users[by_time] * n + np.arange(n, dtype=np.int64)) % n]
-    else:
-        order = np.lexsort((times, users))
-    grouped = users[order]
-    starts = np.cumsum(counts) - counts
-    pos = np.arange(n, dtype=np.int64) - starts[grouped]
-    cnt = counts[grouped]
-    held = np.where(cnt < 10, 2, cnt // 5)
-    n_valid = np.where(cnt < 10, 1, held // 2)
-    n_train = cnt - held
-    lab = np.full(n, 2, dtype=np.int8)
-    lab[pos < n_train + n_valid] = 1
-    lab[pos < n_train] = 0
-    labels = np.empty(n, dtype=np.int8)
-    labels[order] = lab
-    return labels
+    # rows by (user, time, row): stable sort by time, then grouped by user keeping that order
+    order = group_by_user(users, np.argsort(times, kind="stable"))
+    return labels_by_rank(users, order, num_users)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1052,11 +1034,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="lgmrec")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register_cli(sub)
-    args = parser.parse_args(["prep", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    from lgmrec_dist.cli import run_subcommand
+    return run_subcommand(register_cli, "prep", argv)
 
 
 if __name__ == "__main__":
