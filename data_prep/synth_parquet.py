@@ -234,11 +234,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="lgmrec")
-    sub = p.add_subparsers(dest="command", required=True)
-    register_cli(sub)
-    args = p.parse_args(["synth", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    from lgmrec_dist.cli import run_subcommand
+    return run_subcommand(register_cli, "synth", argv)
 
 
 if __name__ == "__main__":

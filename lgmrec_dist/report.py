@@ -362,11 +362,8 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="lgmrec")
-    sub = p.add_subparsers(dest="command", required=True)
-    register_cli(sub)
-    args = p.parse_args(["report", *(argv if argv is not None else sys.argv[1:])])
-    return args.func(args)
+    from lgmrec_dist.cli import run_subcommand
+    return run_subcommand(register_cli, "report", argv)
 
 
 if __name__ == "__main__":
