@@ -85,6 +85,15 @@ def _pyplot():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    """Lay out, write the PNG (making its folder) and free the figure."""
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def _integer_epochs(ax) -> None:
     from matplotlib.ticker import MaxNLocator
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -107,11 +116,7 @@ def plot_losses(run: Run, path: Path) -> Path:
     for ax in axes[-1]:
         ax.set_xlabel("epoch")
     fig.suptitle(f"{run.name}: training loss terms per epoch (epoch means; dashed = best epoch)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_validation(run: Run, path: Path, metrics=("recall@20", "ndcg@20")) -> Path:
@@ -134,11 +139,7 @@ def plot_validation(run: Run, path: Path, metrics=("recall@20", "ndcg@20")) -> P
         _integer_epochs(ax)
         ax.legend(loc="lower right", fontsize=8)
     fig.suptitle(f"{run.name}: validation per epoch")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_compare(runs: list[Run], labels: list[str], path: Path, metric: str = "recall@20") -> Path:
@@ -153,11 +154,7 @@ def plot_compare(runs: list[Run], labels: list[str], path: Path, metric: str = "
     ax.grid(alpha=0.3)
     _integer_epochs(ax)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 # ------------------------------------------------------------------------------------------- tables
