@@ -209,18 +209,22 @@ def rank_worker(scale: int, steps: int, overrides: list[str], out_root: Path) ->
     torch.distributed.destroy_process_group()
 
 
+def child(args, argv: list[str], launcher: list[str] = ()) -> tuple[list[str], dict]:
+    """Command line and environment of a child run of this script: ``argv`` plus the --set overrides,
+    with OMP_WAIT_POLICY=PASSIVE unless --omp-active."""
+    cmd = [sys.executable, *launcher, __file__, *argv]
+    for kv in args.set:
+        cmd += ["--set", kv]
+    return cmd, {**os.environ, **({"OMP_WAIT_POLICY": "PASSIVE"} if args.omp_passive else {})}
+
+
 def ranks(args, out_root: Path) -> None:
     """``--ranks P``: torchrun P processes of :func:`rank_worker` on this machine; print each rank's row."""
     (dataset_10m(out_root) if args.scales[0] == 0 else dataset_for(args.scales[0], out_root))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}",
-           __file__, "--rank-worker", "--scales", str(args.scales[0]), "--steps", str(args.steps), "--out",
-           str(out_root)]
-    for kv in args.set:
-        cmd += ["--set", kv]
-    threads = max(1, (os.cpu_count() or 1) // args.ranks)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    if args.omp_passive:
-        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    cmd, env = child(args, ["--rank-worker", "--scales", str(args.scales[0]), "--steps", str(args.steps),
+                            "--out", str(out_root)],
+                     launcher=["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}"])
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.ranks))
     if subprocess.run(cmd, env=env).returncode:
         sys.exit("the P-rank run failed")
     for r in range(args.ranks):
@@ -301,11 +305,8 @@ def quality(args, out_root: Path) -> None:
     planted_dataset(out_root)
     for seed in args.seeds:
         for mode in ("exact", "sampled"):
-            cmd = [sys.executable, __file__, "--quality-one", mode, str(seed), "--out", str(out_root)]
-            for kv in args.set:
-                cmd += ["--set", kv]
-            res = subprocess.run(cmd, capture_output=True, text=True,
-                                 env={**os.environ, **({"OMP_WAIT_POLICY": "PASSIVE"} if args.omp_passive else {})})
+            cmd, env = child(args, ["--quality-one", mode, str(seed), "--out", str(out_root)])
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if res.returncode:
                 sys.exit(f"quality {mode} seed {seed} failed:\n{res.stderr[-3000:]}")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
@@ -378,13 +379,8 @@ def main() -> None:
     rows = []
     for mode in args.modes:
         for scale in args.scales:
-            cmd = [sys.executable, __file__, "--one", mode, str(scale), "--steps", str(args.steps),
-                   "--exact-steps", str(args.exact_steps), "--out", str(out_root), "--eval-users", str(args.eval_users)]
-            for kv in args.set:
-                cmd += ["--set", kv]
-            env = {**os.environ}
-            if args.omp_passive:
-                env["OMP_WAIT_POLICY"] = "PASSIVE"
+            cmd, env = child(args, ["--one", mode, str(scale), "--steps", str(args.steps), "--exact-steps",
+                                    str(args.exact_steps), "--out", str(out_root), "--eval-users", str(args.eval_users)])
             res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env)   # progress on stderr
             if res.returncode:
                 sys.exit(f"{mode} x{scale} failed (exit {res.returncode})")
@@ -396,12 +392,9 @@ def main() -> None:
     for r in rows:
         print("| " + " | ".join(str(r.get(c)) for c in cols) + " |")
     if args.paired:
-        cmd = [sys.executable, __file__, "--paired-one", "--scales", *map(str, args.scales), "--steps", str(args.steps),
-               "--out", str(out_root)]
-        for kv in args.set:
-            cmd += ["--set", kv]
-        res = subprocess.run(cmd, capture_output=True, text=True,
-                             env={**os.environ, **({"OMP_WAIT_POLICY": "PASSIVE"} if args.omp_passive else {})})
+        cmd, env = child(args, ["--paired-one", "--scales", *map(str, args.scales), "--steps", str(args.steps),
+                                "--out", str(out_root)])
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode:
             sys.exit(f"paired run failed:\n{res.stderr[-3000:]}")
         print("paired (one process, scales stepping in turn):", res.stdout.strip().splitlines()[-1])
