@@ -38,7 +38,12 @@ class HyperEmbedding:
 def dependencies(x: torch.Tensor, v: torch.Tensor, graph: Graph, tau: float, noise=None, masks=None,
                  keep_rate: float = 1.0):
     """Soft hyperedge assignments (H̄_I, H̄_U) of §1.6 items 1-3 on the whole graph."""
-    z_item = const_rows_matmul(x, v)
+    return dependencies_from_logits(const_rows_matmul(x, v), graph, tau, noise, masks, keep_rate)
+
+
+def dependencies_from_logits(z_item: torch.Tensor, graph: Graph, tau: float, noise=None, masks=None,
+                             keep_rate: float = 1.0):
+    """:func:`dependencies` from the item logits Z_I = X·V (user logits Z_U = R·Z_I)."""
     return assignments(z_item, spmm(graph.R, graph.R_t, z_item), tau, noise, masks, keep_rate)
 
 

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from lgmrec_dist import rng
 from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import features_tensor
-from lgmrec_dist.graph import Graph, spmm
+from lgmrec_dist.graph import Graph
 from lgmrec_dist.model.cge import cge
-from lgmrec_dist.model.features import HELD_DTYPES, held_matmul
-from lgmrec_dist.model.hypergraph import HyperEmbedding, assignments, dependencies, hypergraph_propagate
+from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul, held_matmul
+from lgmrec_dist.model.hypergraph import HyperEmbedding, dependencies_from_logits, hypergraph_propagate
 from lgmrec_dist.model.losses import bpr_loss, hcl_loss, reg_loss
 from lgmrec_dist.model.mge import mge_direct, mge_inputs
 
@@ -126,13 +126,8 @@ class LGMRec(nn.Module):
         out = []
         for k, m in enumerate(self.modalities):
             noise, masks = self._draws(step, k, train)
-            if item_logits is not None:
-                z = item_logits[m]
-                h_item, h_user = assignments(z, spmm(self.graph.R, self.graph.R_t, z), TAU, noise, masks,
-                                             self.cfg.keep_rate)
-            else:
-                h_item, h_user = dependencies(self.features[m], self.hyper[m], self.graph, TAU, noise, masks,
-                                              self.cfg.keep_rate)
+            z = const_rows_matmul(self.features[m], self.hyper[m]) if item_logits is None else item_logits[m]
+            h_item, h_user = dependencies_from_logits(z, self.graph, TAU, noise, masks, self.cfg.keep_rate)
             out.append(hypergraph_propagate(h_item, h_user, e_c[self.num_users:], self.cfg.n_hyper_layer))
         return out
 
