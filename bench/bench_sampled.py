@@ -68,6 +68,11 @@ def dataset_10m(out_root: Path) -> Path:
     return path
 
 
+def dataset_at(scale: int, out_root: Path) -> Path:
+    """Scale s of bench_train's catalogues; scale 0 = the 10M-interaction catalogue."""
+    return dataset_10m(out_root) if scale == 0 else dataset_for(scale, out_root)
+
+
 def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: Path, eval_users: int = 0) -> dict:
     from lgmrec_dist.batches import TripleSampler
     from lgmrec_dist.config import load_config
@@ -75,7 +80,7 @@ def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: P
     from lgmrec_dist.train import LocalEngine
 
     load0 = os.getloadavg()[0]
-    ds = PreparedDataset.load(dataset_10m(out_root) if scale == 0 else dataset_for(scale, out_root), verify=False)
+    ds = PreparedDataset.load(dataset_at(scale, out_root), verify=False)
     extra = (SAMPLED + overrides) if mode == "sampled" else overrides
     cfg = load_config(ROOT / "configs" / "baby.yaml", extra)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -176,7 +181,7 @@ def rank_worker(scale: int, steps: int, overrides: list[str], out_root: Path) ->
     from lgmrec_dist.sampled import SampledEngine
 
     ctx = init_process_group()
-    ds = PreparedDataset.load(dataset_10m(out_root) if scale == 0 else dataset_for(scale, out_root), verify=False)
+    ds = PreparedDataset.load(dataset_at(scale, out_root), verify=False)
     cfg = load_config(ROOT / "configs" / "baby.yaml", SAMPLED + overrides)
     t0 = time.perf_counter()
     engine = SampledEngine(cfg, ds, ctx.device, ctx)
@@ -220,7 +225,7 @@ def child(args, argv: list[str], launcher: list[str] = ()) -> tuple[list[str], d
 
 def ranks(args, out_root: Path) -> None:
     """``--ranks P``: torchrun P processes of :func:`rank_worker` on this machine; print each rank's row."""
-    (dataset_10m(out_root) if args.scales[0] == 0 else dataset_for(args.scales[0], out_root))
+    dataset_at(args.scales[0], out_root)         # made here, before the ranks start
     cmd, env = child(args, ["--rank-worker", "--scales", str(args.scales[0]), "--steps", str(args.steps),
                             "--out", str(out_root)],
                      launcher=["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.ranks}"])
