@@ -14,6 +14,15 @@ import torch
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 
+def interaction_dgl_graph(num_users: int, num_items: int, users: np.ndarray, items: np.ndarray):
+    """The training interactions as a DGL graph (users 0..U-1, items U..U+I-1): each distinct (user, item)
+    pair once in each direction — the neighbourhoods Ĝ normalises, for DGL's samplers and blocks."""
+    import dgl
+    keys = np.unique(np.asarray(users, np.int64) * num_items + np.asarray(items, np.int64))
+    u, i = keys // num_items, keys % num_items + num_users
+    return dgl.graph((np.concatenate([u, i]), np.concatenate([i, u])), num_nodes=num_users + num_items)
+
+
 def csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape) -> torch.Tensor:
     order = np.lexsort((cols, rows))
     rows, cols, vals = rows[order], cols[order], vals[order]

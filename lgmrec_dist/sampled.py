@@ -157,11 +157,16 @@ class SampledLGMRec:
         self.num_users, self.num_items = num_users, num_items
         self.model = LGMRec(cfg, num_users, num_items, feature_dims).to(device)
         graph = build_graph(num_users, num_items, train_users, train_items)
+        n_layers = cfg.n_ui_layers if cfg.cf_model == "lightgcn" else 0
+        self.n_layers = n_layers
+        self.sampler = BlockSampler(num_users, num_items, graph.train_users, graph.train_items, cfg.fanouts,
+                                    n_layers, cfg.seed)
         # the whole graph serves the start-up precomputation, the message refreshes and inference only
         self.tables = None               # row-sharded tables (``shard_tables``, P ranks)
         if own is not None:
             self.model.attach(graph, None)
-            self.tables = ShardedFeatureTables(cfg, own, self.model.graph, features, device, train_users, train_items)
+            self.tables = ShardedFeatureTables(cfg, own, self.model.graph, features, device, train_users, train_items,
+                                               dgl_graph=self.sampler.graph)
             self.tables.shard_embeddings(self.model)   # E_U, E_I now hold this rank's rows only
             self.rx = self.tables.rx
         else:
@@ -169,12 +174,8 @@ class SampledLGMRec:
             self.rx = ({m: user_feature_sums(self.model.graph, x, dtype=HELD_DTYPES[cfg.feature_dtype])
                         for m, x in self.model.features.items()} if cfg.use_ghe and cfg.user_feature_table else {})
         self.modalities = self.model.modalities
-        n_layers = cfg.n_ui_layers if cfg.cf_model == "lightgcn" else 0
-        self.n_layers = n_layers
         r = self.model.graph.R
         self.r_csr = (r.crow_indices(), r.col_indices(), r.values())   # users' item lists (user_feature_table false)
-        self.sampler = BlockSampler(num_users, num_items, graph.train_users, graph.train_items, cfg.fanouts,
-                                    n_layers, cfg.seed)
         deg = self.sampler.deg
         self.user_deg, self.item_deg = deg[:num_users], deg[num_users:]
         self.num_pairs = len(graph.train_users)

@@ -36,6 +36,7 @@ from dgl.dataloading import NeighborSampler
 
 from lgmrec_dist import rng
 from lgmrec_dist.batches import TripleSampler
+from lgmrec_dist.graph import interaction_dgl_graph
 
 log = logging.getLogger("lgmrec")
 
@@ -116,11 +117,9 @@ class BlockSampler:
 
     def __init__(self, num_users: int, num_items: int, train_users: np.ndarray, train_items: np.ndarray,
                  fanouts: list[int], n_layers: int, seed: int, rescale: bool = True):
-        keys = np.unique(np.asarray(train_users, np.int64) * num_items + np.asarray(train_items, np.int64))
-        u, i = keys // num_items, keys % num_items + num_users
         self.num_users, self.num_items = num_users, num_items
         self.num_nodes = num_users + num_items
-        self.graph = dgl.graph((np.concatenate([u, i]), np.concatenate([i, u])), num_nodes=self.num_nodes)
+        self.graph = interaction_dgl_graph(num_users, num_items, train_users, train_items)
         self.deg = self.graph.in_degrees().numpy().astype(np.float64)   # distinct neighbours, full graph
         self.d_inv_sqrt = 1.0 / np.sqrt(self.deg + 1e-7)                # as build_graph
         self.fanouts = list(fanouts) * n_layers if len(fanouts) == 1 else list(fanouts)

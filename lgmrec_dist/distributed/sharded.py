@@ -31,11 +31,11 @@ import torch.nn.functional as F
 from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import features_tensor
 from lgmrec_dist.distributed.exchange import CommStats, Ownership, RowExchange, all_gather, all_gather_rows
-from lgmrec_dist.graph import csr, spmm
+from lgmrec_dist.graph import csr, interaction_dgl_graph, spmm
 from lgmrec_dist.model.cge import cge
+from lgmrec_dist.model.features import HELD_DTYPES, column_chunk, const_rows_matmul, held_matmul
 from lgmrec_dist.model.hypergraph import HyperEmbedding, assignments, hypergraph_propagate
 from lgmrec_dist.model.lgmrec import TAU, LGMRec, keyed_draws
-from lgmrec_dist.model.features import HELD_DTYPES, column_chunk, const_rows_matmul, held_matmul
 from lgmrec_dist.model.losses import lowrank_logsumexp
 
 
@@ -60,11 +60,9 @@ class LocalGraph:
     """The owned rows of Ĝ (and of R, P for owned users) as CSR blocks over [owned ; halo] columns."""
 
     def __init__(self, own: Ownership, num_users: int, num_items: int, users: np.ndarray, items: np.ndarray,
-                 device: torch.device):
-        keys = np.unique(np.asarray(users, np.int64) * num_items + np.asarray(items, np.int64))
-        u, i = keys // num_items, keys % num_items + num_users
-        n = num_users + num_items
-        g = dgl.graph((np.concatenate([u, i]), np.concatenate([i, u])), num_nodes=n)
+                 device: torch.device, graph=None):
+        """``graph``: the interaction DGL graph when the caller has it already (``interaction_dgl_graph``)."""
+        g = graph if graph is not None else interaction_dgl_graph(num_users, num_items, users, items)
         deg = g.in_degrees().numpy().astype(np.float64)        # full-graph degrees, never sampled ones
         owned = torch.from_numpy(own.owned)
         block = dgl.to_block(dgl.sampling.sample_neighbors(g, owned, -1), dst_nodes=owned)
