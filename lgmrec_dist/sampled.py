@@ -241,16 +241,18 @@ class SampledLGMRec:
         m = self.modalities[k]
         if user and not self.rx:
             return self._assign(k, self._user_logits_from_items(m, ids), ids, step, user)
-        if self.tables is not None:
-            v = self.model.hyper[m]
-            src = (self.tables.rx if user else self.tables.x)[m]
-            self.counts["logit_bytes"] = self.counts.get("logit_bytes", 0) + len(ids) * src.shape[1] * src.element_size()
+        v = self.model.hyper[m]
+        src = self.rx[m] if user else (self.model.features if self.tables is None else self.tables.x)[m]
+        self._count_reads(len(ids), src)
+        if self.tables is not None:      # the rows' owners make the products
             z = self.tables.user_logits(m, ids, v) if user else self.tables.item_logits(m, ids, v)
-            return self._assign(k, z, ids, step, user)
-        src = self.rx[m] if user else self.model.features[m]
-        self.counts["logit_bytes"] = self.counts.get("logit_bytes", 0) + len(ids) * src.shape[1] * src.element_size()
-        z = const_rows_matmul(src.index_select(0, ids).float(), self.model.hyper[m])
+        else:
+            z = const_rows_matmul(src.index_select(0, ids).float(), v)
         return self._assign(k, z, ids, step, user)
+
+    def _count_reads(self, rows: int, table: torch.Tensor) -> None:
+        """Bytes of feature rows read behind this step's H̄ rows (``step_bytes``)."""
+        self.counts["logit_bytes"] = self.counts.get("logit_bytes", 0) + rows * table.shape[1] * table.element_size()
 
     def _user_logits_from_items(self, m: str, ids: torch.Tensor) -> torch.Tensor:
         """Z_U rows R[ids]·(X_m·V_m), summed from the users' training items (``user_feature_table`` false).
@@ -267,7 +269,7 @@ class SampledLGMRec:
             z_items = self.tables.item_logits(m, items, self.model.hyper[m])
         else:
             x = self.model.features[m]
-            self.counts["logit_bytes"] = self.counts.get("logit_bytes", 0) + len(items) * x.shape[1] * x.element_size()
+            self._count_reads(len(items), x)
             z_items = const_rows_matmul(x.index_select(0, items), self.model.hyper[m])
         z = z_items.index_select(0, inverse) * val[flat].unsqueeze(1)
         return z.new_zeros(len(ids), z.shape[1]).index_add(0, seg, z)
