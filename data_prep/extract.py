@@ -68,8 +68,6 @@ class ExtractConfig:
     shard_size: int | None = None       # rows per resumable shard (default 16 batches)
     num_gpus_per_worker: float | None = None  # None: 1 when the cluster has GPUs, else 0 (CPU actors)
     workers: int | None = None          # encoder actors (default: GPUs // G, or the cluster's CPUs)
-    threads: int | None = None          # torch threads per CPU actor (default: the cluster's CPUs // workers);
-                                        # the encoders' float rounding depends on it, not on the worker count
     ray_address: str | None = None
     image_missing: str = "mean"         # unreadable images: "mean" vector or "drop" the row
     image_root: str | None = None       # relative image paths are resolved against this
@@ -460,8 +458,6 @@ def run_extract(cfg: ExtractConfig, *, log: Callable[[str], None] = _stderr,
         raise DatasetError(f"--num-gpus-per-worker must be >= 0, got {cfg.num_gpus_per_worker}")
     if cfg.workers is not None and cfg.workers < 1:
         raise DatasetError(f"--workers must be >= 1, got {cfg.workers}")
-    if cfg.threads is not None and cfg.threads < 1:
-        raise DatasetError(f"--threads must be >= 1, got {cfg.threads}")
     out = Path(cfg.out).expanduser().resolve()
     if out.is_dir():
         raise DatasetError(f"output {str(out)!r} is a directory; give a .parquet file path")
@@ -578,7 +574,7 @@ def _run_ray(cfg, kind, pending, files, ids, work, model, arch, batch, image_roo
             desc = f"{workers} GPU worker{'s' if workers > 1 else ''} x {g:g} GPU"
         else:
             workers = min(cfg.workers or max(1, int(cpus)), len(pending))
-            per = cfg.threads or (max(1, int(cpus // workers)) if cpus >= workers else 1)
+            per = max(1, int(cpus // workers)) if cpus >= workers else 1
             actor_cpus, threads = float(per), per
             # readers take no CPU slot: the encoders hold them all, and reading is light next to encoding
             reader = {"num_cpus": 0,
@@ -671,7 +667,7 @@ def cmd_extract(args) -> int:
     cfg = ExtractConfig(items=args.items, out=args.out, id_col=args.id_col, text_cols=args.text_col or [],
                         image_col=args.image_col, model=args.model, arch=args.arch, batch_size=args.batch_size,
                         shard_size=args.shard_size, num_gpus_per_worker=args.num_gpus_per_worker,
-                        workers=args.workers, threads=args.threads, ray_address=args.ray_address, image_missing=args.image_missing,
+                        workers=args.workers, ray_address=args.ray_address, image_missing=args.image_missing,
                         image_root=args.image_root, overwrite=args.overwrite, verbose=args.verbose)
     try:
         summary = run_extract(cfg)
@@ -713,8 +709,6 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-gpus-per-worker", type=float,
                    help="GPUs per encoder actor (default 1 when the Ray cluster has GPUs, else 0: CPU actors)")
     p.add_argument("--workers", type=int, help="encoder actors (default: GPUs / G, or one per CPU)")
-    p.add_argument("--threads", type=int, help="torch threads per CPU encoder actor (default: CPUs / workers); "
-                   "outputs are bit-identical across runs and resumes with the same value")
     p.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS, a running local cluster, "
                                          "or a new local one)")
     p.add_argument("--image-missing", choices=("mean", "drop"), default="mean",

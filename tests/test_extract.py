@@ -128,10 +128,8 @@ def test_resume_after_interruption_gives_identical_output(ray_cluster, items, te
     path, _ = items
     out = tmp_path / "resumed.parquet"
     work = tmp_path / "resumed.parquet.partial"
-    # one actor here, two in the uninterrupted run; one torch thread each (the encoders' rounding depends on
-    # the thread count, not on which actor encodes a chunk)
     with pytest.raises(ExtractInterrupted):
-        run_extract(_cfg(path, out, workers=1, threads=1), log=lambda m: None, stop_after_shards=2)
+        run_extract(_cfg(path, out, workers=1), log=lambda m: None, stop_after_shards=2)
     assert not out.exists()  # nothing final until every shard is done
     finished = sorted(p.name for p in work.glob("shard-*.parquet"))
     assert len(finished) == 2
@@ -147,7 +145,7 @@ def test_resume_after_interruption_gives_identical_output(ray_cluster, items, te
     import data_prep.extract as ex
     ex._finalize = spy
     try:
-        summary = run_extract(_cfg(path, out, workers=1, threads=1), log=lines.append)
+        summary = run_extract(_cfg(path, out, workers=1), log=lines.append)
     finally:
         ex._finalize = real_finalize
     assert summary["resumed"] == done_rows and summary["encoded"] == 150 - done_rows
