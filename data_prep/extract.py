@@ -14,20 +14,19 @@ Pipeline (docs/extract.md has the long version)::
 
 Resuming: OUT.partial/plan.json records the input files (size, mtime), columns, model and batching. A
 rerun with the same settings skips the shards already written; a chunk is always encoded as the same
-padded batch, so the output is identical to an uninterrupted run.
+padded batch by an encoder with the same thread count, so the output is identical to an uninterrupted run.
+
+Modules: the Ray tasks and actors :mod:`data_prep.extract_tasks`, the shard plan and files
+:mod:`data_prep.extract_shards`; input files :mod:`data_prep.files`, the Ray session
+:mod:`data_prep.ray_session`. :func:`run_extract` is the list of stage calls.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import glob
 import json
-import logging
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,14 +37,19 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lgmrec_dist.dataset import DatasetError
+from lgmrec_dist.dataset import DatasetError, atomic_write_json
 
 from . import encoders
+from .extract_shards import (embedding_array, finished_shards, plan_shards, shard_path,  # noqa: F401 (plan_shards: API)
+                             write_shard)
+from .extract_shards import finalize as _finalize
+from .extract_tasks import EncodeChunks, read_shard
+from .files import file_stamp, resolve_files
+from .ray_session import ray_data_settings, ray_session
 
 PLAN_VERSION = 1
 PLAN = "plan.json"
 WORK_SUFFIX = ".partial"
-META_KEY = b"lgmrec.extract"
 DEFAULT_TEXT_BATCH = 64
 DEFAULT_IMAGE_BATCH = 32
 CHUNKS_PER_SHARD = 16
@@ -76,22 +80,6 @@ class ExtractConfig:
 
 
 # ------------------------------------------------------------------------------------ input checks
-
-def list_parquet_files(items: str) -> list[Path]:
-    path = Path(items).expanduser()
-    if path.is_file():
-        return [path.resolve()]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*.parquet")
-                       if p.is_file() and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
-        if not files:
-            raise DatasetError(f"items {items!r}: directory holds no .parquet files")
-        return [p.resolve() for p in files]
-    matches = sorted(glob.glob(str(path)))
-    if matches and any(ch in items for ch in "*?["):
-        return [Path(m).resolve() for m in matches if Path(m).is_file()]
-    raise DatasetError(f"items {items!r} does not exist")
-
 
 def _read_schema(path: Path) -> pa.Schema:
     try:
@@ -155,283 +143,11 @@ def _read_ids(files: list[Path], id_col: str, id_type: pa.DataType) -> pa.Chunke
 
 # ------------------------------------------------------------------------------------------- plan
 
-def plan_shards(files: list[Path], shard_size: int) -> list[dict]:
-    """Contiguous row ranges, in input order. A shard never crosses a file; small row groups are grouped
-    up to ``shard_size`` rows, large ones split (a split row group is read once per piece)."""
-    shards, start = [], 0
-    for fi, f in enumerate(files):
-        md = pq.ParquetFile(f).metadata
-        groups = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-        pending_rgs, pending_rows = [], 0
-
-        def flush(fi=fi):
-            nonlocal start, pending_rgs, pending_rows
-            if pending_rows:
-                shards.append({"file": fi, "row_groups": pending_rgs, "offset": 0, "length": pending_rows,
-                               "start": start})
-                start += pending_rows
-            pending_rgs, pending_rows = [], 0
-
-        for rg, n in enumerate(groups):
-            if n == 0:
-                continue
-            if n > shard_size:
-                flush()
-                pieces = math.ceil(n / shard_size)
-                for p in range(pieces):
-                    lo, hi = n * p // pieces, n * (p + 1) // pieces
-                    shards.append({"file": fi, "row_groups": [rg], "offset": lo, "length": hi - lo, "start": start})
-                    start += hi - lo
-                continue
-            if pending_rows + n > shard_size:
-                flush()
-            pending_rgs.append(rg)
-            pending_rows += n
-        flush()
-    for k, s in enumerate(shards):
-        s["shard"] = k
-    return shards
-
-
-def _file_identity(path: Path) -> list:
-    st = path.stat()
-    return [str(path), st.st_size, st.st_mtime_ns]
-
-
 def _model_identity(kind: str, model: Path) -> list:
     if kind == "image":
-        return _file_identity(model)
+        return file_stamp(model)
     return [[str(p.relative_to(model)), p.stat().st_size, p.stat().st_mtime_ns]
             for p in sorted(model.rglob("*")) if p.is_file()]
-
-
-# --------------------------------------------------------------------------------- Ray stages
-
-def read_shard(batch: pa.Table, spec: dict):
-    """Ray task: one input row per shard -> one output row per chunk of ``batch_size`` items.
-
-    Texts are ordered by length within the shard before they are cut into chunks (as
-    sentence-transformers does within one ``encode`` call): less padding, same chunks on every run.
-    ``pos`` holds each chunk's row positions within the shard.
-    """
-    for row in batch.to_pylist():
-        path = spec["files"][row["file"]]
-        table = pq.ParquetFile(path).read_row_groups(row["row_groups"], columns=spec["columns"])
-        table = table.slice(row["offset"], row["length"])
-        n, b = table.num_rows, spec["batch_size"]
-        shard, chunks = row["shard"], math.ceil(table.num_rows / b)
-        if spec["kind"] == "text":
-            texts = encoders.join_text_columns([table.column(c) for c in spec["columns"]])
-            order = np.array(sorted(range(n), key=lambda i: (-len(texts[i]), i)), np.int32)
-            yield pa.table({"shard": pa.array([shard] * chunks, pa.int64()),
-                            "chunk": pa.array(range(chunks), pa.int64()),
-                            "n": pa.array([min(b, n - c * b) for c in range(chunks)], pa.int64()),
-                            "pos": pa.array([order[c * b:(c + 1) * b].tobytes() for c in range(chunks)],
-                                            pa.binary()),
-                            "text": pa.array([[texts[i] for i in order[c * b:(c + 1) * b]] for c in range(chunks)],
-                                             pa.list_(pa.large_string()))})
-        else:
-            values = table.column(spec["columns"][0]).to_pylist()
-            pixels, oks, sizes = [], [], []
-            for c in range(chunks):
-                good, ok = [], []
-                for v in values[c * b:(c + 1) * b]:
-                    try:
-                        good.append(encoders.preprocess_image(encoders.load_image_bytes(v, spec["image_root"])))
-                        ok.append(True)
-                    except Exception:  # unreadable: counted by the driver, never fatal
-                        ok.append(False)
-                arr = np.stack(good) if good else np.zeros((0, encoders.CROP, encoders.CROP, 3), np.uint8)
-                pixels.append(arr.tobytes())
-                oks.append(np.asarray(ok, np.bool_).tobytes())
-                sizes.append(len(ok))
-            yield pa.table({"shard": pa.array([shard] * chunks, pa.int64()),
-                            "chunk": pa.array(range(chunks), pa.int64()),
-                            "n": pa.array(sizes, pa.int64()),
-                            "pos": pa.array([np.arange(c * b, c * b + sizes[c], dtype=np.int32).tobytes()
-                                             for c in range(chunks)], pa.binary()),
-                            "ok": pa.array(oks, pa.binary()),
-                            "pixels": pa.array(pixels, pa.large_binary())})
-
-
-class EncodeChunks:
-    """Ray actor (callable class for ``map_batches``): loads the encoder once, encodes one chunk per row."""
-
-    def __init__(self, spec: dict):
-        encoders.set_offline()
-        import torch
-
-        torch.set_num_threads(max(1, int(spec["threads"])))
-        self.kind = spec["kind"]
-        device = "cuda" if spec["gpus"] > 0 and torch.cuda.is_available() else "cpu"
-        if self.kind == "text":
-            self.encoder = encoders.TextEncoder(spec["model"], device)
-        else:
-            self.encoder = encoders.ImageEncoder(spec["model"], spec["arch"], device)
-        self.dim = self.encoder.dim
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        embs, oks = [], []
-        for i in range(batch.num_rows):
-            n = batch.column("n")[i].as_py()
-            if self.kind == "text":
-                emb = self.encoder.encode(batch.column("text")[i].as_py())
-                ok = np.ones(n, np.bool_)
-            else:
-                ok = np.frombuffer(batch.column("ok")[i].as_py(), np.bool_)
-                pix = np.frombuffer(batch.column("pixels")[i].as_py(), np.uint8)
-                pix = pix.reshape(-1, encoders.CROP, encoders.CROP, 3)
-                emb = np.zeros((n, self.dim), np.float32)
-                emb[ok] = self.encoder.encode(pix)
-            embs.append(emb.astype(np.float32, copy=False).tobytes())
-            oks.append(ok.tobytes())
-        return pa.table({"shard": batch.column("shard"), "chunk": batch.column("chunk"), "n": batch.column("n"),
-                         "pos": batch.column("pos"), "dim": pa.array([self.dim] * batch.num_rows, pa.int64()),
-                         "ok": pa.array(oks, pa.binary()), "emb": pa.array(embs, pa.large_binary())})
-
-
-# ----------------------------------------------------------------------------------- Ray session
-
-@contextlib.contextmanager
-def ray_session(address: str | None, verbose: bool = False):
-    """Reuse an initialised Ray; else join ``address`` / RAY_ADDRESS / the running local cluster, or
-    start a local one (shut down again at the end)."""
-    import ray
-
-    started = False
-    if not ray.is_initialized():
-        kwargs = {"include_dashboard": False, "log_to_driver": verbose}
-        address = address or os.environ.get("RAY_ADDRESS") or None
-        if address:
-            ray.init(address=address, **kwargs)
-        else:
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster
-            ray.init(**kwargs)
-        started = True
-    try:
-        yield ray
-    finally:
-        if started:
-            ray.shutdown()
-
-
-@contextlib.contextmanager
-def _quiet_ray_data(verbose: bool):
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    saved = (ctx.enable_progress_bars, logging.getLogger("ray.data").level)
-    if not verbose:
-        ctx.enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.ERROR)
-    try:
-        yield ctx
-    finally:
-        ctx.enable_progress_bars = saved[0]
-        logging.getLogger("ray.data").setLevel(saved[1])
-
-
-# ----------------------------------------------------------------------------------------- writing
-
-def _atomic_parquet(table: pa.Table, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _embedding_array(emb: np.ndarray) -> pa.FixedSizeListArray:
-    emb = np.ascontiguousarray(emb, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1), pa.float32()), emb.shape[1])
-
-
-def _shard_path(work: Path, k: int) -> Path:
-    return work / f"shard-{k:06d}.parquet"
-
-
-def _finished_shards(work: Path, shards: list[dict]) -> set[int]:
-    done = set()
-    for s in shards:
-        p = _shard_path(work, s["shard"])
-        if p.is_file():
-            try:
-                if pq.ParquetFile(p).metadata.num_rows == s["length"]:
-                    done.add(s["shard"])
-                    continue
-            except Exception:
-                pass
-            p.unlink()  # unreadable or wrong length: redo it
-    for tmp in work.glob(".shard-*.tmp"):
-        tmp.unlink()
-    return done
-
-
-def _finalize(work: Path, shards: list[dict], out: Path, cfg: ExtractConfig, meta: dict,
-              log: Callable[[str], None]) -> dict:
-    """Concatenate the shards into ``out`` (temporary sibling, then rename); unreadable rows get the
-    mean vector or are dropped."""
-    image = cfg.image_col is not None
-    total, bad, bad_ids, dim, mean = 0, 0, [], None, None
-    if image:
-        acc, good = None, 0
-        for s in shards:
-            t = pq.read_table(_shard_path(work, s["shard"]))
-            ok = t.column("ok").to_numpy(zero_copy_only=False)
-            emb = np.asarray(t.column("embedding").combine_chunks().flatten()).reshape(t.num_rows, -1)
-            acc = np.zeros(emb.shape[1], np.float64) if acc is None else acc
-            acc += emb[ok].sum(0, dtype=np.float64)
-            good += int(ok.sum())
-            if (~ok).any():
-                bad += int((~ok).sum())
-                if len(bad_ids) < 5:
-                    bad_ids.extend(t.column(cfg.id_col).filter(pa.array(~ok)).to_pylist()[:5 - len(bad_ids)])
-        if good == 0:
-            raise DatasetError(f"none of the {sum(s['length'] for s in shards)} images in column "
-                               f"{cfg.image_col!r} could be read (check the paths / --image-root)")
-        mean = (acc / good).astype(np.float32)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    writer = None
-    try:
-        for s in shards:
-            t = pq.read_table(_shard_path(work, s["shard"]))
-            ids, embcol = t.column(cfg.id_col), t.column("embedding").combine_chunks()
-            if image:
-                ok = t.column("ok").to_numpy(zero_copy_only=False)
-                if not ok.all():
-                    if cfg.image_missing == "drop":
-                        ids, embcol = ids.filter(pa.array(ok)), embcol.filter(pa.array(ok))
-                    else:
-                        emb = np.asarray(embcol.flatten()).reshape(t.num_rows, -1).copy()
-                        emb[~ok] = mean
-                        embcol = _embedding_array(emb)
-            dim = embcol.type.list_size
-            table = pa.table({cfg.id_col: ids, "embedding": embcol})
-            if writer is None:
-                info = dict(meta, dim=dim)
-                schema = table.schema.with_metadata({META_KEY: json.dumps(info).encode()})
-                writer = pq.ParquetWriter(tmp, schema)
-            writer.write_table(table.cast(writer.schema))
-            total += table.num_rows
-        writer.close()
-        writer = None
-        os.replace(tmp, out)  # atomic, also over an existing file (--overwrite)
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if bad:
-        how = "given the mean vector" if cfg.image_missing == "mean" else "dropped"
-        log(f"extract: {bad} unreadable images {how} (e.g. ids {', '.join(repr(i) for i in bad_ids)})")
-    return {"rows": total, "dim": dim, "unreadable": bad,
-            "dropped": bad if image and cfg.image_missing == "drop" else 0}
 
 
 # --------------------------------------------------------------------------------------------- job
@@ -440,14 +156,10 @@ def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_extract(cfg: ExtractConfig, *, log: Callable[[str], None] = _stderr,
-                stop_after_shards: int | None = None) -> dict:
-    """Run (or resume) one extraction; returns the summary. Raises :class:`DatasetError` on bad input
-    (before anything is written) and :class:`ExtractInterrupted` after ``stop_after_shards`` shards."""
-    t_start = time.perf_counter()
+def _check_config(cfg: ExtractConfig) -> tuple[str, Path]:
+    """The options on their own: -> kind ("text" / "image"), the absolute output path."""
     if bool(cfg.text_cols) == (cfg.image_col is not None):
         raise DatasetError("give either --text-col (one or more) or --image-col")
-    kind = "text" if cfg.text_cols else "image"
     if cfg.image_missing not in ("mean", "drop"):
         raise DatasetError(f"--image-missing must be 'mean' or 'drop', got {cfg.image_missing!r}")
     if cfg.batch_size is not None and cfg.batch_size < 1:
@@ -463,21 +175,24 @@ def run_extract(cfg: ExtractConfig, *, log: Callable[[str], None] = _stderr,
         raise DatasetError(f"output {str(out)!r} is a directory; give a .parquet file path")
     if out.exists() and not cfg.overwrite:
         raise DatasetError(f"output {str(out)!r} already exists (pass --overwrite to replace it)")
+    return ("text" if cfg.text_cols else "image"), out
 
-    files = list_parquet_files(cfg.items)
-    id_type = _check_columns(files, cfg)
-    ids = _read_ids(files, cfg.id_col, id_type)
+
+def _resolve_model(kind: str, cfg: ExtractConfig) -> tuple[Path, str | None]:
+    """The local model (loaded once here to refuse a broken one early) and, for images, its ResNet variant."""
     if kind == "text":
         model = encoders.resolve_text_model(cfg.model)
         encoders.check_text_model(model)
-        arch = None
-    else:
-        if not cfg.model:
-            raise DatasetError("--image-col needs --model WEIGHTS.pth (a torchvision ResNet state_dict; "
-                               "nothing is downloaded)")
-        model = Path(cfg.model).expanduser().resolve()
-        arch = encoders.detect_arch(encoders.read_state_dict(model), cfg.model, cfg.arch)
+        return model, None
+    if not cfg.model:
+        raise DatasetError("--image-col needs --model WEIGHTS.pth (a torchvision ResNet state_dict; "
+                           "nothing is downloaded)")
+    model = Path(cfg.model).expanduser().resolve()
+    return model, encoders.detect_arch(encoders.read_state_dict(model), cfg.model, cfg.arch)
 
+
+def _plan(cfg: ExtractConfig, kind, files, ids, model, arch, log) -> tuple[dict, dict, list[dict]]:
+    """Batching, shards and the settings a resumable run must share: -> plan, output metadata, shards."""
     batch = cfg.batch_size or (DEFAULT_TEXT_BATCH if kind == "text" else DEFAULT_IMAGE_BATCH)
     # default: up to CHUNKS_PER_SHARD batches per shard, fewer for small inputs so that there are at least
     # ~16 shards to spread over the actors (a shard is the unit an actor takes)
@@ -499,9 +214,13 @@ def run_extract(cfg: ExtractConfig, *, log: Callable[[str], None] = _stderr,
             "model": str(model), "arch": arch, "batch_size": batch, "shard_size": shard_size,
             "image_root": image_root, "resize": encoders.RESIZE if kind == "image" else None,
             "crop": encoders.CROP if kind == "image" else None}
-    plan = dict(meta, files=[_file_identity(f) for f in files], model_files=_model_identity(kind, model),
+    plan = dict(meta, files=[file_stamp(f) for f in files], model_files=_model_identity(kind, model),
                 num_items=len(ids), num_shards=len(shards))
+    return plan, meta, shards
 
+
+def _open_work(out: Path, plan: dict, shards: list[dict], log) -> tuple[Path, set[int]]:
+    """``OUT.partial/`` of this plan: -> the directory, the shards an earlier run finished there."""
     work = out.parent / (out.name + WORK_SUFFIX)
     out.parent.mkdir(parents=True, exist_ok=True)
     done: set[int] = set()
@@ -511,29 +230,45 @@ def run_extract(cfg: ExtractConfig, *, log: Callable[[str], None] = _stderr,
         except (OSError, ValueError):
             old = None
         if old == plan:
-            done = _finished_shards(work, shards)
+            done = finished_shards(work, shards)
         else:
             log(f"extract: {work} belongs to a run with other inputs or settings: starting over")
             shutil.rmtree(work)
     if not work.is_dir():
         work.mkdir()
-        from lgmrec_dist.dataset import atomic_write_json
         atomic_write_json(work / PLAN, plan)
+    return work, done
 
+
+def _encode_pending(cfg, kind, shards, done, files, ids, work, model, meta, log, stop_after_shards):
+    """The Ray job over the shards not done yet: -> (items encoded, job start, job end, workers, steady rate)."""
     pending = [s for s in shards if s["shard"] not in done]
+    if not pending:
+        return 0, None, None, "no workers (all shards were done)", None
     resumed_items = sum(s["length"] for s in shards if s["shard"] in done)
-    encoded, t_job, t_job_end, steady = 0, None, None, None
-    if pending:
-        try:
-            encoded, t_job, t_job_end, workers_desc, steady = _run_ray(
-                cfg, kind, pending, files, ids, work, model, arch, batch, image_root, len(shards), len(done),
-                resumed_items, len(ids), log, stop_after_shards)
-        except DatasetError:  # refused before any shard was written (e.g. no GPUs): leave nothing
-            if not any(work.glob("shard-*.parquet")):
-                shutil.rmtree(work, ignore_errors=True)
-            raise
-    else:
-        workers_desc = "no workers (all shards were done)"
+    try:
+        return _run_ray(cfg, kind, pending, files, ids, work, model, meta["arch"], meta["batch_size"],
+                        meta["image_root"], len(shards), len(done), resumed_items, len(ids), log, stop_after_shards)
+    except DatasetError:  # refused before any shard was written (e.g. no GPUs): leave nothing
+        if not any(work.glob("shard-*.parquet")):
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+
+
+def run_extract(cfg: ExtractConfig, *, log: Callable[[str], None] = _stderr,
+                stop_after_shards: int | None = None) -> dict:
+    """Run (or resume) one extraction; returns the summary. Raises :class:`DatasetError` on bad input
+    (before anything is written) and :class:`ExtractInterrupted` after ``stop_after_shards`` shards."""
+    t_start = time.perf_counter()
+    kind, out = _check_config(cfg)
+    files = [Path(f) for f in resolve_files(cfg.items, "items")]
+    ids = _read_ids(files, cfg.id_col, _check_columns(files, cfg))
+    model, arch = _resolve_model(kind, cfg)
+    plan, meta, shards = _plan(cfg, kind, files, ids, model, arch, log)
+    work, done = _open_work(out, plan, shards, log)
+    resumed_items = sum(s["length"] for s in shards if s["shard"] in done)
+    encoded, t_job, t_job_end, workers_desc, steady = _encode_pending(cfg, kind, shards, done, files, ids, work,
+                                                                      model, meta, log, stop_after_shards)
     try:
         summary = _finalize(work, shards, out, cfg, meta, log)
     except DatasetError:  # e.g. no image readable at all: nothing to resume, leave nothing behind
@@ -559,7 +294,7 @@ def _run_ray(cfg, kind, pending, files, ids, work, model, arch, batch, image_roo
              resumed_items, num_items, log, stop_after_shards):
     import ray.data
 
-    with ray_session(cfg.ray_address, cfg.verbose) as ray, _quiet_ray_data(cfg.verbose):
+    with ray_session(cfg.ray_address, verbose=cfg.verbose) as ray, ray_data_settings(verbose=cfg.verbose):
         res = ray.cluster_resources()
         cpus, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
         g = cfg.num_gpus_per_worker
@@ -573,13 +308,14 @@ def _run_ray(cfg, kind, pending, files, ids, work, model, arch, batch, image_roo
             reader = {"num_cpus": 1}
             desc = f"{workers} GPU worker{'s' if workers > 1 else ''} x {g:g} GPU"
         else:
+            # one torch thread per actor whatever the number of actors (EncodeChunks: the bits of a vector
+            # must not depend on the worker layout); the CPUs are used by running one actor per CPU
             workers = min(cfg.workers or max(1, int(cpus)), len(pending))
-            per = max(1, int(cpus // workers)) if cpus >= workers else 1
-            actor_cpus, threads = float(per), per
-            # readers take no CPU slot: the encoders hold them all, and reading is light next to encoding
+            actor_cpus, threads = 1.0, 1
+            # readers take no CPU slot: the encoders hold them, and reading is light next to encoding
             reader = {"num_cpus": 0,
                       "compute": ray.data.TaskPoolStrategy(size=min(max(2, workers), len(pending)))}
-            desc = f"{workers} CPU worker{'s' if workers > 1 else ''} x {per} thread{'s' if per > 1 else ''}"
+            desc = f"{workers} CPU worker{'s' if workers > 1 else ''} x 1 thread"
         workers = min(workers, len(pending))
         log_shard = max(s["length"] for s in pending)
         log(f"extract: {num_items} items in {num_shards} shards (<= {log_shard} rows)"
@@ -611,7 +347,7 @@ def _run_ray(cfg, kind, pending, files, ids, work, model, arch, batch, image_roo
         encoded = counters["encoded"]
         steady = counters.get("steady")
         t_end = time.perf_counter()
-        missing = [k for k in nchunks if not _shard_path(work, k).is_file()]
+        missing = [k for k in nchunks if not shard_path(work, k).is_file()]
         if missing:
             raise RuntimeError(f"extract: the Ray job ended without shards {missing[:5]}; rerun to resume")
     return encoded, t_job, t_end, desc, steady
@@ -638,10 +374,10 @@ def _collect(stream, cfg, kind, ids, work, nchunks, by_shard, num_shards, num_do
             ok = np.empty(s["length"], np.bool_)
             for p, e, o in parts.values():  # back to input order
                 emb[p], ok[p] = e, o
-            cols = {cfg.id_col: ids.slice(s["start"], s["length"]), "embedding": _embedding_array(emb)}
+            cols = {cfg.id_col: ids.slice(s["start"], s["length"]), "embedding": embedding_array(emb)}
             if kind == "image":
                 cols["ok"] = pa.array(ok)
-            _atomic_parquet(pa.table(cols), _shard_path(work, k))
+            write_shard(work, k, pa.table(cols))
             written += 1
             encoded += s["length"]
             counters["encoded"] = encoded

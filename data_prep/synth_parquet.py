@@ -234,7 +234,7 @@ def register_cli(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from lgmrec_dist.cli import run_subcommand
+    from lgmrec_dist.entry import run_subcommand
     return run_subcommand(register_cli, "synth", argv)
 
 

@@ -110,13 +110,5 @@ def main(argv=None) -> int:
     return args.func(args)
 
 
-def run_subcommand(register_cli, name: str, argv=None) -> int:
-    """``python -m MODULE ARGS`` as ``lgmrec NAME ARGS``: a module's entry point through its own subcommand."""
-    parser = argparse.ArgumentParser(prog="lgmrec")
-    register_cli(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args([name, *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
-
-
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,131 @@
+"""The global steps of ``lgmrec prep`` on integer codes: exact duplicates, k-core, first-appearance
+re-indexing and the temporal split (docs/prep.md).
+
+Plain numpy / pyarrow on the driver, a few bytes per row, no Ray: each step is a function of arrays and
+can be tested on its own.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from data_prep.synthetic import group_by_user, labels_by_rank
+
+__all__ = ["duplicate_rows", "kcore_filter", "unify_dictionaries", "first_appearance", "temporal_split"]
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser (uint64 in, uint64 out)."""
+    x = x.astype(np.uint64, copy=True)
+    with np.errstate(over="ignore"):
+        x ^= x >> np.uint64(30)
+        x *= np.uint64(0xBF58476D1CE4E5B9)
+        x ^= x >> np.uint64(27)
+        x *= np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return x
+
+
+def duplicate_rows(users: np.ndarray, items: np.ndarray, times: np.ndarray, num_items: int) -> np.ndarray:
+    """Indices of rows that repeat an earlier row's exact (user, item, time); the first copy is kept.
+
+    A 64-bit hash of each row is sorted to find candidate groups (O(n) extra memory, one sort); only the
+    candidates are compared exactly, so hash collisions cannot drop a row.
+    """
+    n = len(users)
+    if n < 2:
+        return np.zeros(0, dtype=np.int64)
+    key = users.astype(np.int64) * np.int64(num_items) + items.astype(np.int64)
+    tbits = times.view(np.int64) if times.dtype == np.float64 else times.astype(np.int64, copy=False)
+    with np.errstate(over="ignore"):
+        h = _mix64(key.view(np.uint64) ^ _mix64(tbits.view(np.uint64)))
+    hs = np.sort(h)
+    rep = hs[1:][hs[1:] == hs[:-1]]                   # sorted hashes seen more than once
+    del hs
+    if len(rep) == 0:
+        return np.zeros(0, dtype=np.int64)
+    rep = rep[np.r_[True, rep[1:] != rep[:-1]]]
+    # rows whose hash is in rep: a bit table on the low 24 bits prefilters, then an exact search
+    bits = np.uint64((1 << 24) - 1)
+    table = np.zeros(1 << 24, dtype=bool)
+    table[(rep & bits).astype(np.int64)] = True
+    cand = np.flatnonzero(table[(h & bits).astype(np.int64)])
+    hc = h[cand]
+    pos = np.minimum(np.searchsorted(rep, hc), len(rep) - 1)
+    cand = cand[rep[pos] == hc]
+    del h, hc, pos, table
+    k, t = key[cand], tbits[cand]
+    order = np.lexsort((cand, t, k))                  # by key, time, then row: first copy first
+    k, t, c = k[order], t[order], cand[order]
+    same = np.zeros(len(c), dtype=bool)
+    same[1:] = (k[1:] == k[:-1]) & (t[1:] == t[:-1])
+    return np.sort(c[same])
+
+
+def kcore_filter(users: np.ndarray, items: np.ndarray, k: int, num_users: int, num_items: int):
+    """Row indices surviving the iterative k-core (every user and item keeps >= k rows), and the rounds.
+
+    Degrees count rows (as MMRec's ``value_counts``); a round removes every row whose user or item has
+    fewer than k rows; rounds repeat until one removes nothing (the unique maximal k-core). ``rounds`` is
+    the number of rounds that removed rows.
+    """
+    idx = np.arange(len(users), dtype=np.int64)
+    rounds = 0
+    if k <= 1:
+        return idx, rounds
+    u, i = users, items
+    while len(idx):
+        du = np.bincount(u, minlength=num_users)
+        di = np.bincount(i, minlength=num_items)
+        ok = (du[u] >= k) & (di[i] >= k)
+        if ok.all():
+            break
+        idx, u, i = idx[ok], u[ok], i[ok]
+        rounds += 1
+    return idx, rounds
+
+
+def unify_dictionaries(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
+    """Chunks dictionary-encoded separately -> (distinct values in order of first appearance, int64 codes).
+
+    Each chunk's dictionary lists its values in the order they first occur in that chunk, so the
+    distinct values of the concatenated dictionaries, in order, are in order of first appearance overall.
+    """
+    chunks = [c for c in col.chunks if len(c)]
+    if not chunks:
+        return pa.array([], type=col.type.value_type), np.zeros(0, dtype=np.int64)
+    # one hash pass over all block dictionaries: the global dictionary and each entry's global code
+    encoded = pa.concat_arrays([c.dictionary for c in chunks]).dictionary_encode()
+    values, remap_all = encoded.dictionary, encoded.indices.to_numpy().astype(np.int64)
+    codes = np.empty(sum(len(c) for c in chunks), dtype=np.int64)
+    start = offset = 0
+    for c in chunks:
+        remap = remap_all[offset:offset + len(c.dictionary)]
+        codes[start:start + len(c)] = remap[c.indices.to_numpy()]
+        start += len(c)
+        offset += len(c.dictionary)
+    return values, codes
+
+
+def first_appearance(codes: np.ndarray, num_codes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense ids in order of first appearance: (dense id per row, code of each dense id)."""
+    uniq = pc.unique(pa.array(codes)).to_numpy()
+    remap = np.full(num_codes, -1, dtype=np.int64)
+    remap[uniq] = np.arange(len(uniq), dtype=np.int64)
+    return remap[codes], uniq
+
+
+def temporal_split(users: np.ndarray, times: np.ndarray, num_users: int) -> np.ndarray:
+    """Per-user split by time with the MMRec counts (§2): oldest rows train, then valid, newest test.
+
+    n < 10 -> n-2 / 1 / 1; otherwise h = ⌊0.2 n⌋ held out, h // 2 valid, the rest test. Equal
+    timestamps keep the input order (the later row counts as newer).
+    """
+    users = np.asarray(users, dtype=np.int64)
+    if len(users) == 0:
+        return np.zeros(0, dtype=np.int8)
+    # rows by (user, time, row): stable sort by time, then grouped by user keeping that order
+    order = group_by_user(users, np.argsort(times, kind="stable"))
+    return labels_by_rank(users, order, num_users)
+
