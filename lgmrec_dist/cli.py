@@ -1,8 +1,52 @@
-"""``lgmrec`` command line (also ``python -m lgmrec_dist``)."""
+"""``lgmrec`` command line (also ``python -m lgmrec_dist``).
+
+Every subcommand runs through :func:`guarded`, the one error path of the command line
+(docs/failures.md): an expected failure prints one ``error: ...`` line and exits 2; anything else
+keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
+
+# OSErrors that describe the machine, not a bug (a full disk, a missing or forbidden path): the user
+# can act on them, so they get one line instead of a traceback
+USER_OS_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EPERM, errno.EROFS,
+                  errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENOTEMPTY, errno.EMFILE}
+
+
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """The project's own error classes: refusals whose message already names the file, key or row."""
+    from lgmrec_dist.checkpoint import CheckpointError
+    from lgmrec_dist.config import ConfigError
+    from lgmrec_dist.dataset import DatasetError
+    from lgmrec_dist.distributed.group import LaunchError
+    from lgmrec_dist.sweep import SweepError
+    from lgmrec_dist.train import TrainingError
+    return ConfigError, DatasetError, CheckpointError, LaunchError, SweepError, TrainingError
+
+
+def describe_os_error(exc: OSError) -> str:
+    """``PATH: No space left on device`` (pyarrow's OSErrors carry the errno but no file name)."""
+    reason = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+    where = ": ".join(os.fsdecode(f) for f in (exc.filename, exc.filename2) if f is not None)
+    return f"{where}: {reason}" if where else reason
+
+
+def guarded(func, args) -> int:
+    """Run a subcommand; an expected failure becomes one ``error:`` line on stderr and exit status 2."""
+    try:
+        return func(args)
+    except expected_errors() as exc:
+        message = str(exc)
+    except OSError as exc:
+        if exc.errno not in USER_OS_ERRNOS:
+            raise
+        message = describe_os_error(exc)
+    print(f"error: {message}", file=sys.stderr)
+    return 2
 
 
 def cmd_train(args) -> int:
@@ -19,13 +63,9 @@ def cmd_train(args) -> int:
 
 def cmd_import_mmrec(args) -> int:
     from data_prep.mmrec import import_mmrec
-    from lgmrec_dist.dataset import DatasetError, parse_named_paths
-    try:
-        manifest = import_mmrec(args.inter, parse_named_paths(args.feature, "--feature"), args.out,
-                                overwrite=args.overwrite)
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from lgmrec_dist.dataset import parse_named_paths
+    manifest = import_mmrec(args.inter, parse_named_paths(args.feature, "--feature"), args.out,
+                            overwrite=args.overwrite)
     keys = ("num_users", "num_items", "num_interactions", "num_train", "num_valid", "num_test", "modalities")
     for key in keys:
         print(f"{key:<17} {manifest[key]}")
@@ -35,22 +75,25 @@ def cmd_import_mmrec(args) -> int:
 
 def cmd_export_mmrec(args) -> int:
     from data_prep.mmrec import export_mmrec
-    from lgmrec_dist.dataset import DatasetError
-    try:
-        export_mmrec(args.data, args.out, name=args.name, overwrite=args.overwrite)
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    export_mmrec(args.data, args.out, name=args.name, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0
 
 
 def cmd_synth_mmrec(args) -> int:
+    from data_prep.mmrec import check_modality_name
     from data_prep.synthetic import make_mmrec_synthetic
+    from lgmrec_dist.dataset import DatasetError
     mods = {}
     for part in args.modalities.split(","):
         name, _, dim = part.partition(":")
+        check_modality_name(name, "--modalities")
+        if not dim.isdigit() or int(dim) < 1 or name in mods:
+            raise DatasetError(f"--modalities: expected distinct NAME:DIM with DIM a positive integer, got {part!r}")
         mods[name] = int(dim)
+    for flag in ("users", "items", "interactions"):
+        if getattr(args, flag) < 1:
+            raise DatasetError(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
     path = make_mmrec_synthetic(args.out, num_users=args.users, num_items=args.items,
                                 num_interactions=args.interactions, modalities=mods, seed=args.seed,
                                 name=args.name)
@@ -107,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return guarded(args.func, args)
 
 
 def run_subcommand(register_cli, name: str, argv=None) -> int:
@@ -115,7 +158,7 @@ def run_subcommand(register_cli, name: str, argv=None) -> int:
     parser = argparse.ArgumentParser(prog="lgmrec")
     register_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args([name, *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    return guarded(args.func, args)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def atomic_write_json(path: Path, obj) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False)
+            json.dump(obj, fh, indent=2, sort_keys=False, allow_nan=False)  # strict JSON: NaN is no number
             fh.write("\n")
             fh.flush()
             os.fsync(fh.fileno())

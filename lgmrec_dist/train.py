@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -26,13 +27,17 @@ from tqdm import tqdm
 from lgmrec_dist.batches import TripleSampler
 from lgmrec_dist.checkpoint import Checkpointer, CheckpointError, EngineState, RunLock, rng_state, set_rng_state
 from lgmrec_dist.config import Config, ConfigError, load_config
-from lgmrec_dist.dataset import TEST, TRAIN, VALID, DatasetError, PreparedDataset, atomic_write_json
+from lgmrec_dist.dataset import TEST, TRAIN, VALID, PreparedDataset, atomic_write_json
 from lgmrec_dist.evaluation import EarlyStopping, Evaluator
 from lgmrec_dist.graph import build_graph
 from lgmrec_dist.model import LGMRec
 from lgmrec_dist.observe import RunLog
 
 log = logging.getLogger("lgmrec")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (a loss term turned NaN/inf); the last good checkpoint is kept."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -162,33 +167,56 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
     """
     main_rank = ctx is None or ctx.is_main
     run_dir = Path(out)
+    # every check that can refuse the run comes before the first write to run_dir (docs/failures.md)
     if (run_dir / "metrics.json").exists() and not overwrite:
         raise ConfigError(f"{run_dir} already holds a finished run (metrics.json); pass --overwrite to replace it")
     ds = PreparedDataset.load(data)
+    if ctx is None:
+        resolve_device(cfg)
+    ckpt = Checkpointer(run_dir, cfg, ds.manifest, ds.path)
+    _resumable(ckpt, run_dir, overwrite, resume, ctx.world_size if ctx else 1)
     lock = RunLock(run_dir).acquire() if main_rank else None
     try:
-        return _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank)
+        return _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank) -> dict:
-    ckpt = Checkpointer(run_dir, cfg, ds.manifest, ds.path)
-    latest = ckpt.latest()
-    if overwrite and main_rank and latest is not None:
-        shutil.rmtree(ckpt.dir, ignore_errors=True)
-        shutil.rmtree(ckpt.best_dir, ignore_errors=True)
-        latest = None
-    if ctx is not None:
-        import torch.distributed as dist
-        dist.barrier()
-        latest = ckpt.latest()
+def _resumable(ckpt: Checkpointer, run_dir: Path, overwrite: bool, resume: bool | None, world_size: int):
+    """The checkpoint this run continues from (None: a fresh start), or a CheckpointError; reads only."""
+    latest = None if overwrite else ckpt.latest()
     if resume and latest is None:
         raise CheckpointError(f"--resume: {run_dir} holds no complete checkpoint")
     if resume is False and latest is not None:
         raise CheckpointError(f"{run_dir} holds checkpoint {latest.name}; resume it, or pass --overwrite")
+    if latest is not None:
+        ckpt.check(latest, world_size)
+    return latest
+
+
+def _check_finite(terms: dict, step: int, ckpt: Checkpointer) -> None:
+    """Stop at the first step whose loss is NaN/inf: nothing after it is saved or evaluated."""
+    bad = [k for k, v in terms.items() if not math.isfinite(v)]
+    if bad:
+        last = ckpt.latest()
+        raise TrainingError(f"step {step}: loss term {bad[0]!r} is {terms[bad[0]]} ("
+                            + ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
+                            + "); training stopped, nothing after the last good checkpoint was written ("
+                            + (f"{last}" if last else "none yet") + "); lower learning_rate or check the features")
+
+
+def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt) -> dict:
+    if overwrite and main_rank:
+        shutil.rmtree(ckpt.dir, ignore_errors=True)
+        shutil.rmtree(ckpt.best_dir, ignore_errors=True)
+    if ctx is not None:
+        import torch.distributed as dist
+        dist.barrier()
+    # again under the lock: another run may have written a checkpoint since the first look
+    latest = _resumable(ckpt, run_dir, False, resume, ctx.world_size if ctx else 1)
     if main_rank:
+        ckpt.remove_stale()
         setup_logging(run_dir)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     else:
@@ -252,6 +280,7 @@ def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank) -> dict:
         for b in bar:
             sl = slice(b * cfg.train_batch_size, (b + 1) * cfg.train_batch_size)
             terms = engine.step(users[sl], pos[sl], neg[sl], loop["step"])
+            _check_finite(terms, loop["step"], ckpt)
             run_log.step(loop["step"], terms)
             loop["step"] += 1
             loop["batch"] = b + 1
@@ -317,20 +346,19 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="lgmrec train", description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
-    return run(args)
+    from lgmrec_dist.cli import guarded
+    return guarded(run, args)
 
 
 def run(args) -> int:
-    from lgmrec_dist.distributed.group import LaunchError, init_process_group, launched_by_torchrun
+    """``lgmrec train``; its failures are reported by the command line's one error path (cli.guarded)."""
+    from lgmrec_dist.distributed.group import init_process_group, launched_by_torchrun
     ctx = None
     try:
         cfg = load_config(args.config, args.set)
         if launched_by_torchrun():
             ctx = init_process_group(cfg.device)
         train(args.data, cfg, args.out, overwrite=args.overwrite, ctx=ctx, resume=True if args.resume else None)
-    except (ConfigError, DatasetError, LaunchError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     finally:
         if ctx is not None:
             import torch.distributed as dist
