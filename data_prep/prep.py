@@ -59,7 +59,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lgmrec_dist.dataset import MANIFEST, DatasetError, parse_named_paths, write_dataset
+from lgmrec_dist.dataset import MANIFEST, DatasetError, parse_named_paths, verify_files, write_dataset
 from data_prep.mmrec import check_modality_name
 from data_prep.partition import METHODS, partition_nodes, partition_stats, write_partitions
 from data_prep.synthetic import group_by_user, labels_by_rank, mmrec_split
@@ -759,8 +759,11 @@ def _existing_dataset(out: Path, fingerprint: str, overwrite: bool):
         manifest = json.loads(mpath.read_text())
     except (OSError, ValueError):
         manifest = None
-    if (manifest and manifest.get("prep", {}).get("fingerprint") == fingerprint
-            and all((out / f).is_file() for f in manifest.get("files", {}))):
+    if manifest and manifest.get("prep", {}).get("fingerprint") == fingerprint:
+        try:
+            verify_files(out, manifest)  # "nothing to do" only for an intact copy
+        except DatasetError as exc:
+            raise DatasetError(f"{exc}; pass --overwrite to prepare it again") from None
         return manifest
     what = "a different dataset" if manifest else "something that is not a prepared dataset"
     raise DatasetError(f"{out}: output directory already exists and holds {what}; pass --overwrite to replace it")

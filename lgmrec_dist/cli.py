@@ -50,6 +50,9 @@ def guarded(func, args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.nproc < 0:
+        from lgmrec_dist.config import ConfigError
+        raise ConfigError(f"--nproc: must be >= 0 (0 = this process), got {args.nproc}")
     if args.nproc:  # convenience: one node, P processes, via torchrun
         import subprocess
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
@@ -91,9 +94,9 @@ def cmd_synth_mmrec(args) -> int:
         if not dim.isdigit() or int(dim) < 1 or name in mods:
             raise DatasetError(f"--modalities: expected distinct NAME:DIM with DIM a positive integer, got {part!r}")
         mods[name] = int(dim)
-    for flag in ("users", "items", "interactions"):
-        if getattr(args, flag) < 1:
-            raise DatasetError(f"--{flag}: must be >= 1, got {getattr(args, flag)}")
+    for flag, low in (("users", 1), ("items", 1), ("interactions", 1), ("seed", 0)):
+        if getattr(args, flag) < low:
+            raise DatasetError(f"--{flag}: must be >= {low}, got {getattr(args, flag)}")
     path = make_mmrec_synthetic(args.out, num_users=args.users, num_items=args.items,
                                 num_interactions=args.interactions, modalities=mods, seed=args.seed,
                                 name=args.name)

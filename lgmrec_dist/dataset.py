@@ -96,7 +96,8 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
     if out.exists() and not overwrite:
         raise DatasetError(f"{out} already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    remove_stale_siblings(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
     try:
         os.chmod(tmp, _directory_mode())  # mkdtemp makes 0700; a dataset is read by Ray workers and others
         yield tmp
@@ -107,9 +108,37 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.filename is None and exc.errno:  # pyarrow's write errors name no file: say which output failed
+            raise OSError(exc.errno, os.strerror(exc.errno), str(out)) from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_siblings(out: Path) -> None:
+    """Remove the temporaries that a killed writer of ``out`` left beside it (``.NAME.tmp-PID-*``,
+    ``.NAME.old-*``): a temporary is stale when the process whose id it carries is gone."""
+    for p in out.parent.glob(f".{out.name}.tmp-*-*"):
+        pid = p.name[len(f".{out.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+    if out.exists():  # else a ``.old-*/old`` may be the only copy left (killed between the two renames)
+        for p in out.parent.glob(f".{out.name}.old-*"):
+            if (p / "old").exists():  # the replaced dataset, renamed away but not yet deleted
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def features_tensor(arr: np.ndarray, rows: np.ndarray | None = None, device=None):
@@ -196,6 +225,16 @@ def write_dataset(out: str | Path, *, users: np.ndarray, items: np.ndarray, spli
     return manifest
 
 
+def verify_files(path: Path, manifest: dict, checksums: bool = True) -> None:
+    """Every file the manifest lists is there (and, with ``checksums``, has its sha256), else a DatasetError."""
+    for rel, digest in manifest.get("files", {}).items():
+        fpath = Path(path) / rel
+        if not fpath.is_file():
+            raise DatasetError(f"{path}: file {rel} listed in the manifest is missing")
+        if checksums and sha256_file(fpath) != digest:
+            raise DatasetError(f"{path}: checksum mismatch for {rel} (the dataset was modified or truncated)")
+
+
 @dataclass
 class PreparedDataset:
     """A loaded, verified prepared dataset. Features are memory-mapped float32 arrays."""
@@ -237,12 +276,7 @@ class PreparedDataset:
             raise DatasetError(f"{mpath}: unreadable manifest ({exc})") from None
         if manifest.get("format_version") != FORMAT_VERSION:
             raise DatasetError(f"{mpath}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
-        for rel, digest in manifest.get("files", {}).items():
-            fpath = path / rel
-            if not fpath.is_file():
-                raise DatasetError(f"{path}: file {rel} listed in the manifest is missing")
-            if verify and sha256_file(fpath) != digest:
-                raise DatasetError(f"{path}: checksum mismatch for {rel} (the dataset was modified or truncated)")
+        verify_files(path, manifest, checksums=verify)
         table = pq.read_table(path / INTERACTIONS, columns=["user", "item", "split"])
         features = {}
         for name, dim in manifest["modalities"].items():

@@ -294,6 +294,10 @@ def cmd_sweep(args) -> int:
 
     try:
         grid = parse_grid(args.grid)
+        for flag, value, low in (("--max-concurrent", args.max_concurrent, 1), ("--cpus-per-trial", args.cpus_per_trial, 0),
+                                 ("--gpus-per-trial", args.gpus_per_trial, 0)):
+            if value is not None and not value >= low:  # not >=: also refuses nan
+                raise SweepError(f"{flag}: must be >= {low}, got {value}")
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -197,7 +197,7 @@ def _resumable(ckpt: Checkpointer, run_dir: Path, overwrite: bool, resume: bool 
 
 def _check_finite(terms: dict, step: int, ckpt: Checkpointer) -> None:
     """Stop at the first step whose loss is NaN/inf: nothing after it is saved or evaluated."""
-    bad = [k for k, v in terms.items() if not math.isfinite(v)]
+    bad = sorted((k for k, v in terms.items() if not math.isfinite(v)), key=lambda k: k == "loss")  # a term first
     if bad:
         last = ckpt.latest()
         raise TrainingError(f"step {step}: loss term {bad[0]!r} is {terms[bad[0]]} ("
