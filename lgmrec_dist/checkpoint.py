@@ -112,11 +112,12 @@ def save_file(path: Path, payload) -> None:
         fh = _WriteErrors(raw)
         try:
             torch.save(payload, fh)
-        except RuntimeError:
-            if fh.error is None:
+            os.fsync(raw.fileno())
+        except (RuntimeError, OSError) as exc:
+            err = fh.error or (exc if isinstance(exc, OSError) else None)
+            if err is None or err.errno is None:
                 raise
-            raise OSError(fh.error.errno, fh.error.strerror, str(path)) from None
-        os.fsync(raw.fileno())
+            raise OSError(err.errno, os.strerror(err.errno), str(path)) from None
 
 
 def write_sharded(target: Path, payload: dict, meta: dict) -> None:
@@ -127,7 +128,12 @@ def write_sharded(target: Path, payload: dict, meta: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    save_file(tmp / f"rank-{rank}.pt", payload)
+    try:
+        save_file(tmp / f"rank-{rank}.pt", payload)
+    except OSError:
+        if world == 1:  # with several ranks, rank 0 removes it at the next start-up (remove_stale)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _barrier()
     if rank == 0:
         meta = {**meta, "world_size": world,

@@ -73,9 +73,11 @@ def atomic_write_json(path: Path, obj) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno:  # a full disk: say which file
+            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from None
         raise
 
 
