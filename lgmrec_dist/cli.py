@@ -55,6 +55,9 @@ def cmd_train(args) -> int:
         raise ConfigError(f"--nproc: must be >= 0 (0 = this process), got {args.nproc}")
     if args.nproc:  # convenience: one node, P processes, via torchrun
         import subprocess
+
+        from lgmrec_dist.config import load_config
+        load_config(args.config, args.set)  # a bad value: one error line here, not one per rank from torchrun
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "lgmrec_dist.train", "--data", args.data, "--out", args.out]
         cmd += ["--config", args.config] if args.config else []

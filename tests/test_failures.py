@@ -346,10 +346,16 @@ def test_unexpected_errors_keep_their_traceback():
 
 def test_permission_denied_is_one_error_line(data, tmp_path, capsys):
     if os.geteuid() == 0:
-        pytest.skip("root ignores file permissions")
+        pytest.skip("root ignores file permissions (the read-only disk test covers a refused write)")
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)
     refused(["train", "--data", data, "--out", locked / "run"], capsys, "Permission denied")
+
+
+def test_a_read_only_disk_is_one_error_line(data, run, small_disk, capsys):
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk.path)], check=True)
+    refused(["train", "--data", data, "--out", small_disk.path / "run"], capsys, "Read-only file system")
+    refused(["export", "--run", run, "--out", small_disk.path / "x"], capsys, "Read-only file system")
 
 
 # --------------------------------------------------------------------------------------------------
