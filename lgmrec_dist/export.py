@@ -22,6 +22,7 @@ and its global embedding G^m = softmax(x_m·V_m / τ)·M^m through the trained h
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -238,7 +239,13 @@ def embed_items(run_dir, specs: dict[str, str], out, id_col="item_id", feature_c
     ids, feats = read_item_features(specs, id_col, feature_col)
     emb = cold_start_embeddings(model, feats)
     tmp = out.with_name(f".{out.name}.tmp")
-    pq.write_table(_embedding_table(pa.array(ids), emb), tmp)
+    try:
+        pq.write_table(_embedding_table(pa.array(ids), emb), tmp)
+    except OSError as exc:  # a full disk: no half-written temporary, and the message names the output
+        tmp.unlink(missing_ok=True)
+        if not exc.errno:
+            raise
+        raise OSError(exc.errno, os.strerror(exc.errno), str(out)) from None
     tmp.replace(out)
     return out
 

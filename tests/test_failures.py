@@ -434,12 +434,15 @@ def test_full_disk_checkpoint_keeps_the_last_good_one(run, data, small_disk, cap
     read_sharded(good[-1], 0)
 
 
-def test_full_disk_export_keeps_the_previous_export(run, small_disk, capsys):
-    out = small_disk.path / "export"
+def test_full_disk_export_keeps_the_previous_export(run, features, small_disk, capsys):
+    out, cold = small_disk.path / "export", small_disk.path / "cold.parquet"
     argv = ["export", "--run", run, "--out", out, "--top-k", "5"]
-    assert cli(argv, capsys)[0] == 0
-    before = snapshot(out)
+    embed = ["embed-items", "--run", run, "--item-features", f"image={features['image']}",
+             "--item-features", f"text={features['text']}", "--out", cold]
+    assert cli(argv, capsys)[0] == 0 and cli(embed, capsys)[0] == 0
+    before = snapshot(out), cold.read_bytes()
     small_disk.fill()
     no_space(argv + ["--overwrite"], capsys)
-    assert snapshot(out) == before
-    assert sorted(p.name for p in small_disk.path.iterdir()) == ["export", "filler"]
+    no_space(embed + ["--overwrite"], capsys)
+    assert (snapshot(out), cold.read_bytes()) == before
+    assert sorted(p.name for p in small_disk.path.iterdir()) == ["cold.parquet", "export", "filler"]
