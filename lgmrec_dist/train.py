@@ -64,11 +64,20 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(cfg.device)
 
 
+class _LogFile(logging.FileHandler):
+    """train.log. A line that cannot be written (a full disk) is dropped instead of printing a traceback per
+    line: the run's next checkpoint or metrics write fails with the one error line (docs/failures.md)."""
+
+    def handleError(self, record) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
+
+
 def setup_logging(run_dir: Path) -> None:
     log.setLevel(logging.INFO)
     log.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    for handler in (logging.FileHandler(run_dir / "train.log"), logging.StreamHandler(sys.stderr)):
+    for handler in (_LogFile(run_dir / "train.log"), logging.StreamHandler(sys.stderr)):
         handler.setFormatter(fmt)
         log.addHandler(handler)
     log.propagate = False
