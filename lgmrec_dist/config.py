@@ -198,6 +198,8 @@ def _yaml_load(text, source: str):
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{source}: not a plain YAML value ({' '.join(str(exc).split())})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text ({exc})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
@@ -205,8 +207,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as fh:
+            raise ConfigError(f"config file not found: {path}" + (" (a directory)" if path.is_dir() else ""))
+        with open(path, encoding="utf-8") as fh:
             values = _yaml_load(fh, str(path)) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")

@@ -177,6 +177,8 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
     main_rank = ctx is None or ctx.is_main
     run_dir = Path(out)
     # every check that can refuse the run comes before the first write to run_dir (docs/failures.md)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file, not a run directory")
     if (run_dir / "metrics.json").exists() and not overwrite:
         raise ConfigError(f"{run_dir} already holds a finished run (metrics.json); pass --overwrite to replace it")
     ds = PreparedDataset.load(data)

@@ -170,6 +170,9 @@ def test_yaml_tags_and_syntax_errors_name_the_file(tmp_path, data, capsys):
         refused(["train", "--data", data, "--out", tmp_path / "r", "--config", path], capsys, str(path))
     refused(["train", "--data", data, "--out", tmp_path / "r", "--set", "alpha=!!python/name:os.system"],
             capsys, "--set alpha=")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00alpha: 1")
+    refused(["train", "--data", data, "--out", tmp_path / "r", "--config", binary], capsys, str(binary), "UTF-8")
     assert not (tmp_path / "r").exists()
 
 
@@ -295,6 +298,7 @@ def test_every_subcommand_refuses_bad_values_with_one_error_line(ray_cluster, ru
         ["train", "--data", data, "--out", t / "r", "--set", "epochs=many"],
         ["train", "--data", data, "--out", t / "r", "--nproc", "-2"],
         ["train", "--data", data, "--out", t / "r", "--nproc", "two"],
+        ["train", "--data", data, "--out", features["image"]],
         ["import-mmrec", "--inter", nope, "--feature", f"image={nope}", "--out", t / "m"],
         ["import-mmrec", "--inter", nope, "--feature", "image", "--out", t / "m"],
         ["export-mmrec", "--data", nope, "--out", t / "m"],
