@@ -379,4 +379,6 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module, not __main__: its TrainingError is the class the CLI's error path catches
+    from lgmrec_dist import train as _train_module
+    sys.exit(_train_module.main())

@@ -8,6 +8,7 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -131,6 +132,22 @@ def test_a_diverging_loss_stops_with_the_step_and_term(data, tmp_path):
     assert all(torch.isfinite(v).all() for v in state["engine"]["model"].values())
     for line in (out / "epochs.jsonl").read_text().splitlines():   # strict JSON only
         json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+
+
+def test_a_diverging_loss_stops_every_rank(data, tmp_path):
+    """2 gloo ranks: the step's terms are global, so every rank stops at the same step, with an error line."""
+    sets = [x for kv in ("epochs=3", "embedding_size=8", "learning_rate=1e30", "train_batch_size=64",
+                         "checkpoint_every_steps=1") for x in ("--set", kv)]
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "lgmrec_dist.train", "--data", str(data), "--config", "configs/demo.yaml",
+                          "--out", str(tmp_path / "run"), *sets], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode != 0
+    # the ranks share stderr (their lines may interleave) and torchrun ends the others once one has exited
+    assert re.search(r"error: step \d+: loss term '(bpr|hcl|reg)' is (nan|inf)", res.stderr), res.stderr[-3000:]
+    assert "_check_finite" not in res.stderr  # no rank printed a traceback (torchrun's own summary aside)
+    assert not (tmp_path / "run" / "metrics.json").exists()
+    assert sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
 
 
 def test_project_json_is_strict(tmp_path):
