@@ -42,6 +42,9 @@ INTER_HEADER = (USER_COL, ITEM_COL, RATING_COL, TIME_COL, LABEL_COL)
 # Dense MMRec ids; a larger max id would make the id maps absurdly large (and is certainly not a
 # re-indexed MMRec file).
 MAX_ID = 2**31 - 1
+# ids below the max id that no interaction uses (users/items without interactions) allowed on top of the
+# distinct ids: the id space, and every array over it, stays within the input's size plus this many rows
+MAX_ID_GAPS = 1 << 20
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _INT_RE = r"^-?[0-9]+$"
 _NUM_RE = r"^[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?$|^[+-]?(nan|NaN|inf|Inf|infinity)$"
@@ -155,6 +158,14 @@ def read_inter(path: str | Path) -> dict:
             row = int(np.argmax(cols[col]))
             raise DatasetError(f"{path}: column {col!r}, data row {row + 1}: id {cols[col][row]} is too large "
                                f"(MMRec ids are dense, 0-based)")
+        span = int(cols[col].max()) + 1
+        if span > MAX_ID_GAPS:  # checked before anything of size ``span`` is allocated
+            distinct = len(np.unique(cols[col]))
+            if span > distinct + MAX_ID_GAPS:
+                row = int(np.argmax(cols[col]))
+                raise DatasetError(f"{path}: column {col!r}, data row {row + 1}: id {span - 1} makes an id space of "
+                                   f"{span} for {distinct} distinct ids; MMRec ids are dense (0-based, re-indexed), "
+                                   f"at most {MAX_ID_GAPS} ids may be unused")
     label = cols[LABEL_COL]
     bad = (label < 0) | (label > 2)
     if bad.any():

@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from lgmrec_dist.dataset import MANIFEST, DatasetError, parse_named_paths, write_dataset
+from lgmrec_dist.dataset import MANIFEST, DatasetError, parse_named_paths, verify_files, write_dataset
 from data_prep.features import (align, check_feature_schemas, dim_of, feature_source, finish_parquet_features,
                                 load_npy_features, read_parquet_features)
 from data_prep.files import file_stamp, resolve_files
@@ -130,8 +130,11 @@ def _existing_dataset(out: Path, fingerprint: str, overwrite: bool):
         manifest = json.loads(mpath.read_text())
     except (OSError, ValueError):
         manifest = None
-    if (manifest and manifest.get("prep", {}).get("fingerprint") == fingerprint
-            and all((out / f).is_file() for f in manifest.get("files", {}))):
+    if manifest and manifest.get("prep", {}).get("fingerprint") == fingerprint:
+        try:
+            verify_files(out, manifest)  # "nothing to do" only for an intact copy
+        except DatasetError as exc:
+            raise DatasetError(f"{exc}; pass --overwrite to prepare it again") from None
         return manifest
     what = "a different dataset" if manifest else "something that is not a prepared dataset"
     raise DatasetError(f"{out}: output directory already exists and holds {what}; pass --overwrite to replace it")

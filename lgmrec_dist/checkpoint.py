@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import atomic_write_json, sha256_file
+from lgmrec_dist.errors import UserError
 
 # keys that may change between an interrupted run and its resumption without changing the mathematics
 RESUME_FREE_KEYS = {"epochs", "max_steps", "stopping_step", "device", "num_threads", "deterministic",
@@ -36,7 +37,7 @@ RESUME_FREE_KEYS = {"epochs", "max_steps", "stopping_step", "device", "num_threa
                     "keep_checkpoints"}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     pass
 
 
@@ -88,6 +89,38 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class _WriteErrors:
+    """A file object for ``torch.save`` that keeps the OSError of a failed write: torch reports a full
+    disk as an "unexpected pos" RuntimeError of its zip writer, so the real reason is kept to re-raise."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data):
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self):
+        self.fh.flush()
+
+
+def save_file(path: Path, payload) -> None:
+    """``torch.save`` to ``path``, synced; a failed write raises its OSError (ENOSPC, EDQUOT) naming ``path``."""
+    with open(path, "wb", buffering=0) as raw:
+        fh = _WriteErrors(raw)
+        try:
+            torch.save(payload, fh)
+            os.fsync(raw.fileno())
+        except (RuntimeError, OSError) as exc:
+            err = fh.error or (exc if isinstance(exc, OSError) else None)
+            if err is None or err.errno is None:
+                raise
+            raise OSError(err.errno, os.strerror(err.errno), str(path)) from None
+
+
 def write_sharded(target: Path, payload: dict, meta: dict) -> None:
     """Every rank writes its payload into a temporary sibling of ``target``; rank 0 seals and renames it."""
     rank, world = _rank_world()
@@ -96,11 +129,12 @@ def write_sharded(target: Path, payload: dict, meta: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     _barrier()
-    path = tmp / f"rank-{rank}.pt"
-    with open(path, "wb") as fh:
-        torch.save(payload, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        save_file(tmp / f"rank-{rank}.pt", payload)
+    except OSError:
+        if world == 1:  # with several ranks, rank 0 removes it at the next start-up (remove_stale)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _barrier()
     if rank == 0:
         meta = {**meta, "world_size": world,
@@ -122,19 +156,7 @@ def write_sharded(target: Path, payload: dict, meta: dict) -> None:
 def read_sharded(path: Path, rank: int | None = None, *, cfg_digest: str | None = None,
                  data_digest: str | None = None, world_size: int | None = None) -> dict:
     """Verify ``path`` (meta.json, checksums, digests) and load one rank's payload (this rank's by default)."""
-    meta_path = path / "meta.json"
-    if not meta_path.is_file():
-        raise CheckpointError(f"{path}: incomplete checkpoint (no meta.json)")
-    meta = json.loads(meta_path.read_text())
-    if world_size is not None and meta["world_size"] != world_size:
-        raise CheckpointError(f"{path} was written by {meta['world_size']} ranks; this run has {world_size}. "
-                              f"Resume with --nproc_per_node {meta['world_size']}")
-    if cfg_digest is not None and meta.get("config_digest") != cfg_digest:
-        raise CheckpointError(f"{path} was written with a different configuration (digest "
-                              f"{meta.get('config_digest')} vs {cfg_digest}); only {sorted(RESUME_FREE_KEYS)} may change")
-    if data_digest is not None and meta.get("dataset_digest") != data_digest:
-        raise CheckpointError(f"{path} was written for a different dataset (digest {meta.get('dataset_digest')} "
-                              f"vs {data_digest})")
+    meta = check_meta(path, cfg_digest=cfg_digest, data_digest=data_digest, world_size=world_size)
     rank = _rank_world()[0] if rank is None else rank
     name = f"rank-{rank}.pt"
     fpath = path / name
@@ -144,6 +166,28 @@ def read_sharded(path: Path, rank: int | None = None, *, cfg_digest: str | None 
         return torch.load(fpath, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling error means a bad file
         raise CheckpointError(f"{fpath}: cannot be read ({exc})") from None
+
+
+def check_meta(path: Path, *, cfg_digest: str | None = None, data_digest: str | None = None,
+               world_size: int | None = None) -> dict:
+    """``path``'s meta.json, after checking that it matches this run's world size, config and dataset."""
+    meta_path = path / "meta.json"
+    if not meta_path.is_file():
+        raise CheckpointError(f"{path}: incomplete checkpoint (no meta.json)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{meta_path}: unreadable ({exc})") from None
+    if world_size is not None and meta["world_size"] != world_size:
+        raise CheckpointError(f"{path} was written by {meta['world_size']} ranks; this run has {world_size}. "
+                              f"Resume with --nproc_per_node {meta['world_size']}")
+    if cfg_digest is not None and meta.get("config_digest") != cfg_digest:
+        raise CheckpointError(f"{path} was written with a different configuration (digest "
+                              f"{meta.get('config_digest')} vs {cfg_digest}); only {sorted(RESUME_FREE_KEYS)} may change")
+    if data_digest is not None and meta.get("dataset_digest") != data_digest:
+        raise CheckpointError(f"{path} was written for a different dataset (digest {meta.get('dataset_digest')} "
+                              f"vs {data_digest})")
+    return meta
 
 
 def read_meta(path: Path) -> dict:
@@ -198,6 +242,24 @@ class Checkpointer:
         _, world = _rank_world()
         return read_sharded(path, cfg_digest=self.meta["config_digest"], data_digest=self.meta["dataset_digest"],
                             world_size=world)
+
+    def check(self, path: Path, world_size: int) -> None:
+        """Refuse a checkpoint this run could not resume (world size, config, dataset), reading meta.json only."""
+        check_meta(path, cfg_digest=self.meta["config_digest"], data_digest=self.meta["dataset_digest"],
+                   world_size=world_size)
+
+    def remove_stale(self) -> None:
+        """Remove what interrupted writes left (``.step-*.tmp``, ``.best.tmp``, ``.*.old``, JSON temporaries);
+        called by rank 0 holding the run lock, so no other writer is active."""
+        run_dir = self.best_dir.parent
+        for pattern in (".step-*.tmp", ".step-*.old"):
+            for p in self.dir.glob(pattern) if self.dir.is_dir() else ():
+                shutil.rmtree(p, ignore_errors=True)
+        for p in [*run_dir.glob(".best.tmp"), *run_dir.glob(".best.old"), *run_dir.glob(".*.json.*.tmp")]:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 class RunLock:

@@ -1,13 +1,26 @@
-"""``lgmrec`` command line (also ``python -m lgmrec_dist``)."""
+"""``lgmrec`` command line (also ``python -m lgmrec_dist``).
+
+Every subcommand runs through ``entry.guarded``, the one error path of the command line
+(docs/failures.md): an expected failure prints one ``error: ...`` line and exits 2; anything else
+keeps its traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 
+from lgmrec_dist.entry import guarded
+
 
 def cmd_train(args) -> int:
+    if args.nproc < 0:
+        from lgmrec_dist.config import ConfigError
+        raise ConfigError(f"--nproc: must be >= 0 (0 = this process), got {args.nproc}")
     if args.nproc:  # convenience: one node, P processes, via torchrun
         import subprocess
+
+        from lgmrec_dist.config import load_config
+        load_config(args.config, args.set)  # a bad value: one error line here, not one per rank from torchrun
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", "lgmrec_dist.train", "--data", args.data, "--out", args.out]
         cmd += ["--config", args.config] if args.config else []
@@ -19,13 +32,9 @@ def cmd_train(args) -> int:
 
 def cmd_import_mmrec(args) -> int:
     from data_prep.mmrec import import_mmrec
-    from lgmrec_dist.dataset import DatasetError, parse_named_paths
-    try:
-        manifest = import_mmrec(args.inter, parse_named_paths(args.feature, "--feature"), args.out,
-                                overwrite=args.overwrite)
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    from lgmrec_dist.dataset import parse_named_paths
+    manifest = import_mmrec(args.inter, parse_named_paths(args.feature, "--feature"), args.out,
+                            overwrite=args.overwrite)
     keys = ("num_users", "num_items", "num_interactions", "num_train", "num_valid", "num_test", "modalities")
     for key in keys:
         print(f"{key:<17} {manifest[key]}")
@@ -35,22 +44,25 @@ def cmd_import_mmrec(args) -> int:
 
 def cmd_export_mmrec(args) -> int:
     from data_prep.mmrec import export_mmrec
-    from lgmrec_dist.dataset import DatasetError
-    try:
-        export_mmrec(args.data, args.out, name=args.name, overwrite=args.overwrite)
-    except DatasetError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    export_mmrec(args.data, args.out, name=args.name, overwrite=args.overwrite)
     print(f"wrote {args.out}")
     return 0
 
 
 def cmd_synth_mmrec(args) -> int:
+    from data_prep.mmrec import check_modality_name
     from data_prep.synthetic import make_mmrec_synthetic
+    from lgmrec_dist.dataset import DatasetError
     mods = {}
     for part in args.modalities.split(","):
         name, _, dim = part.partition(":")
+        check_modality_name(name, "--modalities")
+        if not dim.isdigit() or int(dim) < 1 or name in mods:
+            raise DatasetError(f"--modalities: expected distinct NAME:DIM with DIM a positive integer, got {part!r}")
         mods[name] = int(dim)
+    for flag, low in (("users", 1), ("items", 1), ("interactions", 1), ("seed", 0)):
+        if getattr(args, flag) < low:
+            raise DatasetError(f"--{flag}: must be >= {low}, got {getattr(args, flag)}")
     path = make_mmrec_synthetic(args.out, num_users=args.users, num_items=args.items,
                                 num_interactions=args.interactions, modalities=mods, seed=args.seed,
                                 name=args.name)
@@ -107,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    return guarded(args.func, args)
 
 
 if __name__ == "__main__":

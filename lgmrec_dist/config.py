@@ -8,14 +8,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from lgmrec_dist.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     pass
 
 
@@ -80,6 +83,16 @@ class Config:
                                             # many ranks, else contiguous), "dataset", "contiguous"
 
     def validate(self) -> "Config":
+        for key, hint in _HINTS.items():  # nan and inf pass every comparison below; refuse them first
+            if hint is float and not math.isfinite(getattr(self, key)):
+                raise ConfigError(f"{key}: must be a finite number, got {getattr(self, key)}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        for key in ("alpha", "cl_weight", "reg_weight"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.seed < 2**32:  # numpy's seed range
+            raise ConfigError(f"seed: must be in [0, 2**32), got {self.seed}")
         if self.mode not in ("exact", "sampled"):
             raise ConfigError(f"mode: expected 'exact' or 'sampled', got {self.mode!r}")
         if self.hcl_negatives not in ("all", "in_batch", "uniform"):
@@ -109,11 +122,11 @@ class Config:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device: expected 'auto', 'cpu' or 'cuda', got {self.device!r}")
         for key in ("epochs", "train_batch_size", "embedding_size", "hyper_num", "eval_batch_size",
-                    "eval_item_tile", "hcl_num_negatives"):
+                    "eval_item_tile", "hcl_num_negatives", "keep_checkpoints"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("n_ui_layers", "n_mm_layers", "max_steps", "stopping_step", "num_threads", "valid_users",
-                    "checkpoint_every_steps", "hyper_refresh_steps", "sampler_workers"):
+                    "checkpoint_every_steps", "hyper_refresh_steps", "sampler_workers", "n_hyper_layer"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.use_ghe and self.n_hyper_layer < 1:
@@ -177,8 +190,18 @@ def parse_overrides(items: list[str] | None) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        out[key.strip()] = _yaml_load(raw, f"--set {item}") if raw.strip() else ""
     return out
+
+
+def _yaml_load(text, source: str):
+    """``yaml.safe_load`` with its errors (syntax, tags such as ``!!python/object``) as a ConfigError."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{source}: not a plain YAML value ({' '.join(str(exc).split())})") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text ({exc})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
@@ -186,9 +209,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as fh:
-            values = yaml.safe_load(fh) or {}
+            raise ConfigError(f"config file not found: {path}" + (" (a directory)" if path.is_dir() else ""))
+        with open(path, encoding="utf-8") as fh:
+            values = _yaml_load(fh, str(path)) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
         apply(cfg, values, str(path))

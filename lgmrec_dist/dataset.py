@@ -29,6 +29,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lgmrec_dist.errors import UserError
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 INTERACTIONS = "interactions.parquet"
@@ -37,7 +39,7 @@ ITEM_MAP = "item_map.parquet"
 TRAIN, VALID, TEST = 0, 1, 2
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     pass
 
 
@@ -73,15 +75,17 @@ def atomic_file(path: str | Path):
     try:
         yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno:  # a full disk: say which file
+            raise OSError(exc.errno, os.strerror(exc.errno), str(path)) from None
         raise
 
 
 def atomic_write_json(path: Path, obj) -> None:
     with atomic_file(path) as tmp, open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False)
+        json.dump(obj, fh, indent=2, sort_keys=False, allow_nan=False)  # strict JSON: NaN is no number
         fh.write("\n")
         fh.flush()
         os.fsync(fh.fileno())
@@ -104,7 +108,8 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
     if out.exists() and not overwrite:
         raise DatasetError(f"{out} already exists (pass --overwrite to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    remove_stale_siblings(out)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-{os.getpid()}-"))
     try:
         os.chmod(tmp, _directory_mode())  # mkdtemp makes 0700; a dataset is read by Ray workers and others
         yield tmp
@@ -115,9 +120,37 @@ def atomic_directory(out: str | Path, overwrite: bool = False):
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.filename is None and exc.errno:  # pyarrow's write errors name no file: say which output failed
+            raise OSError(exc.errno, os.strerror(exc.errno), str(out)) from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_siblings(out: Path) -> None:
+    """Remove the temporaries that a killed writer of ``out`` left beside it (``.NAME.tmp-PID-*``,
+    ``.NAME.old-*``): a temporary is stale when the process whose id it carries is gone."""
+    for p in out.parent.glob(f".{out.name}.tmp-*-*"):
+        pid = p.name[len(f".{out.name}.tmp-"):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(p, ignore_errors=True)
+    if out.exists():  # else a ``.old-*/old`` may be the only copy left (killed between the two renames)
+        for p in out.parent.glob(f".{out.name}.old-*"):
+            if (p / "old").exists():  # the replaced dataset, renamed away but not yet deleted
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def features_tensor(arr: np.ndarray, rows: np.ndarray | None = None, device=None):
@@ -204,6 +237,16 @@ def write_dataset(out: str | Path, *, users: np.ndarray, items: np.ndarray, spli
     return manifest
 
 
+def verify_files(path: Path, manifest: dict, checksums: bool = True) -> None:
+    """Every file the manifest lists is there (and, with ``checksums``, has its sha256), else a DatasetError."""
+    for rel, digest in manifest.get("files", {}).items():
+        fpath = Path(path) / rel
+        if not fpath.is_file():
+            raise DatasetError(f"{path}: file {rel} listed in the manifest is missing")
+        if checksums and sha256_file(fpath) != digest:
+            raise DatasetError(f"{path}: checksum mismatch for {rel} (the dataset was modified or truncated)")
+
+
 @dataclass
 class PreparedDataset:
     """A loaded, verified prepared dataset. Features are memory-mapped float32 arrays."""
@@ -245,12 +288,7 @@ class PreparedDataset:
             raise DatasetError(f"{mpath}: unreadable manifest ({exc})") from None
         if manifest.get("format_version") != FORMAT_VERSION:
             raise DatasetError(f"{mpath}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
-        for rel, digest in manifest.get("files", {}).items():
-            fpath = path / rel
-            if not fpath.is_file():
-                raise DatasetError(f"{path}: file {rel} listed in the manifest is missing")
-            if verify and sha256_file(fpath) != digest:
-                raise DatasetError(f"{path}: checksum mismatch for {rel} (the dataset was modified or truncated)")
+        verify_files(path, manifest, checksums=verify)
         table = pq.read_table(path / INTERACTIONS, columns=["user", "item", "split"])
         features = {}
         for name, dim in manifest["modalities"].items():

@@ -22,7 +22,7 @@ and its global embedding G^m = softmax(x_m·V_m / τ)·M^m through the trained h
 from __future__ import annotations
 
 import json
-import sys
+import os
 from pathlib import Path
 
 import numpy as np
@@ -82,13 +82,19 @@ def recommend_users(users: np.ndarray, user_emb, item_emb, train_csr, k: int, ti
 
 def export(run_dir, out, top_k: int = 20, cold_items: str | Path | None = None, data=None, ctx=None,
            overwrite: bool = False, batch_size: int = 4096) -> Path:
+    _check_k(top_k, "--top-k")
+    if Path(out).exists() and not overwrite:
+        raise DatasetError(f"{out} already exists (pass --overwrite to replace it)")
     model, ds = load_trained(run_dir, data)
     user_emb, item_emb = model.final_embeddings()
     item_raw = ds.raw_ids("item")
     cold = np.zeros(ds.num_items, dtype=bool)
     if cold_items is not None:
-        t = pq.read_table(cold_items)
-        extra = torch.from_numpy(np.stack(t["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32))
+        t = _read_parquet(cold_items, ("raw_id", "embedding"))
+        extra = torch.from_numpy(_vectors(t, "embedding", cold_items))
+        if extra.shape[1] != item_emb.shape[1]:
+            raise DatasetError(f"{cold_items}: column 'embedding' has dimension {extra.shape[1]}, the run's "
+                               f"embeddings have {item_emb.shape[1]} (write it with `lgmrec embed-items` of this run)")
         item_emb = torch.cat([item_emb, extra])
         known, new = item_raw.combine_chunks(), t["raw_id"].combine_chunks()
         if known.type != new.type:  # e.g. integer catalogue ids beside string ids of new items
@@ -145,23 +151,47 @@ def export(run_dir, out, top_k: int = 20, cold_items: str | Path | None = None, 
     return out
 
 
+def _check_k(k: int, flag: str) -> None:
+    if k < 1:
+        raise DatasetError(f"{flag}: must be >= 1, got {k}")
+
+
+def _read_parquet(path, columns) -> pa.Table:
+    """A Parquet table with the given columns, or a DatasetError naming the file."""
+    try:
+        t = pq.read_table(path)
+    except Exception as exc:  # noqa: BLE001 - missing file, directory, not Parquet: all a bad argument
+        raise DatasetError(f"{path}: cannot read Parquet ({exc})") from None
+    for col in columns:
+        if col not in t.column_names:
+            raise DatasetError(f"{path}: missing column {col!r}")
+    if t.num_rows == 0:
+        raise DatasetError(f"{path}: no rows")
+    return t
+
+
+def _vectors(t: pa.Table, col: str, path) -> np.ndarray:
+    """Column ``col`` of ``t`` as a finite float32 matrix: one equal-length numeric vector per row."""
+    try:
+        x = np.stack(t[col].to_numpy(zero_copy_only=False)).astype(np.float32)
+    except (ValueError, TypeError) as exc:
+        raise DatasetError(f"{path}: column {col!r} must hold numeric vectors of one length ({exc})") from None
+    if x.ndim != 2:
+        raise DatasetError(f"{path}: column {col!r} must hold vectors, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise DatasetError(f"{path}: NaN/inf in column {col!r} (first in row {int(np.argwhere(~np.isfinite(x))[0][0])})")
+    return x
+
+
 def read_item_features(specs: dict[str, str], id_col: str = "item_id", feature_col: str = "embedding"):
     """Parquet files (id column + fixed-size vector column), one per modality, aligned on their ids."""
     ids, feats = None, {}
     for name, path in specs.items():
-        try:
-            t = pq.read_table(path)
-        except Exception as exc:  # noqa: BLE001
-            raise DatasetError(f"{path}: cannot read Parquet ({exc})") from None
-        for col in (id_col, feature_col):
-            if col not in t.column_names:
-                raise DatasetError(f"{path}: missing column {col!r}")
+        t = _read_parquet(path, (id_col, feature_col))
         these = t[id_col].to_pylist()
         if len(set(these)) != len(these):
             raise DatasetError(f"{path}: duplicate ids in column {id_col!r}")
-        x = np.stack(t[feature_col].to_numpy(zero_copy_only=False)).astype(np.float32)
-        if not np.isfinite(x).all():
-            raise DatasetError(f"{path}: NaN/inf in column {feature_col!r}")
+        x = _vectors(t, feature_col, path)
         if ids is None:
             ids, order = these, np.arange(len(these))
         else:
@@ -180,6 +210,9 @@ def cold_start_embeddings(model: LGMRec, feats: dict[str, np.ndarray]) -> torch.
     missing = [m for m in model.modalities if m not in feats]
     if missing:
         raise DatasetError(f"cold-start items need every modality of the run; missing {missing}")
+    unknown = [m for m in feats if m not in model.modalities]
+    if unknown:
+        raise DatasetError(f"modality {unknown[0]!r} is not one of the run's modalities {list(model.modalities)}")
     x = {m: torch.as_tensor(feats[m], dtype=torch.float32) for m in model.modalities}
     for m in model.modalities:
         if x[m].shape[1] != model.features[m].shape[1]:
@@ -195,18 +228,30 @@ def cold_start_embeddings(model: LGMRec, feats: dict[str, np.ndarray]) -> torch.
     return e
 
 
-def embed_items(run_dir, specs: dict[str, str], out, id_col="item_id", feature_col="embedding") -> Path:
+def embed_items(run_dir, specs: dict[str, str], out, id_col="item_id", feature_col="embedding",
+                overwrite: bool = False) -> Path:
+    out = Path(out)
+    if out.is_dir():
+        raise DatasetError(f"--out {out} is a directory (embed-items writes one Parquet file)")
+    if out.exists() and not overwrite:
+        raise DatasetError(f"{out} already exists (pass --overwrite to replace it)")
     model, _ = load_trained(run_dir)
     ids, feats = read_item_features(specs, id_col, feature_col)
     emb = cold_start_embeddings(model, feats)
-    out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp")
-    pq.write_table(_embedding_table(pa.array(ids), emb), tmp)
+    try:
+        pq.write_table(_embedding_table(pa.array(ids), emb), tmp)
+    except OSError as exc:  # a full disk: no half-written temporary, and the message names the output
+        tmp.unlink(missing_ok=True)
+        if not exc.errno:
+            raise
+        raise OSError(exc.errno, os.strerror(exc.errno), str(out)) from None
     tmp.replace(out)
     return out
 
 
 def recommend(run_dir, user: str, k: int = 10) -> list[tuple]:
+    _check_k(k, "--k")
     model, ds = load_trained(run_dir)
     raw = ds.raw_ids("user").to_pylist()
     matches = [i for i, r in enumerate(raw) if str(r) == str(user)]
@@ -242,15 +287,12 @@ def register_cli(sub) -> None:
     c.add_argument("--id-col", default="item_id")
     c.add_argument("--feature-col", default="embedding")
     c.add_argument("--out", required=True)
+    c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=_cmd_embed_items)
 
 
 def _run(fn) -> int:
-    try:
-        fn()
-    except (DatasetError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    fn()  # its failures are reported by the command line's one error path (entry.guarded)
     return 0
 
 
@@ -277,5 +319,5 @@ def _cmd_recommend(args) -> int:
 def _cmd_embed_items(args) -> int:
     def run():
         specs = parse_named_paths(args.item_features, "--item-features")
-        print(f"wrote {embed_items(args.run, specs, args.out, args.id_col, args.feature_col)}")
+        print(f"wrote {embed_items(args.run, specs, args.out, args.id_col, args.feature_col, args.overwrite)}")
     return _run(run)

@@ -96,7 +96,7 @@ class RunLog:
     # -- per epoch ------------------------------------------------------------------------------
     def epoch(self, record: dict) -> None:
         if self._epochs is not None:
-            self._epochs.write(json.dumps(record) + "\n")
+            self._epochs.write(json.dumps(record, allow_nan=False) + "\n")  # strict JSON for scrapers
             self._epochs.flush()
         if self._writer_cls is None:
             return

@@ -38,11 +38,13 @@ from pathlib import Path
 
 import yaml
 
+from lgmrec_dist.errors import UserError
+
 SUMMARY = "sweep.json"
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
     pass
 
 
@@ -294,6 +296,10 @@ def cmd_sweep(args) -> int:
 
     try:
         grid = parse_grid(args.grid)
+        for flag, value, low in (("--max-concurrent", args.max_concurrent, 1), ("--cpus-per-trial", args.cpus_per_trial, 0),
+                                 ("--gpus-per-trial", args.gpus_per_trial, 0)):
+            if value is not None and not value >= low:  # not >=: also refuses nan
+                raise SweepError(f"{flag}: must be >= {low}, got {value}")
     except SweepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import random
 import signal
@@ -26,13 +27,19 @@ from tqdm import tqdm
 from lgmrec_dist.batches import TripleSampler
 from lgmrec_dist.checkpoint import Checkpointer, CheckpointError, EngineState, RunLock, rng_state, set_rng_state
 from lgmrec_dist.config import Config, ConfigError, load_config
-from lgmrec_dist.dataset import TEST, TRAIN, VALID, DatasetError, PreparedDataset, atomic_write_json
+from lgmrec_dist.entry import guarded
+from lgmrec_dist.errors import UserError
+from lgmrec_dist.dataset import TEST, TRAIN, VALID, PreparedDataset, atomic_write_json
 from lgmrec_dist.evaluation import EarlyStopping, Evaluator
 from lgmrec_dist.graph import build_graph
 from lgmrec_dist.model import LGMRec
 from lgmrec_dist.observe import RunLog
 
 log = logging.getLogger("lgmrec")
+
+
+class TrainingError(UserError, RuntimeError):
+    """The run cannot go on (a loss term turned NaN/inf); the last good checkpoint is kept."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,11 +66,20 @@ def resolve_device(cfg: Config) -> torch.device:
     return torch.device(cfg.device)
 
 
+class _LogFile(logging.FileHandler):
+    """train.log. A line that cannot be written (a full disk) is dropped instead of printing a traceback per
+    line: the run's next checkpoint or metrics write fails with the one error line (docs/failures.md)."""
+
+    def handleError(self, record) -> None:
+        if not isinstance(sys.exc_info()[1], OSError):
+            super().handleError(record)
+
+
 def setup_logging(run_dir: Path) -> None:
     log.setLevel(logging.INFO)
     log.handlers.clear()
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    for handler in (logging.FileHandler(run_dir / "train.log"), logging.StreamHandler(sys.stderr)):
+    for handler in (_LogFile(run_dir / "train.log"), logging.StreamHandler(sys.stderr)):
         handler.setFormatter(fmt)
         log.addHandler(handler)
     log.propagate = False
@@ -162,33 +178,58 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
     """
     main_rank = ctx is None or ctx.is_main
     run_dir = Path(out)
+    # every check that can refuse the run comes before the first write to run_dir (docs/failures.md)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file, not a run directory")
     if (run_dir / "metrics.json").exists() and not overwrite:
         raise ConfigError(f"{run_dir} already holds a finished run (metrics.json); pass --overwrite to replace it")
     ds = PreparedDataset.load(data)
+    if ctx is None:
+        resolve_device(cfg)
+    ckpt = Checkpointer(run_dir, cfg, ds.manifest, ds.path)
+    _resumable(ckpt, run_dir, overwrite, resume, ctx.world_size if ctx else 1)
     lock = RunLock(run_dir).acquire() if main_rank else None
     try:
-        return _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank)
+        return _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank) -> dict:
-    ckpt = Checkpointer(run_dir, cfg, ds.manifest, ds.path)
-    latest = ckpt.latest()
-    if overwrite and main_rank and latest is not None:
-        shutil.rmtree(ckpt.dir, ignore_errors=True)
-        shutil.rmtree(ckpt.best_dir, ignore_errors=True)
-        latest = None
-    if ctx is not None:
-        import torch.distributed as dist
-        dist.barrier()
-        latest = ckpt.latest()
+def _resumable(ckpt: Checkpointer, run_dir: Path, overwrite: bool, resume: bool | None, world_size: int):
+    """The checkpoint this run continues from (None: a fresh start), or a CheckpointError; reads only."""
+    latest = None if overwrite else ckpt.latest()
     if resume and latest is None:
         raise CheckpointError(f"--resume: {run_dir} holds no complete checkpoint")
     if resume is False and latest is not None:
         raise CheckpointError(f"{run_dir} holds checkpoint {latest.name}; resume it, or pass --overwrite")
+    if latest is not None:
+        ckpt.check(latest, world_size)
+    return latest
+
+
+def _check_finite(terms: dict, step: int, ckpt: Checkpointer) -> None:
+    """Stop at the first step whose loss is NaN/inf: nothing after it is saved or evaluated."""
+    bad = sorted((k for k, v in terms.items() if not math.isfinite(v)), key=lambda k: k == "loss")  # a term first
+    if bad:
+        last = ckpt.latest()
+        raise TrainingError(f"step {step}: loss term {bad[0]!r} is {terms[bad[0]]} ("
+                            + ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
+                            + "); training stopped, nothing after the last good checkpoint was written ("
+                            + (f"{last}" if last else "none yet") + "); lower learning_rate or check the features")
+
+
+def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt) -> dict:
+    if overwrite and main_rank:
+        shutil.rmtree(ckpt.dir, ignore_errors=True)
+        shutil.rmtree(ckpt.best_dir, ignore_errors=True)
+    if ctx is not None:
+        import torch.distributed as dist
+        dist.barrier()
+    # again under the lock: another run may have written a checkpoint since the first look
+    latest = _resumable(ckpt, run_dir, False, resume, ctx.world_size if ctx else 1)
     if main_rank:
+        ckpt.remove_stale()
         setup_logging(run_dir)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     else:
@@ -252,6 +293,7 @@ def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank) -> dict:
         for b in bar:
             sl = slice(b * cfg.train_batch_size, (b + 1) * cfg.train_batch_size)
             terms = engine.step(users[sl], pos[sl], neg[sl], loop["step"])
+            _check_finite(terms, loop["step"], ckpt)
             run_log.step(loop["step"], terms)
             loop["step"] += 1
             loop["batch"] = b + 1
@@ -317,20 +359,18 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="lgmrec train", description=__doc__.splitlines()[0])
     add_arguments(p)
     args = p.parse_args(argv)
-    return run(args)
+    return guarded(run, args)
 
 
 def run(args) -> int:
-    from lgmrec_dist.distributed.group import LaunchError, init_process_group, launched_by_torchrun
+    """``lgmrec train``; its failures are reported by the command line's one error path (entry.guarded)."""
+    from lgmrec_dist.distributed.group import init_process_group, launched_by_torchrun
     ctx = None
     try:
         cfg = load_config(args.config, args.set)
         if launched_by_torchrun():
             ctx = init_process_group(cfg.device)
         train(args.data, cfg, args.out, overwrite=args.overwrite, ctx=ctx, resume=True if args.resume else None)
-    except (ConfigError, DatasetError, LaunchError, CheckpointError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     finally:
         if ctx is not None:
             import torch.distributed as dist
@@ -340,4 +380,6 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the imported module, not __main__: its TrainingError is the class the CLI's error path catches
+    from lgmrec_dist import train as _train_module
+    sys.exit(_train_module.main())

@@ -8,10 +8,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from lgmrec_dist.errors import UserError
+
 RENDEZVOUS_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-class LaunchError(RuntimeError):
+class LaunchError(UserError, RuntimeError):
     pass
 
 
