@@ -94,13 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default="synthetic")
     s.set_defaults(func=cmd_synth_mmrec)
     from data_prep import extract, prep, synth_parquet
-    from lgmrec_dist import export, ray_train, report, sweep
+    from lgmrec_dist import export, ray_train, report, serve, sweep
     synth_parquet.register_cli(sub)
     prep.register_cli(sub)
     extract.register_cli(sub)
     export.register_cli(sub)
     report.register_cli(sub)
     sweep.register_cli(sub)
+    serve.register_cli(sub)
     ray_train.register_cli(sub)
     return p
 
