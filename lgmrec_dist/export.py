@@ -81,7 +81,8 @@ def recommend_users(users: np.ndarray, user_emb, item_emb, train_csr, k: int, ti
 
 
 def export(run_dir, out, top_k: int = 20, cold_items: str | Path | None = None, data=None, ctx=None,
-           overwrite: bool = False, batch_size: int = 4096) -> Path:
+           overwrite: bool = False, batch_size: int = 4096, ann: str | None = None) -> Path:
+    """Write DIR (module docstring); ``ann`` = an index kind of ``lgmrec_dist.ann``: DIR/ann/ as well."""
     model, ds = load_trained(run_dir, data)
     user_emb, item_emb = model.final_embeddings()
     item_raw = ds.raw_ids("item")
@@ -105,6 +106,8 @@ def export(run_dir, out, top_k: int = 20, cold_items: str | Path | None = None, 
         if rank == 0:
             pq.write_table(_embedding_table(user_raw, user_emb), tmp / "users.parquet")
             pq.write_table(_embedding_table(item_raw, item_emb, {"cold": cold}), tmp / "items.parquet")
+            if ann is not None:
+                _write_ann(tmp / "ann", ann, item_emb, item_raw.to_pylist(), user_emb)
         mine = np.arange(ds.num_users)[rank::world]
         parts = []
         for start in range(0, len(mine), batch_size):
@@ -143,6 +146,17 @@ def export(run_dir, out, top_k: int = 20, cold_items: str | Path | None = None, 
             os.replace(tmp, out)
         dist.barrier()
     return out
+
+
+def _write_ann(path: Path, kind: str, item_emb, item_raw: list, user_emb, queries: int = 2000) -> None:
+    """The item index of ``lgmrec_dist.ann``, its recall measured with the run's users as queries."""
+    from lgmrec_dist import ann
+    pick = np.random.default_rng(0).permutation(len(user_emb))[:queries]
+    index = ann.build(item_emb.numpy(), item_raw, kind, user_emb[pick].numpy())
+    index.save(path)
+    info = index.info
+    print(f"ann {kind}: {info['search_param']} {info['search']}, recall@{ann.RECALL_K} {info[f'recall@{ann.RECALL_K}']:.4f} "
+          f"against the exact top-{ann.RECALL_K} ({info['num_queries']} held-out user queries)")
 
 
 def read_item_features(specs: dict[str, str], id_col: str = "item_id", feature_col: str = "embedding"):
@@ -230,6 +244,8 @@ def register_cli(sub) -> None:
     e.add_argument("--cold-items", help="Parquet from `lgmrec embed-items` to rank beside the catalogue")
     e.add_argument("--data", help="prepared dataset (default: the one the run trained on)")
     e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--ann", choices=["faiss", "hnsw"],
+                   help="also an item index DIR/ann/ (faiss IVF-Flat or HNSW) for `lgmrec serve --ann`")
     e.set_defaults(func=_cmd_export)
     r = sub.add_parser("recommend", help="print the top-K items for one user of a trained run")
     r.add_argument("--run", "--run-dir", dest="run", required=True)
@@ -258,7 +274,7 @@ def _cmd_export(args) -> int:
     from lgmrec_dist.distributed.group import init_process_group, launched_by_torchrun
     ctx = init_process_group("cpu") if launched_by_torchrun() else None
     try:
-        return _run(lambda: print(f"wrote {export(args.run, args.out, args.top_k, args.cold_items, args.data, ctx, args.overwrite)}"))
+        return _run(lambda: print(f"wrote {export(args.run, args.out, args.top_k, args.cold_items, args.data, ctx, args.overwrite, ann=args.ann)}"))
     finally:
         if ctx is not None:
             import torch.distributed as dist

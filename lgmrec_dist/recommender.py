@@ -33,7 +33,8 @@ class Recommender:
         self.user_index = {str(r): i for i, r in enumerate(user_raw)}
         self.item_index = {str(r): i for i, r in enumerate(item_raw)}
         self.model, self.fold, self.ann = model, fold, ann
-        if ann is not None and [str(r) for r in ann.item_raw] != [str(r) for r in item_raw]:
+        # an index may hold cold-start items after the run's catalogue (export --cold-items)
+        if ann is not None and [str(r) for r in ann.item_raw[:len(item_raw)]] != [str(r) for r in item_raw]:
             raise DatasetError(f"{ann.path}: the index's item id map differs from the run's items")
 
     @classmethod
@@ -70,12 +71,13 @@ class Recommender:
         """[(rank, raw item, score)] for one query row with the items of CSR row 0 excluded."""
         if self.ann is None:
             scores, items = recommend_users(np.zeros(1, np.int64), query, self.item_emb, exclude_csr, k)
-            pairs = zip(items[0].tolist(), scores[0].tolist())
-        else:
+            pairs, raw = zip(items[0].tolist(), scores[0].tolist()), self.item_raw
+        else:  # candidates from the index, then the exclusions filtered out
             excluded = set(exclude_csr[1][exclude_csr[0][0]:exclude_csr[0][1]].tolist())
             s, i = self.ann.search(query.numpy(), k + len(excluded))
             pairs = [(int(a), float(b)) for a, b in zip(i[0], s[0]) if a >= 0 and int(a) not in excluded][:k]
-        return [(r + 1, self.item_raw[i], float(s)) for r, (i, s) in enumerate(pairs) if s > MASK_SCORE / 2]
+            raw = self.ann.item_raw
+        return [(r + 1, raw[i], float(s)) for r, (i, s) in enumerate(pairs) if s > MASK_SCORE / 2]
 
     def recommend_user(self, raw, k: int) -> list[tuple]:
         """Top-k for a known user, training items excluded (= ``lgmrec recommend``)."""

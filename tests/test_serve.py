@@ -183,3 +183,38 @@ def test_cli_serves_on_loopback_and_refuses_a_bad_run(trained_run, tmp_path):
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and res.stderr.startswith("error:") and "no best model" in res.stderr
 
+
+
+@pytest.mark.parametrize("kind", ["faiss", "hnsw"])
+def test_export_ann_index_and_serve_with_it(trained_run, rec, tmp_path, capsys, kind):
+    """`export --ann` measures the index's recall@20 against exact top-20; `serve --ann` answers from it."""
+    assert cli(["export", "--run", str(trained_run), "--out", str(tmp_path / "exp"), "--top-k", "5", "--ann", kind]) == 0
+    assert f"ann {kind}:" in capsys.readouterr().out
+    info = json.loads((tmp_path / "exp" / "ann" / "ann.json").read_text())
+    print(f"{kind}: {info['search_param']} {info['search']}, recall@20 {info['recall@20']:.4f}")
+    assert info["kind"] == kind and info["num_items"] == 1000 and info["recall@20"] >= 0.9
+    with_ann = Recommender.from_run(trained_run, tmp_path / "exp" / "ann")
+    server, port = start_background(create_app(with_ann))
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert call(base, "/healthz")[1]["ann"] == kind
+        overlaps = []
+        for user in range(0, 1000, 50):
+            status, body = call(base, f"/recommend?user={user}&k=20")
+            assert status == 200 and len(body["items"]) == 20
+            got = [r["item"] for r in body["items"]]
+            assert not set(got) & set(history(rec, user).tolist())     # exclusions hold under ANN too
+            scores = [r["score"] for r in body["items"]]
+            assert scores == sorted(scores, reverse=True)
+            overlaps.append(len(set(got) & {i for _, i, _ in rec.recommend_user(user, 20)}) / 20)
+        print(f"{kind}: served top-20 overlap with exact {np.mean(overlaps):.3f}")
+        assert np.mean(overlaps) >= 0.85
+        status, body = call(base, "/recommend", {"items": [1, 2, 3], "k": 5})
+        assert status == 200 and len(body["items"]) == 5
+    finally:
+        server.should_exit = True
+
+
+def test_serve_refuses_a_directory_that_is_not_an_index(trained_run, tmp_path, capsys):
+    assert cli(["serve", "--run", str(trained_run), "--ann", str(tmp_path)]) == 2
+    assert "not an item index" in capsys.readouterr().err
