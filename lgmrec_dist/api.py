@@ -24,8 +24,12 @@ MAX_BODY_BYTES = 1 << 20
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over ``limit`` bytes gets 413 before the application reads it
-    (chunked bodies without Content-Length included)."""
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 and never reaches the application
+    (chunked bodies without Content-Length included). The rest of such a body is read and dropped, up
+    to ``DRAIN_FACTOR`` × ``limit``, so that a client still sending sees the 413 rather than a reset
+    connection; a body declared larger than that gets the 413 at once."""
+
+    DRAIN_FACTOR = 16
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -34,18 +38,23 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", [])).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+        if declared is not None and declared.isdigit() and int(declared) > self.DRAIN_FACTOR * self.limit:
             return await self._too_large(scope, receive, send)
         chunks, size, more = [], 0, True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
                 return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
+            size += len(message.get("body", b""))
             more = message.get("more_body", False)
             if size > self.limit:
-                return await self._too_large(scope, receive, send)
+                chunks = None                     # over the limit: keep reading, keep nothing
+                if size > self.DRAIN_FACTOR * self.limit:
+                    break
+            elif chunks is not None:
+                chunks.append(message.get("body", b""))
+        if chunks is None:
+            return await self._too_large(scope, receive, send)
         body, replayed = b"".join(chunks), False
 
         async def replay():

@@ -12,6 +12,7 @@ def cmd_train(args) -> int:
                "-m", "lgmrec_dist.train", "--data", args.data, "--out", args.out]
         cmd += ["--config", args.config] if args.config else []
         cmd += [x for kv in args.set for x in ("--set", kv)] + (["--overwrite"] if args.overwrite else [])
+        cmd += ["--init-from", args.init_from] if args.init_from else []
         return subprocess.call(cmd)
     from lgmrec_dist import train
     return train.run(args)

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from lgmrec_dist.checkpoint import CheckpointError, read_meta, read_sharded
+from lgmrec_dist.checkpoint import CheckpointError, read_best_tables
 from lgmrec_dist.config import load_config
 from lgmrec_dist.dataset import TRAIN, DatasetError, PreparedDataset, atomic_directory, parse_named_paths
 from lgmrec_dist.evaluation import MASK_SCORE, _csr_from_pairs, _csr_rows, streaming_topk
@@ -43,9 +43,7 @@ def load_trained(run_dir: str | Path, data: str | Path | None = None, device="cp
     """Rebuild the best-validation model of a run in one process: (model, dataset)."""
     run_dir = Path(run_dir)
     best = run_dir / "best"
-    if not (best / "meta.json").is_file():
-        raise CheckpointError(f"{run_dir}: no best model (RUNDIR/best/meta.json); has an epoch finished?")
-    meta = read_meta(best)
+    meta, tables = read_best_tables(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     ds = PreparedDataset.load(data or meta.get("dataset_path") or json.loads((run_dir / "metrics.json").read_text())["dataset"])
     from lgmrec_dist.checkpoint import dataset_digest
@@ -53,12 +51,8 @@ def load_trained(run_dir: str | Path, data: str | Path | None = None, device="cp
         raise CheckpointError(f"{best} was trained on a different dataset than {ds.path}")
     model = LGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"])
     with torch.no_grad():
-        for rank in range(meta["world_size"]):
-            part = read_sharded(best, rank)
-            model.user_embedding[part["user_ids"]] = part["user_embedding"]
-            model.item_embedding[part["item_ids"]] = part["item_embedding"]
         params = dict(model.named_parameters())
-        for name, value in part["dense"].items():
+        for name, value in [*tables.pop("dense").items(), *tables.items()]:
             params[name].copy_(value)
     tu, ti = ds.pairs(TRAIN)
     model.to(device).attach(build_graph(ds.num_users, ds.num_items, tu, ti), ds.features)
