@@ -4,32 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.synthetic import generate_synthetic
+from data_prep.synthetic import generate_synthetic, write_subset
 from lgmrec_dist.checkpoint import read_best_tables
 from lgmrec_dist.cli import main as cli
 from lgmrec_dist.config import load_config
-from lgmrec_dist.dataset import PreparedDataset, write_dataset
+from lgmrec_dist.dataset import PreparedDataset
 from lgmrec_dist.train import LocalEngine, train
 from lgmrec_dist.warmstart import warm_start
 
 CFG = {"epochs": 1, "embedding_size": 16, "train_batch_size": 512}
-
-
-def prepared(path, data, users, items, order_seed, dims=None):
-    """The interactions of the given original users and items, renumbered in a shuffled order, with raw
-    ids 'u<orig>' / 'i<orig>': two calls give two id maps over the same raw ids."""
-    rng = np.random.default_rng(order_seed)
-    users, items = rng.permutation(users), rng.permutation(items)
-    upos = np.full(data["users"].max() + 1, -1)
-    upos[users] = np.arange(len(users))
-    ipos = np.full(data["items"].max() + 1, -1)
-    ipos[items] = np.arange(len(items))
-    keep = (upos[data["users"]] >= 0) & (ipos[data["items"]] >= 0)
-    feats = {m: x[items] if dims is None else x[items][:, :dims[m]] for m, x in data["features"].items()}
-    write_dataset(path, users=upos[data["users"][keep]], items=ipos[data["items"][keep]], split=data["split"][keep],
-                  num_users=len(users), num_items=len(items), features=feats,
-                  user_raw_ids=np.array([f"u{u}" for u in users]), item_raw_ids=np.array([f"i{i}" for i in items]))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +20,8 @@ def preps(tmp_path_factory):
     """An old log (first 240 users, 160 items) and a grown one (all 300 users, 200 items), id maps shuffled."""
     root = tmp_path_factory.mktemp("warm")
     data = generate_synthetic(300, 200, 4000, {"image": 16, "text": 8}, seed=5)
-    old = prepared(root / "old", data, np.arange(240), np.arange(160), order_seed=1)
-    new = prepared(root / "new", data, np.arange(300), np.arange(200), order_seed=2)
+    old = write_subset(root / "old", data, np.arange(240), np.arange(160), order_seed=1)
+    new = write_subset(root / "new", data, np.arange(300), np.arange(200), order_seed=2)
     run = root / "run"
     train(old, load_config("configs/demo.yaml", CFG), run)
     return {"root": root, "data": data, "old": old, "new": new, "run": run}
@@ -87,7 +70,7 @@ def test_train_init_from_runs_and_logs_the_warm_start(preps, tmp_path):
 def test_a_shape_or_modality_mismatch_is_refused(preps, tmp_path, capsys, sets, dims, words):
     data = preps["new"]
     if dims is not None:
-        data = prepared(tmp_path / "other", preps["data"], np.arange(300), np.arange(200), 2, dims)
+        data = write_subset(tmp_path / "other", preps["data"], np.arange(300), np.arange(200), 2, dims)
     args = ["train", "--data", str(data), "--config", "configs/demo.yaml", "--out", str(tmp_path / "bad"),
             "--init-from", str(preps["run"]), "--set", "epochs=1"]
     assert cli(args + [x for kv in sets for x in ("--set", kv)]) == 2
