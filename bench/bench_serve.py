@@ -8,18 +8,19 @@ scoring against the ANN indexes and their recall, fold-in quality, and warm-star
 latency: a child process serves `GET /recommend?user=U&k=20` (api.create_app on uvicorn, 127.0.0.1) over
 random *clustered* embeddings of the default model width (d = 64; 1,024 Gaussian centres, items and
 users = centre + noise; 10,000 users with 20 training items each, excluded from their answers) — not a
-trained model: latency depends on the sizes, not on the values. The parent sends requests from 1, 8 and
+trained model. Exact scoring's cost depends on the sizes only; an index's recall and speed depend on
+the distribution as well (clustered vectors suit IVF; trained embeddings: `lgmrec export --ann`). The parent sends requests from 1, 8 and
 32 client threads over keep-alive connections and reports p50/p99 latency and requests/s. Modes: exact
 (the scoring of `lgmrec recommend`), faiss IVF-Flat and HNSW (`lgmrec_dist.ann`, search setting chosen
 for recall@20 >= 0.95 on held-out users, the recall reported on the other half).
 
-foldin / warmstart: a synthetic catalogue with planted structure; an "old" log holds 89.4% of the users
-and items (their interactions: about 80% of the log), the "new" log all of them (+25% interactions), id
-maps shuffled differently. foldin: test Recall@20 of the new run's users folded in from their training
-history against their trained embeddings. warmstart: from scratch on the new log (early stopping) against
-`--init-from` the old run, with the optimiser reset (what `lgmrec train` does) and with the old run's
-Adam state carried (rows mapped by raw id): epochs and training seconds until test Recall@20 reaches
-98% of the from-scratch best.
+foldin / warmstart: a synthetic catalogue with planted structure (1,500 users, 1,000 items, 15,000
+interactions); an "old" log holds 89.4% of the users and items (their interactions: about 80% of the
+log), the "new" log all of them (+25% interactions), id maps shuffled differently. foldin: test
+Recall@20 of the new run's users folded in from their training history against their trained
+embeddings. warmstart: from scratch on the new log (early stopping) against `--init-from` the old run,
+with the optimiser reset (what `lgmrec train` does) and with the old run's Adam state carried (rows
+mapped by raw id): epochs and training seconds until test Recall@20 reaches 98% of the from-scratch best.
 """
 from __future__ import annotations
 
@@ -132,12 +133,13 @@ def part_latency(args) -> list[dict]:
 # ------------------------------------------------------------------------------------ foldin, warmstart
 def logs(root: Path, seed: int = 7):
     from data_prep.synthetic import generate_synthetic, write_subset
-    data = generate_synthetic(2000, 1250, 20_000, {"image": 64, "text": 32}, seed=seed, num_clusters=100)
+    users, items = 1500, 1000
+    data = generate_synthetic(users, items, 15_000, {"image": 64, "text": 32}, seed=seed, num_clusters=100)
     keep = np.sqrt(0.8)   # users and items kept: ~80% of the interactions
     old, new = root / "old", root / "new"
     if not (old / "manifest.json").exists():
-        write_subset(old, data, np.arange(int(2000 * keep)), np.arange(int(1250 * keep)), order_seed=1)
-        write_subset(new, data, np.arange(2000), np.arange(1250), order_seed=2)
+        write_subset(old, data, np.arange(int(users * keep)), np.arange(int(items * keep)), order_seed=1)
+        write_subset(new, data, np.arange(users), np.arange(items), order_seed=2)
     return old, new
 
 
