@@ -60,12 +60,14 @@ def child_serve(num_items: int, mode: str, port: int) -> None:
     from lgmrec_dist.api import create_app
     from lgmrec_dist.evaluation import _csr_from_pairs
     from lgmrec_dist.recommender import Recommender
-    from lgmrec_dist.serve import start_background
+    from lgmrec_dist.serve import set_request_threads, start_background
     users, items, hist = synthetic_tables(num_items)
     t0 = time.perf_counter()
+    mode, _, threads = mode.partition("-")      # e.g. ivf-1: IVF-Flat, 1 thread per request
     index = None
     if mode != "exact":
         index = ann.build(items, list(range(num_items)), "faiss" if mode == "ivf" else "hnsw", users[:2000])
+    set_request_threads(int(threads or 0))
     build_s = time.perf_counter() - t0
     csr = _csr_from_pairs(USERS, num_items, np.repeat(np.arange(USERS), HISTORY), hist.ravel())
     rec = Recommender(torch.from_numpy(users), torch.from_numpy(items), csr, list(range(USERS)),
@@ -111,7 +113,7 @@ def load(port: int, clients: int, requests: int, seed: int = 0) -> dict:
 def part_latency(args) -> list[dict]:
     rows = []
     for n in args.items:
-        for mode in ("exact", "ivf", "hnsw"):
+        for mode in args.modes:
             proc = subprocess.Popen([sys.executable, __file__, "--child-serve", str(n), mode], stdout=subprocess.PIPE,
                                     text=True, cwd=ROOT)
             try:
@@ -257,6 +259,8 @@ def main() -> int:
     p.add_argument("--part", choices=["latency", "foldin", "warmstart"], default="latency")
     p.add_argument("--items", type=int, nargs="+", default=[100_000, 1_000_000])
     p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--modes", nargs="+", default=["exact", "ivf", "hnsw"],
+                   help="exact, ivf, hnsw; MODE-T = T threads per request (serve --threads T)")
     p.add_argument("--work", type=Path, default=Path("/tmp/lgmrec-bench-serve"))
     p.add_argument("--child-serve", nargs=2, metavar=("ITEMS", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args()

@@ -32,7 +32,24 @@ def register_cli(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--ann", help="item index directory of `lgmrec export --ann` (default: exact scoring)")
+    s.add_argument("--threads", type=int, default=0,
+                   help="threads of torch and faiss within one request (0 = their default: all cores); "
+                        "1 suits many concurrent clients (docs/benchmarks.md)")
     s.set_defaults(func=_cmd_serve)
+
+
+def set_request_threads(threads: int) -> None:
+    """Threads torch and faiss use within one request; requests themselves run in uvicorn's thread pool,
+    so with many clients in flight more threads per request only oversubscribe the cores."""
+    if threads <= 0:
+        return
+    import torch
+    torch.set_num_threads(threads)
+    try:
+        import faiss
+        faiss.omp_set_num_threads(threads)
+    except ImportError:
+        pass
 
 
 def _cmd_serve(args) -> int:
@@ -43,6 +60,7 @@ def _cmd_serve(args) -> int:
     from lgmrec_dist.dataset import DatasetError
     from lgmrec_dist.recommender import Recommender
     try:
+        set_request_threads(args.threads)
         rec = Recommender.from_run(args.run, args.ann)
     except (DatasetError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -162,7 +162,8 @@ def _free_port() -> int:
 
 def test_cli_serves_on_loopback_and_refuses_a_bad_run(trained_run, tmp_path):
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "lgmrec_dist", "serve", "--run", str(trained_run), "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "lgmrec_dist", "serve", "--run", str(trained_run), "--port", str(port),
+                             "--threads", "1"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     try:
