@@ -185,6 +185,9 @@ def part_foldin(args) -> dict:
     return out
 
 
+_SHIPPED_WARM_START = []   # warmstart.warm_start while carry_adam stands in for it
+
+
 def carry_adam(engine, ds, run_dir) -> dict:
     """The warm start plus the old run's last Adam state, rows mapped by raw id (measured, not shipped)."""
     import pyarrow.parquet as pq
@@ -192,8 +195,8 @@ def carry_adam(engine, ds, run_dir) -> dict:
 
     from lgmrec_dist.checkpoint import Checkpointer, read_meta, read_sharded
     from lgmrec_dist.dataset import ITEM_MAP, USER_MAP
-    from lgmrec_dist.warmstart import _parameters, carried_rows, old_dataset_path, warm_start
-    counts = warm_start(engine, ds, run_dir)
+    from lgmrec_dist.warmstart import _parameters, carried_rows, old_dataset_path
+    counts = _SHIPPED_WARM_START[0](engine, ds, run_dir)
     latest = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step-*") if (p / "meta.json").is_file())[-1]
     state = read_sharded(latest, 0)["engine"]
     old_path = old_dataset_path(Path(run_dir), read_meta(Path(run_dir) / "best"))
@@ -242,6 +245,7 @@ def part_warmstart(args) -> dict:
     warm_epochs = max(3, scratch["best_epoch"] // 5 + 2)
     for label, hook in (("warm_reset", None), ("warm_carry", carry_adam)):
         real = ws.warm_start
+        _SHIPPED_WARM_START[:] = [real]
         if hook is not None:
             ws.warm_start = hook
         try:
