@@ -18,9 +18,10 @@ foldin / warmstart: a synthetic catalogue with planted structure (1,500 users, 1
 interactions); an "old" log holds 89.4% of the users and items (their interactions: about 80% of the
 log), the "new" log all of them (+25% interactions), id maps shuffled differently. foldin: test
 Recall@20 of the new run's users folded in from their training history against their trained
-embeddings, and the users the old run never saw folded into the old run's model. warmstart: from scratch on the new log (early stopping) against `--init-from` the old run,
-with the optimiser reset (what `lgmrec train` does) and with the old run's Adam state carried (rows
-mapped by raw id): epochs and training seconds until test Recall@20 reaches 98% of the from-scratch best.
+embeddings, and the users the old run never saw folded into the old run's model. warmstart: from
+scratch on the new log (early stopping) against `--init-from` the old run, with the optimiser reset
+(what `lgmrec train` does) and with the old run's Adam state carried (rows mapped by raw id): epochs
+and training seconds until test Recall@20 reaches 98% of the from-scratch best.
 """
 from __future__ import annotations
 
