@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lgmrec_dist.dataset import DatasetError, atomic_directory
+from lgmrec_dist.dataset import DatasetError, atomic_directory, write_dataset
 from data_prep.mmrec import check_modality_name, feature_filename, import_mmrec, write_inter
 
 __all__ = ["mmrec_split", "generate_synthetic", "make_mmrec_synthetic", "make_prepared_synthetic",
@@ -396,3 +396,23 @@ def make_prepared_synthetic(out_dir: str | Path, num_users: int = 1000, num_item
         import_mmrec(src / f"{name}.inter", {m: src / feature_filename(m) for m in modalities}, out_dir,
                      overwrite=overwrite, manifest_extra={"source": "synthetic", "synthetic": params})
     return out_dir
+
+
+def write_subset(out_dir: str | Path, data: dict, users: np.ndarray, items: np.ndarray, order_seed: int,
+                 dims: dict[str, int] | None = None) -> Path:
+    """A prepared dataset of the interactions of some original users and items of ``generate_synthetic``
+    output, renumbered in a shuffled order, with raw ids ``u<orig>`` / ``i<orig>``: two calls give two id
+    maps over the same raw ids (an older and a grown log, as warm-start retraining meets them).
+    ``dims`` keeps the first columns of each modality's features."""
+    rng = np.random.default_rng(order_seed)
+    users, items = rng.permutation(users), rng.permutation(items)
+    upos = np.full(int(data["users"].max()) + 1, -1)
+    upos[users] = np.arange(len(users))
+    ipos = np.full(int(data["items"].max()) + 1, -1)
+    ipos[items] = np.arange(len(items))
+    keep = (upos[data["users"]] >= 0) & (ipos[data["items"]] >= 0)
+    feats = {m: x[items] if dims is None else x[items][:, :dims[m]] for m, x in data["features"].items()}
+    write_dataset(out_dir, users=upos[data["users"][keep]], items=ipos[data["items"][keep]],
+                  split=data["split"][keep], num_users=len(users), num_items=len(items), features=feats,
+                  user_raw_ids=np.array([f"u{u}" for u in users]), item_raw_ids=np.array([f"i{i}" for i in items]))
+    return Path(out_dir)

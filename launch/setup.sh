@@ -27,8 +27,8 @@ then
 else
     echo "setup: keeping torch $("$vpy" -c 'import torch; print(torch.__version__)')"
 fi
-echo "setup: installing lgmrec_dist and its dependencies (extras: test, text, image)"
-pip install -e ".[test,text,image]"
+echo "setup: installing lgmrec_dist and its dependencies (extras: test, text, image, serve, ann)"
+pip install -e ".[test,text,image,serve,ann]"
 site="$("$vpy" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 cp lgmrec_dist/_dgl_shim.py "$site/lgmrec_dgl_shim.py"
 echo "import lgmrec_dgl_shim" > "$site/lgmrec_dgl_shim.pth"

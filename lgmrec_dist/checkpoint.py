@@ -194,6 +194,25 @@ def read_meta(path: Path) -> dict:
     return json.loads((path / "meta.json").read_text())
 
 
+def read_best_tables(run_dir: str | Path) -> tuple[dict, dict]:
+    """(meta, tables) of RUNDIR/best/: every rank's rows put in place by id — ``user_embedding``,
+    ``item_embedding`` (full tables) and ``dense`` (W_m, V_m by name)."""
+    best = Path(run_dir) / "best"
+    if not (best / "meta.json").is_file():
+        raise CheckpointError(f"{run_dir}: no best model (RUNDIR/best/meta.json); has an epoch finished?")
+    meta = read_meta(best)
+    parts = [read_sharded(best, rank) for rank in range(meta["world_size"])]
+    tables = {}
+    for kind in ("user", "item"):
+        ids = torch.cat([p[f"{kind}_ids"] for p in parts])
+        rows = torch.cat([p[f"{kind}_embedding"] for p in parts])
+        table = torch.empty(int(ids.max()) + 1 if len(ids) else 0, rows.shape[1], dtype=rows.dtype)
+        table[ids] = rows
+        tables[f"{kind}_embedding"] = table
+    tables["dense"] = parts[-1]["dense"]
+    return meta, tables
+
+
 class EngineState:
     """Checkpoint state shared by the training engines: model parameters, optimizer, evaluation count.
 

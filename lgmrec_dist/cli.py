@@ -25,6 +25,7 @@ def cmd_train(args) -> int:
                "-m", "lgmrec_dist.train", "--data", args.data, "--out", args.out]
         cmd += ["--config", args.config] if args.config else []
         cmd += [x for kv in args.set for x in ("--set", kv)] + (["--overwrite"] if args.overwrite else [])
+        cmd += ["--init-from", args.init_from] if args.init_from else []
         return subprocess.call(cmd)
     from lgmrec_dist import train
     return train.run(args)
@@ -106,13 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default="synthetic")
     s.set_defaults(func=cmd_synth_mmrec)
     from data_prep import extract, prep, synth_parquet
-    from lgmrec_dist import export, ray_train, report, sweep
+    from lgmrec_dist import export, ray_train, report, serve, sweep
     synth_parquet.register_cli(sub)
     prep.register_cli(sub)
     extract.register_cli(sub)
     export.register_cli(sub)
     report.register_cli(sub)
     sweep.register_cli(sub)
+    serve.register_cli(sub)
     ray_train.register_cli(sub)
     return p
 

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from lgmrec_dist.checkpoint import CheckpointError, read_meta, read_sharded
+from lgmrec_dist.checkpoint import CheckpointError, read_best_tables
 from lgmrec_dist.config import load_config
 from lgmrec_dist.dataset import TRAIN, DatasetError, PreparedDataset, atomic_directory, parse_named_paths
 from lgmrec_dist.evaluation import MASK_SCORE, _csr_from_pairs, _csr_rows, streaming_topk
@@ -43,9 +43,7 @@ def load_trained(run_dir: str | Path, data: str | Path | None = None, device="cp
     """Rebuild the best-validation model of a run in one process: (model, dataset)."""
     run_dir = Path(run_dir)
     best = run_dir / "best"
-    if not (best / "meta.json").is_file():
-        raise CheckpointError(f"{run_dir}: no best model (RUNDIR/best/meta.json); has an epoch finished?")
-    meta = read_meta(best)
+    meta, tables = read_best_tables(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     ds = PreparedDataset.load(data or meta.get("dataset_path") or json.loads((run_dir / "metrics.json").read_text())["dataset"])
     from lgmrec_dist.checkpoint import dataset_digest
@@ -53,12 +51,8 @@ def load_trained(run_dir: str | Path, data: str | Path | None = None, device="cp
         raise CheckpointError(f"{best} was trained on a different dataset than {ds.path}")
     model = LGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"])
     with torch.no_grad():
-        for rank in range(meta["world_size"]):
-            part = read_sharded(best, rank)
-            model.user_embedding[part["user_ids"]] = part["user_embedding"]
-            model.item_embedding[part["item_ids"]] = part["item_embedding"]
         params = dict(model.named_parameters())
-        for name, value in part["dense"].items():
+        for name, value in [*tables.pop("dense").items(), *tables.items()]:
             params[name].copy_(value)
     tu, ti = ds.pairs(TRAIN)
     model.to(device).attach(build_graph(ds.num_users, ds.num_items, tu, ti), ds.features)
@@ -81,7 +75,8 @@ def recommend_users(users: np.ndarray, user_emb, item_emb, train_csr, k: int, ti
 
 
 def export(run_dir, out, top_k: int = 20, cold_items: str | Path | None = None, data=None, ctx=None,
-           overwrite: bool = False, batch_size: int = 4096) -> Path:
+           overwrite: bool = False, batch_size: int = 4096, ann: str | None = None) -> Path:
+    """Write DIR (module docstring); ``ann`` = an index kind of ``lgmrec_dist.ann``: DIR/ann/ as well."""
     _check_k(top_k, "--top-k")
     if Path(out).exists() and not overwrite:
         raise DatasetError(f"{out} already exists (pass --overwrite to replace it)")
@@ -111,6 +106,8 @@ def export(run_dir, out, top_k: int = 20, cold_items: str | Path | None = None, 
         if rank == 0:
             pq.write_table(_embedding_table(user_raw, user_emb), tmp / "users.parquet")
             pq.write_table(_embedding_table(item_raw, item_emb, {"cold": cold}), tmp / "items.parquet")
+            if ann is not None:
+                _write_ann(tmp / "ann", ann, item_emb, item_raw.to_pylist(), user_emb)
         mine = np.arange(ds.num_users)[rank::world]
         parts = []
         for start in range(0, len(mine), batch_size):
@@ -181,6 +178,15 @@ def _vectors(t: pa.Table, col: str, path) -> np.ndarray:
     if not np.isfinite(x).all():
         raise DatasetError(f"{path}: NaN/inf in column {col!r} (first in row {int(np.argwhere(~np.isfinite(x))[0][0])})")
     return x
+def _write_ann(path: Path, kind: str, item_emb, item_raw: list, user_emb, queries: int = 2000) -> None:
+    """The item index of ``lgmrec_dist.ann``, its recall measured with the run's users as queries."""
+    from lgmrec_dist import ann
+    pick = np.random.default_rng(0).permutation(len(user_emb))[:queries]
+    index = ann.build(item_emb.numpy(), item_raw, kind, user_emb[pick].numpy())
+    index.save(path)
+    info = index.info
+    print(f"ann {kind}: {info['search_param']} {info['search']}, recall@{ann.RECALL_K} {info[f'recall@{ann.RECALL_K}']:.4f} "
+          f"against the exact top-{ann.RECALL_K} ({info['num_queries']} held-out user queries)")
 
 
 def read_item_features(specs: dict[str, str], id_col: str = "item_id", feature_col: str = "embedding"):
@@ -275,6 +281,8 @@ def register_cli(sub) -> None:
     e.add_argument("--cold-items", help="Parquet from `lgmrec embed-items` to rank beside the catalogue")
     e.add_argument("--data", help="prepared dataset (default: the one the run trained on)")
     e.add_argument("--overwrite", action="store_true")
+    e.add_argument("--ann", choices=["faiss", "hnsw"],
+                   help="also an item index DIR/ann/ (faiss IVF-Flat or HNSW) for `lgmrec serve --ann`")
     e.set_defaults(func=_cmd_export)
     r = sub.add_parser("recommend", help="print the top-K items for one user of a trained run")
     r.add_argument("--run", "--run-dir", dest="run", required=True)
@@ -300,7 +308,7 @@ def _cmd_export(args) -> int:
     from lgmrec_dist.distributed.group import init_process_group, launched_by_torchrun
     ctx = init_process_group("cpu") if launched_by_torchrun() else None
     try:
-        return _run(lambda: print(f"wrote {export(args.run, args.out, args.top_k, args.cold_items, args.data, ctx, args.overwrite)}"))
+        return _run(lambda: print(f"wrote {export(args.run, args.out, args.top_k, args.cold_items, args.data, ctx, args.overwrite, ann=args.ann)}"))
     finally:
         if ctx is not None:
             import torch.distributed as dist

@@ -50,6 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a finished run (or checkpoints) in --out")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --out (automatic when one exists)")
+    p.add_argument("--init-from", metavar="RUN",
+                   help="warm start: a finished run's best model, rows carried over by raw id (docs/serving.md)")
 
 
 def seed_everything(seed: int) -> None:
@@ -170,7 +172,7 @@ def _trim_epoch_log(run_dir: Path, before_epoch: int) -> None:
 
 
 def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = False, ctx=None,
-          resume: bool | None = None) -> dict:
+          resume: bool | None = None, init_from: str | Path | None = None) -> dict:
     """Train and evaluate; ``ctx`` (a distributed.group.Context) selects the sharded engine.
 
     ``resume``: None = continue from the run directory's latest checkpoint when there is one,
@@ -190,7 +192,7 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
     _resumable(ckpt, run_dir, overwrite, resume, ctx.world_size if ctx else 1)
     lock = RunLock(run_dir).acquire() if main_rank else None
     try:
-        return _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt)
+        return _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt, init_from)
     finally:
         if lock is not None:
             lock.release()
@@ -219,7 +221,7 @@ def _check_finite(terms: dict, step: int, ckpt: Checkpointer) -> None:
                             + (f"{last}" if last else "none yet") + "); lower learning_rate or check the features")
 
 
-def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt) -> dict:
+def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt, init_from=None) -> dict:
     if overwrite and main_rank:
         shutil.rmtree(ckpt.dir, ignore_errors=True)
         shutil.rmtree(ckpt.best_dir, ignore_errors=True)
@@ -264,6 +266,9 @@ def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt) -> dict:
     if len(valid_eval.users) < len(test_eval.users) and cfg.valid_users:
         log.info("validation on a fixed sample of %d users (valid_users); test on all %d", len(valid_eval.users),
                  len(test_eval.users))
+    if init_from is not None and latest is None:  # a resumed run's checkpoint already holds its warm start
+        from lgmrec_dist.warmstart import warm_start
+        log.info("warm start from %s: %s", init_from, warm_start(engine, ds, init_from))
     stopper = EarlyStopping(cfg.stopping_step)
     loop = _fresh_loop()
     if latest is not None:
@@ -370,7 +375,8 @@ def run(args) -> int:
         cfg = load_config(args.config, args.set)
         if launched_by_torchrun():
             ctx = init_process_group(cfg.device)
-        train(args.data, cfg, args.out, overwrite=args.overwrite, ctx=ctx, resume=True if args.resume else None)
+        train(args.data, cfg, args.out, overwrite=args.overwrite, ctx=ctx, resume=True if args.resume else None,
+              init_from=args.init_from)
     finally:
         if ctx is not None:
             import torch.distributed as dist

@@ -20,6 +20,18 @@ def signal_dataset(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def trained_run(signal_dataset, tmp_path_factory):
+    """A short training run on ``signal_dataset`` (4 epochs, d = 16): the model that export and serving use."""
+    from lgmrec_dist.config import load_config
+    from lgmrec_dist.train import train
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    train(signal_dataset, load_config("configs/demo.yaml", {"epochs": 4, "embedding_size": 16,
+                                                            "train_batch_size": 512}), run)
+    return run
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole test session (DESIGN.md: ~3 s and ~420 MB to start)."""
     import os

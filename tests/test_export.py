@@ -13,20 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from lgmrec_dist.cli import main as cli
-from lgmrec_dist.config import load_config
 from lgmrec_dist.dataset import TRAIN, DatasetError
 from lgmrec_dist.export import cold_start_embeddings, export, load_trained
-from lgmrec_dist.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def trained_run(signal_dataset, tmp_path_factory):
-    run = tmp_path_factory.mktemp("export") / "run"
-    train(signal_dataset, load_config("configs/demo.yaml", {"epochs": 4, "embedding_size": 16,
-                                                            "train_batch_size": 512}), run)
-    return run
 
 
 def read_recs(out: Path):
