@@ -33,7 +33,8 @@ Stages
 Steps 3-6 run as Ray tasks over blocks of the log that stay in the object store
 (:mod:`data_prep.blocks`); the driver holds per-node arrays only (counts, first rows, id maps, the
 partition book). :func:`data_prep.steps.reference_steps` is the same computation over whole arrays in
-one process, which the Ray job is tested against. Feature alignment (7) still runs on the driver.
+one process, which the Ray job is tested against. Feature vectors stay in the object store (or their
+.npy file) and Ray tasks write the aligned matrices (:mod:`data_prep.features`).
 
 The stages live in their own modules: input files :mod:`data_prep.files`, the Ray session
 :mod:`data_prep.ray_session`, schemas and the Ray read of the log :mod:`data_prep.reading`, the
@@ -57,11 +58,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from lgmrec_dist.dataset import (INTERACTIONS, MANIFEST, DatasetError, atomic_directory, check_features,
-                                 finish_manifest, parse_named_paths, write_maps_and_features)
+from lgmrec_dist.dataset import (INTERACTIONS, MANIFEST, DatasetError, atomic_directory, finish_manifest,
+                                 parse_named_paths, write_maps_and_features)
+from lgmrec_dist.dataset_parts import part_dir
 from data_prep import blocks, writing
-from data_prep.features import (align, check_feature_schemas, dim_of, feature_source, finish_parquet_features,
-                                load_npy_features, read_parquet_features)
+from data_prep.features import (align, check_feature_schemas, feature_source, finish_parquet_features,
+                                load_npy_features, mean_vector, read_parquet_features)
+from data_prep.features import write_matrices as features_write
 from data_prep.files import file_stamp, resolve_files
 from data_prep.mmrec import check_modality_name
 from data_prep.partition import METHODS, partition_nodes, write_partitions
@@ -182,7 +185,7 @@ def _encode(say, ray, refs, inter_files, info, tasks, o) -> tuple[dict, int]:
 
 
 def _read_features(say, ray, sources, feature_metas, item_kind, o) -> dict:
-    """2. the feature files (Parquet through Ray Data, .npy memory-mapped): -> {name: (ids, vectors)}."""
+    """2. the feature files (Parquet through Ray Data, .npy memory-mapped): -> {name: (ids, vector source)}."""
     item_col, feature_col = o["item_col"], o["feature_col"]
     parquet_sources = {n: s for n, s in sources.items() if s["kind"] == "parquet"}
     parquet_tables = read_parquet_features(ray, parquet_sources, feature_metas, item_col, feature_col, item_kind,
@@ -194,7 +197,7 @@ def _read_features(say, ray, sources, feature_metas, item_kind, o) -> dict:
         else:
             raw_feats[name] = load_npy_features(name, src, item_col, item_kind)
         say("read", f"modality {name!r}: {_fmt(len(raw_feats[name][0]))} vectors of dim "
-                    f"{dim_of(raw_feats[name][1])}")
+                    f"{raw_feats[name][1]['dim']}")
     return raw_feats
 
 
@@ -231,20 +234,19 @@ def _reindex_split(say, ray, blks, enc, o) -> dict:
     return res
 
 
-def _features(say, raw_feats, sources, item_raw, o) -> tuple[dict, dict]:
-    """7. each modality aligned to the item index: -> {name: matrix}, {name: manifest entry}."""
+def _features(say, ray, raw_feats, sources, item_raw, o) -> tuple[dict, dict]:
+    """7. each modality aligned to the item index: -> {name: aligned source}, {name: manifest entry}."""
     features, feature_info = {}, {}
     for name in list(raw_feats):
-        ids, mat = raw_feats.pop(name)
+        ids, source = raw_feats.pop(name)
         src = sources[name]
-        aligned, n_missing, unused = align(name, src["path"], ids, mat, item_raw, o["require_features"],
+        aligned, n_missing, unused = align(name, src["path"], ids, source, item_raw, o["require_features"],
                                            o["item_col"])
-        n_vectors = len(ids)
-        del ids, mat
+        aligned["mean"] = mean_vector(ray, aligned, len(item_raw) - n_missing) if n_missing else None
         features[name] = aligned
-        feature_info[name] = {"source": src["path"], "dim": int(aligned.shape[1]), "vectors": int(n_vectors),
+        feature_info[name] = {"source": src["path"], "dim": int(aligned["dim"]), "vectors": len(ids),
                               "missing": n_missing, "unused": int(unused), "fill": "mean" if n_missing else None}
-        say("features", f"{name}: {aligned.shape[1]}-d, {_fmt(n_missing)} items without a vector"
+        say("features", f"{name}: {aligned['dim']}-d, {_fmt(n_missing)} items without a vector"
                         f"{' (mean vector)' if n_missing else ''}, {_fmt(unused)} vectors of unknown items "
                         f"ignored")
     return features, feature_info
@@ -270,19 +272,35 @@ def _partition(say, ray, blks, num_users, num_items, o):
 def _write(say, ray, out, res, features, node_part, book, pstats, method, manifest_extra, info, o, overwrite):
     """9. the dataset directory, atomically: interactions and ``part-k/`` by Ray tasks, the rest here."""
     num_users, num_items = len(res["user_raw"]), len(res["item_raw"])
-    feats = {name: check_features(name, arr, num_items, name) for name, arr in features.items()}
     time_dtype = (np.float64 if info["time_kind"] == "float" else np.int64) if o["time_col"] else None
+    P = o["partitions"]
     with atomic_directory(out, overwrite) as tmp:
         known = {INTERACTIONS: writing.write_interactions(ray, res["blocks"], info["rows"], tmp, time_dtype)}
-        write_maps_and_features(tmp, num_users, num_items, res["user_raw"], res["item_raw"], feats)
+        write_maps_and_features(tmp, num_users, num_items, res["user_raw"], res["item_raw"], {})
         write_partitions(tmp, node_part, method=method, num_users=num_users, num_items=num_items, stats=pstats)
-        if o["partitions"] > 1:
-            sums, counts = writing.write_parts(ray, res["blocks"], tmp, book, num_users, o["partitions"],
-                                               ray.put(feats))
+        if P > 1:
+            sums, counts = writing.write_parts(ray, res["blocks"], tmp, book, num_users, P)
             known.update(sums)
             manifest_extra = {**manifest_extra, "partition_dirs": counts}
+        # every modality: the whole matrix, and each part's owned rows
+        targets = [("features", np.arange(num_items, dtype=np.int64), num_items)]
+        for k in range(P if P > 1 else 0):
+            owned = node_part[num_users:] == k
+            dest = np.full(num_items, -1, dtype=np.int64)
+            dest[owned] = np.arange(int(owned.sum()), dtype=np.int64)
+            targets.append((f"{part_dir(k)}/features", dest, int(owned.sum())))
+        jobs, names = [], []
+        for name, source in features.items():
+            rels = [f"{d}/{name}.npy" for d, _, _ in targets]
+            for d, _, _ in targets:
+                (tmp / d).mkdir(parents=True, exist_ok=True)
+            src_ref = ray.put({k: v for k, v in source.items() if k != "mean"})
+            jobs += features_write(ray, [(str(tmp / r), dest, n) for r, (_, dest, n) in zip(rels, targets)],
+                                   src_ref, source["mean"])
+            names += rels
+        known.update(zip(names, ray.get(jobs)))
         manifest = finish_manifest(tmp, num_users=num_users, num_items=num_items, split_counts=res["split_counts"],
-                                   modalities={n: int(a.shape[1]) for n, a in feats.items()},
+                                   modalities={n: int(s["dim"]) for n, s in features.items()},
                                    manifest_extra=manifest_extra, known=known)
     say("write", f"{out} ({len(manifest['files'])} files)")
     return manifest
@@ -335,7 +353,7 @@ def prep(interactions, item_features: dict, out, kcore: int = 5, split: str = "m
         res = _reindex_split(say, ray, blks, enc, o)
         del blks
         num_users, num_items = len(res["user_raw"]), len(res["item_raw"])
-        features, feature_info = _features(say, raw_feats, sources, res["item_raw"], o)
+        features, feature_info = _features(say, ray, raw_feats, sources, res["item_raw"], o)
         node_part, book, pstats, method = _partition(say, ray, res["blocks"], num_users, num_items, o)
         nodes = sorted(enc.pop("nodes") | res.pop("nodes"))
         manifest_extra = {

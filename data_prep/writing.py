@@ -98,13 +98,11 @@ def _owner_split(block: dict, node_part, num_users: int, num_parts: int):
 
 
 def _save(d: Path, rel: str, arr: np.ndarray, sums: dict, prefix: str) -> None:
-    (d / rel).parent.mkdir(parents=True, exist_ok=True)
     np.save(d / rel, arr)
     sums[f"{prefix}/{rel}"] = sha256_file(d / rel)
 
 
-def _write_part(out: str, k: int, num_parts: int, num_users: int, node_part, features: dict, *pieces):
-    # features: {name: aligned matrix}, one object-store ref resolved by Ray
+def _write_part(out: str, k: int, num_parts: int, num_users: int, node_part, *pieces):
     """Ray task: write ``part-k/`` from the rows routed to part k; -> ({file: sha256}, counts)."""
     prefix = part_dir(k)
     d = Path(out) / prefix
@@ -125,8 +123,6 @@ def _write_part(out: str, k: int, num_parts: int, num_users: int, node_part, fea
                              "split": block["s"][held].astype(np.int8)}), d / EVAL)
     for rel in (TRAIN_EDGES, EVAL):
         sums[f"{prefix}/{rel}"] = sha256_file(d / rel)
-    for name, mat in features.items():
-        _save(d, f"features/{name}.npy", np.ascontiguousarray(mat[owned_items]), sums, prefix)
     counts = {"owned_users": len(owned_users), "owned_items": len(owned_items), "train_edges": len(tu),
               "halo_users": len(halo_users), "halo_items": len(halo_items), "eval_rows": int(held.sum())}
     (d / PART_META).write_text(json.dumps({"part": k, "num_parts": num_parts, **counts}, indent=2) + "\n")
@@ -134,11 +130,11 @@ def _write_part(out: str, k: int, num_parts: int, num_users: int, node_part, fea
     return sums, counts
 
 
-def write_parts(ray, blocks: list, out: Path, node_part_ref, num_users: int, num_parts: int,
-                features_ref) -> tuple[dict, list]:
-    """One task per part writes ``part-k/``: -> ({file: sha256} of all parts, per-part counts)."""
+def write_parts(ray, blocks: list, out: Path, node_part_ref, num_users: int, num_parts: int) -> tuple[dict, list]:
+    """One task per part writes ``part-k/`` (all but the features, :func:`data_prep.features.write_matrices`):
+    -> ({file: sha256} of all parts, per-part counts)."""
     pieces = [call(_owner_split, b, node_part_ref, num_users, num_parts, num_returns=num_parts) for b in blocks]
-    done = ray.get([call(_write_part, str(out), k, num_parts, num_users, node_part_ref, features_ref,
+    done = ray.get([call(_write_part, str(out), k, num_parts, num_users, node_part_ref,
                          *[p[k] for p in pieces])[0] for k in range(num_parts)])
     sums = {}
     for s, _ in done:
