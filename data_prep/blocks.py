@@ -23,7 +23,7 @@ import functools
 
 import numpy as np
 
-from data_prep.steps import duplicate_rows, merge_dictionaries, mix64, split_labels, unify_dictionaries
+from data_prep.steps import DictionaryMerger, duplicate_rows, mix64, split_labels, unify_dictionaries
 
 BIG = np.iinfo(np.int64).max
 MAX_BUCKETS = 64
@@ -154,16 +154,22 @@ def _shuffle(ray, blocks: list, split_fn, split_args: tuple, bucket_fn, bucket_a
 
 
 def encode(ray, tables: list) -> dict:
-    """Read blocks (dictionary-encoded U/I) -> code blocks, the id dictionaries, nodes that ran tasks."""
-    info = [x for x in ray.get([call(_dictionaries, t)[0] for t in tables])]
-    keep = [k for k, x in enumerate(info) if x[2]]
-    info, tables = [info[k] for k in keep], [tables[k] for k in keep]
-    user_dict, u_remaps = merge_dictionaries([x[0] for x in info])
-    item_dict, i_remaps = merge_dictionaries([x[1] for x in info])
-    row0 = np.cumsum([0] + [x[2] for x in info])
-    blocks = [call(_encode, t, ur, ir, int(r0))[0] for t, ur, ir, r0 in zip(tables, u_remaps, i_remaps, row0)]
-    return {"blocks": blocks, "user_dict": user_dict, "item_dict": item_dict, "rows": int(row0[-1]),
-            "nodes": {x[3] for x in info}}
+    """Read blocks (dictionary-encoded U/I) -> code blocks, the id dictionaries, nodes that ran tasks.
+
+    The block dictionaries are merged one block at a time (one copy of the distinct ids here), and each
+    block's code remap goes straight to the object store."""
+    users, items = DictionaryMerger(), DictionaryMerger()
+    blocks, nodes, row0 = [], set(), 0
+    for table, ref in zip(tables, [call(_dictionaries, t)[0] for t in tables]):
+        u_dict, i_dict, n, node = ray.get(ref)
+        nodes.add(node)
+        if n == 0:
+            continue
+        u_remap, i_remap = ray.put(users.add(u_dict)), ray.put(items.add(i_dict))
+        del u_dict, i_dict
+        blocks.append(call(_encode, table, u_remap, i_remap, row0)[0])
+        row0 += n
+    return {"blocks": blocks, "user_dict": users.values, "item_dict": items.values, "rows": row0, "nodes": nodes}
 
 
 def dedup(ray, blocks: list, num_items: int) -> tuple[list, int]:

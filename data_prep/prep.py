@@ -203,7 +203,7 @@ def _read_features(say, ray, sources, feature_metas, item_kind, o) -> dict:
 
 def _dedup(say, ray, enc, o):
     """3. exact duplicate rows dropped (hash shuffle on (user, item)), the first copy kept."""
-    blks, n_dup = blocks.dedup(ray, enc["blocks"], len(enc["item_dict"]))
+    blks, n_dup = blocks.dedup(ray, enc.pop("blocks"), len(enc["item_dict"]))  # the encoded blocks are freed
     user_col, item_col, time_col = o["user_col"], o["item_col"], o["time_col"]
     key_cols = f"({user_col}, {item_col}, {time_col})" if time_col else f"({user_col}, {item_col})"
     say("dedup", f"{_fmt(n_dup)} exact duplicate {key_cols} rows dropped; {_fmt(enc['rows'] - n_dup)} left")

@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from data_prep.synthetic import group_by_user, labels_by_rank
 
-__all__ = ["duplicate_rows", "kcore_filter", "unify_dictionaries", "merge_dictionaries", "first_appearance",
+__all__ = ["duplicate_rows", "kcore_filter", "unify_dictionaries", "merge_dictionaries", "DictionaryMerger", "first_appearance",
            "temporal_split", "keyed_mmrec_split", "split_labels", "reference_steps", "mix64"]
 
 
@@ -87,15 +87,30 @@ def kcore_filter(users: np.ndarray, items: np.ndarray, k: int, num_users: int, n
     return idx, rounds
 
 
+class DictionaryMerger:
+    """Block dictionaries added in block order -> the distinct values in order of first appearance overall
+    (``values``), and per block the global code of each of its entries. Holds one copy of the distinct
+    values (plus the block being added), whatever the number of blocks."""
+
+    def __init__(self):
+        self.values = None
+
+    def add(self, dictionary: pa.Array) -> np.ndarray:
+        if self.values is None:
+            self.values = pc.unique(dictionary)            # unique keeps the order of first appearance
+        else:
+            new = dictionary.filter(pc.is_null(pc.index_in(dictionary, value_set=self.values)))
+            if len(new):
+                self.values = pa.concat_arrays([self.values, pc.unique(new)])
+        return pc.index_in(dictionary, value_set=self.values).to_numpy().astype(np.int64)
+
+
 def merge_dictionaries(dictionaries: list[pa.Array]) -> tuple[pa.Array, list[np.ndarray]]:
     """Block dictionaries (each in its block's order of first appearance), in block order -> (distinct
     values in order of first appearance overall, per block: global code of each dictionary entry)."""
-    if not dictionaries:
-        return pa.array([]), []
-    encoded = pa.concat_arrays(dictionaries).dictionary_encode()
-    values, remap_all = encoded.dictionary, encoded.indices.to_numpy().astype(np.int64)
-    bounds = np.cumsum([0] + [len(d) for d in dictionaries])
-    return values, [remap_all[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    merger = DictionaryMerger()
+    remaps = [merger.add(d) for d in dictionaries]
+    return (merger.values if merger.values is not None else pa.array([])), remaps
 
 
 def unify_dictionaries(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
