@@ -209,3 +209,30 @@ def test_unpartitioned_dataset_is_refused_by_the_partition_reader(raw, tmp_path)
     with pytest.raises(DatasetError, match=r"partitioned for P = 1"):
         open_partition(tmp_path / "one", 0, 2)
     assert not (tmp_path / "one" / "part-0").exists()
+
+
+def test_dictionary_merger_equals_one_encode_of_all_blocks():
+    from data_prep.steps import merge_dictionaries
+    blocks = [pa.array(["b", "a", "b", "c"]), pa.array(["d", "a"]), pa.array([], pa.string()), pa.array(["c", "e"])]
+    values, remaps = merge_dictionaries([b.dictionary_encode().dictionary for b in blocks])
+    whole = pa.concat_arrays(blocks).dictionary_encode()
+    assert values.to_pylist() == whole.dictionary.to_pylist() == ["b", "a", "c", "d", "e"]
+    codes = np.concatenate([r[b.dictionary_encode().indices.to_numpy()] for r, b in zip(remaps, blocks)])
+    assert codes.tolist() == whole.indices.to_numpy().tolist()
+
+
+def test_npy_features_are_partitioned_too(raw, tmp_path):
+    """A .npy source (rows in another order) gives each part the same owned rows as the Parquet one."""
+    t = pq.read_table(feats(raw)["text"])
+    ids = t["item_id"].to_numpy(zero_copy_only=False)
+    mat = np.stack(t["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
+    rev = np.arange(len(ids))[::-1]
+    np.save(tmp_path / "text.npy", mat[rev])
+    np.save(tmp_path / "text.ids.npy", ids[rev].astype(str))
+    for name, src in (("a", feats(raw)["text"]), ("b", tmp_path / "text.npy")):
+        prep(raw / "interactions", {"text": src}, tmp_path / name, kcore=3, partitions=2, partition_method="random",
+             progress=False)
+    for k in range(2):
+        a, b = (open_partition(tmp_path / n, k, 2) for n in ("a", "b"))
+        assert np.array_equal(a.owned_items, b.owned_items)
+        assert np.array_equal(a.features["text"], b.features["text"]) and len(a.features["text"])
