@@ -6,12 +6,13 @@ row's position in the input log, which carries the log order through every shuff
 split, ``s`` (label). Blocks stay in the Ray object store as refs; the driver only ever holds per-node
 arrays (counts, first rows, id remaps) and per-block scalars:
 
-* **encode**  each read block's dictionaries go to the driver (distinct ids per block), which merges
-              them (:func:`data_prep.steps.merge_dictionaries`) and sends each block its code remap;
+* **encode**  one task merges the read blocks' dictionaries (:class:`data_prep.steps.DictionaryMerger`);
+              the driver receives the global dictionaries (the id maps), each block its code remap;
 * **dedup**   a hash shuffle on (user, item): every block is split into ``B`` buckets, one task per
               bucket drops the exact duplicates (:func:`data_prep.steps.duplicate_rows`, first copy kept);
-* **k-core**  per round, tasks return per-block node counts, the driver sums them, tasks filter;
-* **re-index** tasks return each node's first row, the driver orders nodes by it (dense ids);
+* **k-core**  per round, tasks count per block, a tree of tasks adds the counts (:func:`reduce`), the
+              driver receives the per-node totals, tasks filter;
+* **re-index** tasks find each node's first row, reduced the same way; the driver orders nodes by it;
 * **split**   a hash shuffle on the user: one task labels all rows of its users
               (:func:`data_prep.steps.split_labels`).
 
@@ -153,23 +154,32 @@ def _shuffle(ray, blocks: list, split_fn, split_args: tuple, bucket_fn, bucket_a
     return [call(bucket_fn, *bucket_args, *[p[j] for p in pieces], num_returns=outputs) for j in range(n)]
 
 
+def _merge_dictionaries(*infos):
+    """Ray task: every block's (user dictionary, item dictionary, rows, node), in block order -> the two
+    global dictionaries, the row counts and nodes, then one (user, item) code remap per block."""
+    users, items = DictionaryMerger(), DictionaryMerger()
+    remaps = [(users.add(u), items.add(i)) for u, i, n, _ in infos]
+    head = (users.values, items.values, [n for _, _, n, _ in infos], {x[3] for x in infos})
+    return (head, *remaps) if remaps else head
+
+
 def encode(ray, tables: list) -> dict:
     """Read blocks (dictionary-encoded U/I) -> code blocks, the id dictionaries, nodes that ran tasks.
 
-    The block dictionaries are merged one block at a time (one copy of the distinct ids here), and each
-    block's code remap goes straight to the object store."""
-    users, items = DictionaryMerger(), DictionaryMerger()
-    blocks, nodes, row0 = [], set(), 0
-    for table, ref in zip(tables, [call(_dictionaries, t)[0] for t in tables]):
-        u_dict, i_dict, n, node = ray.get(ref)
-        nodes.add(node)
-        if n == 0:
-            continue
-        u_remap, i_remap = ray.put(users.add(u_dict)), ray.put(items.add(i_dict))
-        del u_dict, i_dict
-        blocks.append(call(_encode, table, u_remap, i_remap, row0)[0])
-        row0 += n
-    return {"blocks": blocks, "user_dict": users.values, "item_dict": items.values, "rows": row0, "nodes": nodes}
+    One task merges the block dictionaries; the driver receives the global dictionaries (the id maps)
+    and the row counts, while each block's code remap goes from that task's output to the block's task."""
+    out = call(_merge_dictionaries, *[call(_dictionaries, t)[0] for t in tables], num_returns=1 + len(tables))
+    user_dict, item_dict, rows, nodes = ray.get(out[0])
+    blocks, row0 = [], 0
+    for table, remap, n in zip(tables, out[1:], rows):
+        if n:
+            blocks.append(call(_encode_remap, table, remap, row0)[0])
+            row0 += n
+    return {"blocks": blocks, "user_dict": user_dict, "item_dict": item_dict, "rows": row0, "nodes": nodes}
+
+
+def _encode_remap(table, remap, row0: int) -> dict:
+    return _encode(table, remap[0], remap[1], row0)
 
 
 def dedup(ray, blocks: list, num_items: int) -> tuple[list, int]:
@@ -178,11 +188,19 @@ def dedup(ray, blocks: list, num_items: int) -> tuple[list, int]:
     return [o[0] for o in out], int(sum(ray.get([o[1] for o in out])))
 
 
-def _sum(ray, refs: list, n: int) -> np.ndarray:
-    total = np.zeros(n, dtype=np.int64)
-    for ref in refs:                          # one per-node array at a time
-        total += ray.get(ref)
-    return total
+FAN_IN = 16
+
+
+def _reduce_task(op: str, *arrays):
+    return functools.reduce(np.add if op == "sum" else np.minimum, arrays)
+
+
+def reduce(ray, refs: list, op: str) -> np.ndarray:
+    """Per-block per-node arrays added (``sum``) or minimised (``min``) in a tree of Ray tasks; the driver
+    receives the one result."""
+    while len(refs) > 1:
+        refs = [call(_reduce_task, op, *refs[a:a + FAN_IN])[0] for a in range(0, len(refs), FAN_IN)]
+    return np.array(ray.get(refs[0]))
 
 
 def kcore(ray, blocks: list, k: int, num_users: int, num_items: int, rows: int) -> tuple[list, int, int]:
@@ -192,8 +210,8 @@ def kcore(ray, blocks: list, k: int, num_users: int, num_items: int, rows: int) 
     counted = [call(_counts, b, num_users, num_items, num_returns=2) for b in blocks]
     rounds = 0
     while True:
-        du = _sum(ray, [c[0] for c in counted], num_users)
-        di = _sum(ray, [c[1] for c in counted], num_items)
+        du = reduce(ray, [c[0] for c in counted], "sum")
+        di = reduce(ray, [c[1] for c in counted], "sum")
         # a round removes rows iff some node that still has rows has fewer than k
         if not (((du > 0) & (du < k)).any() or ((di > 0) & (di < k)).any()):
             return blocks, rounds, int(du.sum())
@@ -215,13 +233,8 @@ def _dense_ids(firsts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def reindex_and_split(ray, blocks: list, num_users: int, num_items: int, split: str, seed: int) -> dict:
     """Dense ids in order of first appearance, then the per-user split in user-hash buckets."""
     firsts = [call(_first_rows, b, num_users, num_items, num_returns=2) for b in blocks]
-    fu = np.full(num_users, BIG, dtype=np.int64)
-    fi = np.full(num_items, BIG, dtype=np.int64)
-    for ru, ri in firsts:
-        np.minimum(fu, ray.get(ru), out=fu)
-        np.minimum(fi, ray.get(ri), out=fi)
-    u_remap, user_codes = _dense_ids(fu)
-    i_remap, item_codes = _dense_ids(fi)
+    u_remap, user_codes = _dense_ids(reduce(ray, [f[0] for f in firsts], "min"))
+    i_remap, item_codes = _dense_ids(reduce(ray, [f[1] for f in firsts], "min"))
     n = min(MAX_BUCKETS, max(1, len(blocks)))
     out = _shuffle(ray, blocks, _relabel_split, (ray.put(u_remap), ray.put(i_remap), n), _label_bucket,
                    (split, seed), n, 3)
