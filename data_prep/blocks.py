@@ -33,7 +33,9 @@ MAX_BUCKETS = 64
 @functools.cache
 def _remote(fn, num_returns: int = 1):
     import ray
-    return ray.remote(num_returns=num_returns)(fn)
+    # SPREAD: a step's tasks go to every node (and their outputs fill every node's object store), instead
+    # of queueing on the driver's node while it has CPUs; on one node it changes nothing
+    return ray.remote(num_returns=num_returns, scheduling_strategy="SPREAD")(fn)
 
 
 def call(fn, *args, num_returns: int = 1):
