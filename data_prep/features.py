@@ -1,5 +1,8 @@
 """``lgmrec prep`` for item features: the sources of a modality (Parquet or ``.npy`` + ids), their checks,
 the Ray Data read of the Parquet ones, and stage 7, the alignment to the item index (docs/prep.md).
+
+The vectors stay where they were read (the Ray object store, or the .npy file); the driver holds the
+feature rows' ids, lengths and flags, and Ray tasks write the aligned matrices.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import pyarrow.parquet as pq
 from lgmrec_dist.dataset import DatasetError
 from data_prep.files import open_parquet, resolve_files
 from data_prep.ray_session import fail_in_task
-from data_prep.reading import id_kind, norm_ids, run_units, type_name, vector_type_ok, work_units
+from data_prep.blocks import call
+from data_prep.reading import id_kind, norm_ids, run_unit_refs, type_name, vector_type_ok, work_units
 
 
 def _npy_ids_path(npy: Path) -> Path:
@@ -129,21 +133,29 @@ def read_parquet_features(ray, sources: dict, metas: dict, item_col, feature_col
         t = pq.ParquetFile(sources[name]["files"][0]).schema_arrow.field(feature_col).type
         dim = t.list_size if pa.types.is_fixed_size_list(t) else 512
         units += work_units(sources[name]["files"], metas[name], max(1024, values_per_task // max(dim, 1)), m)
-    tables = run_units(ray, units, _read_feature_unit,
-                        {"item_col": item_col, "feature_col": feature_col, "item_kind": item_kind},
-                        f"{', '.join(sources[n]['path'] for n in names)}: reading features")
-    table = pa.concat_tables(tables) if tables else None
+    refs = run_unit_refs(ray, units, _read_feature_unit,
+                         {"item_col": item_col, "feature_col": feature_col, "item_kind": item_kind},
+                         f"{', '.join(sources[n]['path'] for n in names)}: reading features")
+    metas_ = ray.get([call(_without_vectors, r)[0] for r in refs])   # ids, lengths, flags: no vectors
     out = {}
     for m, name in enumerate(names):
-        t = table.filter(pc.equal(table["mod"], m)) if table is not None and len(names) > 1 else table
-        if t is None or t.num_rows == 0:
+        parts = [t.filter(pc.equal(t["mod"], m)) for t in metas_]
+        chunks = [{"ref": r, "mod": m, "n": t.num_rows} for r, t in zip(refs, parts) if t.num_rows]
+        if not chunks:
             raise DatasetError(f"{sources[name]['path']}: feature files for modality {name!r} hold no rows")
-        out[name] = t
+        out[name] = (pa.concat_tables([t for t in parts if t.num_rows]), chunks)
     return out
 
 
-def finish_parquet_features(name, src, table: pa.Table, item_col, feature_col) -> tuple[pa.Array, np.ndarray]:
-    """Per-row checks of one modality's vectors (flags, lengths, duplicate ids) -> (ids, matrix)."""
+def _without_vectors(table: pa.Table) -> pa.Table:
+    return table.drop_columns(["vec"])
+
+
+def finish_parquet_features(name, src, read: tuple, item_col, feature_col) -> tuple[pa.Array, dict]:
+    """Per-row checks of one modality's vectors (flags, lengths, duplicate ids) -> (ids, vector source).
+
+    ``read``: the rows' ids, lengths and flags (no vectors) and the chunks of vectors in the object store."""
+    table, chunks = read
     files = src["files"]
     flag = table["flag"].to_numpy()
     lengths = table["len"].to_numpy()
@@ -176,9 +188,7 @@ def finish_parquet_features(name, src, table: pa.Table, item_col, feature_col) -
         return (f"{', '.join(places)}: duplicate item id {value!r} in column {item_col!r} of modality {name!r} "
                 f"({len(rows)} rows; {n_dup} duplicated ids in all)")
     _duplicate_error(ids, dup_message)
-    # (rows, dim) views of the blocks, without copying them into one matrix
-    blocks = [pc.list_flatten(c).to_numpy().reshape(len(c), dim) for c in table["vec"].chunks if len(c)]
-    return ids, blocks
+    return ids, {"dim": dim, "chunks": chunks}
 
 
 def load_npy_features(name, src, item_col, item_kind) -> tuple[pa.Array, np.ndarray]:
@@ -243,18 +253,13 @@ def load_npy_features(name, src, item_col, item_kind) -> tuple[pa.Array, np.ndar
             with np.errstate(over="ignore"):
                 if not np.isfinite(block.astype(np.float32)).all():
                     raise DatasetError(f"{path}: values of modality {name!r} overflow float32 near row {s}")
-    return ids, mat
+    chunks = [{"npy": path, "start": a, "n": min(step, mat.shape[0] - a)} for a in range(0, mat.shape[0], step)]
+    return ids, {"dim": int(mat.shape[1]), "chunks": chunks}
 
 
-def dim_of(mat) -> int:
-    return (mat[0] if isinstance(mat, list) else mat).shape[1]
-
-
-def align(name, src_path, ids: pa.Array, mat, item_raw: pa.Array, require: bool, item_col) -> tuple:
-    """Matrix with row i = item i's vector; missing items get the mean vector (or are refused).
-
-    ``mat``: the vectors in the order of ``ids``, one (rows, dim) array or a list of consecutive blocks.
-    """
+def align(name, src_path, ids: pa.Array, source: dict, item_raw: pa.Array, require: bool, item_col) -> tuple:
+    """The item of each vector (-1: unknown item), per chunk of ``source``; missing items get the mean
+    vector (or are refused). -> (source with ``item_of`` per chunk, items without a vector, unused vectors)."""
     pos = pc.index_in(item_raw, value_set=ids)
     present = pos.is_valid().to_numpy(zero_copy_only=False)
     n_missing = int((~present).sum())
@@ -266,20 +271,61 @@ def align(name, src_path, ids: pa.Array, mat, item_raw: pa.Array, require: bool,
         examples = item_raw.filter(pa.array(~present))[:5].to_pylist()
         raise DatasetError(f"{src_path}: {n_missing} of {n_items} items have no vector in modality {name!r} "
                            f"(e.g. {examples}); --require-features refuses them")
-    blocks = mat if isinstance(mat, list) else [mat]
-    out = np.zeros((n_items, blocks[0].shape[1]), dtype=np.float32)
-    # scatter each block's rows to their items (feature row -> item via a hash lookup of the ids)
+    # feature row -> item via a hash lookup of the ids (a per-item array, no vectors)
     item_of = pc.fill_null(pc.index_in(ids, value_set=item_raw), -1).to_numpy().astype(np.int64)
-    start, step = 0, 1 << 16
-    for block in blocks:
-        for s in range(0, len(block), step):
-            dest = item_of[start + s:start + s + step][:len(block) - s]
-            ok = dest >= 0
-            out[dest[ok]] = np.asarray(block[s:s + step][ok], dtype=np.float32)
-        start += len(block)
-    if n_missing:
-        mean = out.sum(axis=0, dtype=np.float64) / (n_items - n_missing)
-        out[~present] = mean.astype(np.float32)
+    bounds = np.cumsum([0] + [c["n"] for c in source["chunks"]])
+    chunks = [dict(c, item_of=item_of[a:b]) for c, a, b in zip(source["chunks"], bounds[:-1], bounds[1:])]
     unused = len(ids) - (n_items - n_missing)
-    return out, n_missing, unused
+    return dict(source, chunks=chunks, missing=n_missing), n_missing, unused
 
+
+# --------------------------------------------------------------------------------------------------
+# the aligned matrices, written by Ray tasks (the driver never holds a vector)
+# --------------------------------------------------------------------------------------------------
+
+def _chunk_vectors(chunk: dict, dim: int) -> np.ndarray:
+    if "npy" in chunk:
+        return np.asarray(np.load(chunk["npy"], mmap_mode="r")[chunk["start"]:chunk["start"] + chunk["n"]],
+                          dtype=np.float32)
+    import ray
+    table = ray.get(chunk["ref"])
+    vec = table["vec"].filter(pc.equal(table["mod"], chunk["mod"])).combine_chunks()
+    return pc.list_flatten(vec).to_numpy().reshape(len(vec), dim)
+
+
+def _chunk_sum(chunk: dict, dim: int) -> np.ndarray:
+    known = chunk["item_of"] >= 0
+    return _chunk_vectors(chunk, dim)[known].sum(axis=0, dtype=np.float64)
+
+
+def mean_vector(ray, source: dict, n_present: int) -> np.ndarray:
+    """The mean of the vectors of known items (sums per chunk in tasks, added here)."""
+    sums = ray.get([call(_chunk_sum, c, source["dim"])[0] for c in source["chunks"]])
+    return (np.sum(sums, axis=0) / n_present).astype(np.float32)
+
+
+def _write_matrix(path: str, dest_of_item: np.ndarray, rows: int, source: dict, mean) -> str:
+    """Ray task: the matrix whose row dest_of_item[i] is item i's vector (``mean`` where an item has none),
+    streamed chunk by chunk into a memory-mapped .npy; -> its sha256."""
+    from lgmrec_dist.dataset import sha256_file
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, source["dim"]))
+    written = np.zeros(rows, dtype=bool)
+    for chunk in source["chunks"]:
+        item_of = chunk["item_of"]
+        known = item_of >= 0
+        dest = np.full(len(item_of), -1, dtype=np.int64)
+        dest[known] = dest_of_item[item_of[known]]
+        ok = dest >= 0
+        if ok.any():
+            out[dest[ok]] = _chunk_vectors(chunk, source["dim"])[ok]
+            written[dest[ok]] = True
+    if not written.all():
+        out[~written] = mean
+    out.flush()
+    del out
+    return sha256_file(path)
+
+
+def write_matrices(ray, jobs: list[tuple[str, np.ndarray, int]], source_ref, mean) -> list:
+    """One Ray task per (path, dest_of_item, rows) -> refs of the files' sha256."""
+    return [call(_write_matrix, path, dest, rows, source_ref, mean)[0] for path, dest, rows in jobs]

@@ -1,4 +1,4 @@
-"""``lgmrec prep``: raw Parquet interaction logs + item feature files -> prepared dataset (issue 3).
+"""``lgmrec prep``: raw Parquet interaction logs + item feature files -> prepared dataset.
 
 A Ray Data job (docs/prep.md has the full description)::
 
@@ -14,26 +14,32 @@ Stages
                  Parquet files are read the same way and checked per row (null / NaN / inf / vector length).
  3. **dedup**    exact duplicate (user, item, timestamp) rows are dropped (the first copy is kept).
  4. **k-core**   rows of users or items with fewer than ``kcore`` rows are removed, repeatedly, until no
-                 row is removed (a fixed point; MMRec's 5-core, LGMRec_SPEC.md §3).
+                 row is removed (a fixed point; MMRec's 5-core, docs/model.md §3).
  5. **re-index** dense ids 0..U-1 / 0..I-1 in order of first appearance in the filtered rows (MMRec's
                  ``pd.unique``); the raw ids are kept in ``user_map.parquet`` / ``item_map.parquet``.
- 6. **split**    ``mmrec``: per user, rows shuffled with ``seed``, n < 10 -> n-2/1/1, else h = ⌊0.2n⌋ held out,
-                 h//2 valid, the rest test (§2, :func:`data_prep.synthetic.mmrec_split`); ``temporal``: the same
-                 counts, the newest rows held out (valid before test; equal timestamps keep input order).
+ 6. **split**    ``mmrec``: per user, rows in a seeded random order (a keyed hash of the row's position in
+                 the log), n < 10 -> n-2/1/1, else h = ⌊0.2n⌋ held out, h//2 valid, the rest test (§2,
+                 :func:`data_prep.steps.keyed_mmrec_split`); ``temporal``: the same counts, the newest rows
+                 held out (valid before test; equal timestamps keep input order).
  7. **features** each modality is aligned to the item index (row i = item i); items without a vector get
                  the mean vector of the items that have one (counted in the manifest), or are refused with
                  ``require_features``.
  8. **partition** the training graph is split into ``partitions`` parts (METIS or random,
-                 :mod:`data_prep.partition`); ``partitions/node_part.npy`` holds each node's part.
- 9. **write**    :func:`lgmrec_dist.dataset.write_dataset` (atomic, sha256 per file in the manifest).
+                 :mod:`data_prep.partition`); ``partitions/node_part.npy`` (the partition book) holds each
+                 node's part.
+ 9. **write**    atomic, sha256 per file in the manifest; ``interactions.parquet`` and, for P > 1, one
+                 ``part-k/`` directory per part are written by Ray tasks (:mod:`data_prep.writing`).
 
-The file reading and per-row checks run as Ray tasks; the global steps (dedup, k-core, re-index, split,
-alignment) are vectorised numpy/pyarrow on the driver over integer codes (a few bytes per row), which is
-faster on one machine than shuffling through Ray and handles tens of millions of rows.
+Steps 3-6 run as Ray tasks over blocks of the log that stay in the object store
+(:mod:`data_prep.blocks`); the driver holds per-node arrays only (counts, first rows, id maps, the
+partition book). :func:`data_prep.steps.reference_steps` is the same computation over whole arrays in
+one process, which the Ray job is tested against. Feature vectors stay in the object store (or their
+.npy file) and Ray tasks write the aligned matrices (:mod:`data_prep.features`).
 
 The stages live in their own modules: input files :mod:`data_prep.files`, the Ray session
 :mod:`data_prep.ray_session`, schemas and the Ray read of the log :mod:`data_prep.reading`, the
-global numpy steps :mod:`data_prep.steps`, features :mod:`data_prep.features`; :func:`prep` is
+numpy steps :mod:`data_prep.steps`, the Ray tasks over blocks :mod:`data_prep.blocks`, the writes
+:mod:`data_prep.writing`, features :mod:`data_prep.features`; :func:`prep` is
 the list of stage calls.
 
 Bad input raises :class:`~lgmrec_dist.dataset.DatasetError` naming the file and column; nothing is
@@ -52,22 +58,25 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from lgmrec_dist.dataset import MANIFEST, DatasetError, parse_named_paths, verify_files, write_dataset
-from data_prep.features import (align, check_feature_schemas, dim_of, feature_source, finish_parquet_features,
-                                load_npy_features, read_parquet_features)
+from lgmrec_dist.dataset import (INTERACTIONS, MANIFEST, DatasetError, atomic_directory, finish_manifest,
+                                 parse_named_paths, verify_files, write_maps_and_features)
+from lgmrec_dist.dataset_parts import part_dir
+from data_prep import blocks, writing
+from data_prep.features import (align, check_feature_schemas, feature_source, finish_parquet_features,
+                                load_npy_features, mean_vector, read_parquet_features)
+from data_prep.features import write_matrices as features_write
 from data_prep.files import file_stamp, resolve_files
 from data_prep.mmrec import check_modality_name
-from data_prep.partition import METHODS, partition_nodes, partition_stats, write_partitions
-from data_prep.ray_session import ray_data_settings, ray_session
-from data_prep.reading import I, T, U, check_interaction_schemas, read_interactions
-from data_prep.steps import duplicate_rows, first_appearance, kcore_filter, temporal_split, unify_dictionaries
-from data_prep.synthetic import mmrec_split
+from data_prep.partition import METHODS, partition_nodes, write_partitions
+from data_prep.ray_session import ray_data_settings, ray_session, task_os_errors
+from data_prep.reading import check_interaction_schemas, read_interactions
+from data_prep.steps import duplicate_rows, kcore_filter, temporal_split, unify_dictionaries
 
 __all__ = ["prep", "register_cli", "temporal_split", "kcore_filter", "duplicate_rows", "unify_dictionaries",
            "resolve_files", "ray_session", "summary_table", "SPLITS"]
 
 SPLITS = ("mmrec", "temporal")
-PREP_VERSION = 1
+PREP_VERSION = 2                        # 2: the mmrec split draws a keyed random order per row
 FEATURE_VALUES_PER_TASK = 1 << 24        # ~64 MB of float32 per feature-reading task
 
 
@@ -157,22 +166,29 @@ def _schema(say, inter_files, sources, o) -> tuple[dict, dict]:
     return info, feature_metas
 
 
-def _read(say, ray, interactions, inter_files, info, o) -> tuple[pa.Table, int]:
-    """2. the log through Ray Data: -> normalised rows without nulls, rows dropped for a null."""
-    table, tasks = read_interactions(ray, inter_files, info["metas"], info, o["user_col"], o["item_col"],
-                                     o["time_col"], f"{interactions}: reading interactions")
-    n_valid = table.num_rows if table is not None else 0
+def _read(say, ray, inter_files, info, o) -> tuple[list, int]:
+    """2. the log through Ray Data: -> refs of normalised blocks without null rows, read tasks."""
+    refs, tasks = read_interactions(ray, inter_files, info["metas"], info, o["user_col"], o["item_col"],
+                                    o["time_col"], f"{inter_files[0]}: reading interactions")
+    return refs, tasks
+
+
+def _encode(say, ray, refs, inter_files, info, tasks, o) -> tuple[dict, int]:
+    """Raw ids -> codes (per-block dictionaries merged on the driver): -> code blocks, rows dropped (null)."""
+    enc = blocks.encode(ray, refs)
+    n_valid = enc["rows"]
     dropped_null = info["rows"] - n_valid
     say("read", f"{_fmt(n_valid)} rows in {tasks} Ray task(s); {_fmt(dropped_null)} with a null "
                 f"user id, item id or timestamp dropped")
     if n_valid == 0:
         raise DatasetError(f"{inter_files[0]}: every row has a null {o['user_col']!r}, {o['item_col']!r} or "
                            f"{o['time_col']!r} value")
-    return table, dropped_null
+    say("encode", f"{_fmt(len(enc['user_dict']))} distinct users, {_fmt(len(enc['item_dict']))} distinct items")
+    return enc, dropped_null
 
 
 def _read_features(say, ray, sources, feature_metas, item_kind, o) -> dict:
-    """2. the feature files (Parquet through Ray Data, .npy memory-mapped): -> {name: (ids, vectors)}."""
+    """2. the feature files (Parquet through Ray Data, .npy memory-mapped): -> {name: (ids, vector source)}."""
     item_col, feature_col = o["item_col"], o["feature_col"]
     parquet_sources = {n: s for n, s in sources.items() if s["kind"] == "parquet"}
     parquet_tables = read_parquet_features(ray, parquet_sources, feature_metas, item_col, feature_col, item_kind,
@@ -184,101 +200,113 @@ def _read_features(say, ray, sources, feature_metas, item_kind, o) -> dict:
         else:
             raw_feats[name] = load_npy_features(name, src, item_col, item_kind)
         say("read", f"modality {name!r}: {_fmt(len(raw_feats[name][0]))} vectors of dim "
-                    f"{dim_of(raw_feats[name][1])}")
+                    f"{raw_feats[name][1]['dim']}")
     return raw_feats
 
 
-def _encode(say, table: pa.Table):
-    """Raw ids -> codes in order of first appearance (the tasks dictionary-encoded each block)."""
-    user_dict, u_code = unify_dictionaries(table[U])
-    item_dict, i_code = unify_dictionaries(table[I])
-    times = np.array(table[T].to_numpy(), copy=True)
-    say("encode", f"{_fmt(len(user_dict))} distinct users, {_fmt(len(item_dict))} distinct items")
-    return user_dict, item_dict, u_code, i_code, times
-
-
-def _dedup(say, u_code, i_code, times, num_items, o):
-    """3. exact duplicate rows dropped, the first copy kept: -> rows left, number dropped."""
-    dup = duplicate_rows(u_code, i_code, times, num_items)
-    if len(dup):
-        keep = np.ones(len(u_code), dtype=bool)
-        keep[dup] = False
-        u_code, i_code, times = u_code[keep], i_code[keep], times[keep]
-        del keep
+def _dedup(say, ray, enc, o):
+    """3. exact duplicate rows dropped (hash shuffle on (user, item)), the first copy kept."""
+    blks, n_dup = blocks.dedup(ray, enc.pop("blocks"), len(enc["item_dict"]))  # the encoded blocks are freed
     user_col, item_col, time_col = o["user_col"], o["item_col"], o["time_col"]
     key_cols = f"({user_col}, {item_col}, {time_col})" if time_col else f"({user_col}, {item_col})"
-    say("dedup", f"{_fmt(len(dup))} exact duplicate {key_cols} rows dropped; {_fmt(len(u_code))} left")
-    return u_code, i_code, times, len(dup)
+    say("dedup", f"{_fmt(n_dup)} exact duplicate {key_cols} rows dropped; {_fmt(enc['rows'] - n_dup)} left")
+    return blks, n_dup
 
 
-def _kcore(say, interactions, u_code, i_code, times, num_users, num_items, o):
-    """4. the iterative k-core: -> rows left, rows dropped, filtering rounds."""
+def _kcore(say, ray, interactions, blks, enc, n_before, o):
+    """4. the iterative k-core (counts summed on the driver, filters in tasks): -> blocks, rows, rounds."""
     kcore = o["kcore"]
-    n_before = len(u_code)
-    idx, rounds = kcore_filter(u_code, i_code, kcore, num_users, num_items)
-    if len(idx) != n_before:
-        u_code, i_code, times = u_code[idx], i_code[idx], times[idx]
-    del idx
-    dropped = n_before - len(u_code)
-    if len(u_code) == 0:
+    blks, rounds, n_left = blocks.kcore(ray, blks, kcore, len(enc["user_dict"]), len(enc["item_dict"]), n_before)
+    if n_left == 0:
         raise DatasetError(f"{interactions}: all {_fmt(n_before)} interactions were removed by the "
                            f"{kcore}-core filter on columns {o['user_col']!r} and {o['item_col']!r} (no set of "
                            f"users and items has >= {kcore} interactions each); lower --kcore")
-    say("k-core", f"{kcore}-core reached after {rounds} filtering round(s): {_fmt(dropped)} rows "
-                  f"dropped; {_fmt(len(u_code))} left")
-    return u_code, i_code, times, dropped, rounds
+    say("k-core", f"{kcore}-core reached after {rounds} filtering round(s): {_fmt(n_before - n_left)} rows "
+                  f"dropped; {_fmt(n_left)} left")
+    return blks, n_left, rounds
 
 
-def _reindex(say, u_code, i_code, user_dict, item_dict):
-    """5. dense ids in order of first appearance: -> users, items per row, raw id of each dense id."""
-    users, u_first = first_appearance(u_code, len(user_dict))
-    items, i_first = first_appearance(i_code, len(item_dict))
-    user_raw, item_raw = user_dict.take(pa.array(u_first)), item_dict.take(pa.array(i_first))
-    say("re-index", f"{_fmt(len(u_first))} users, {_fmt(len(i_first))} items")
-    return users, items, user_raw, item_raw
+def _reindex_split(say, ray, blks, enc, o) -> dict:
+    """5-6. dense ids in order of first appearance, then per-user split labels (user-hash buckets)."""
+    res = blocks.reindex_and_split(ray, blks, len(enc["user_dict"]), len(enc["item_dict"]), o["split"], o["seed"])
+    res["user_raw"] = enc["user_dict"].take(pa.array(res.pop("user_codes")))
+    res["item_raw"] = enc["item_dict"].take(pa.array(res.pop("item_codes")))
+    say("re-index", f"{_fmt(len(res['user_raw']))} users, {_fmt(len(res['item_raw']))} items")
+    c = res["split_counts"]
+    say("split", f"{o['split']}: train {_fmt(c[0])}, valid {_fmt(c[1])}, test {_fmt(c[2])}")
+    return res
 
 
-def _split(say, users, times, num_users, o) -> np.ndarray:
-    """6. per-user split labels (0 train, 1 valid, 2 test)."""
-    if o["split"] == "mmrec":
-        labels = mmrec_split(users, num_users, np.random.default_rng(o["seed"]))
-    else:
-        labels = temporal_split(users, times, num_users)
-    counts = np.bincount(labels, minlength=3)
-    say("split", f"{o['split']}: train {_fmt(counts[0])}, valid {_fmt(counts[1])}, test {_fmt(counts[2])}")
-    return labels
-
-
-def _features(say, raw_feats, sources, item_raw, o) -> tuple[dict, dict]:
-    """7. each modality aligned to the item index: -> {name: matrix}, {name: manifest entry}."""
+def _features(say, ray, raw_feats, sources, item_raw, o) -> tuple[dict, dict]:
+    """7. each modality aligned to the item index: -> {name: aligned source}, {name: manifest entry}."""
     features, feature_info = {}, {}
     for name in list(raw_feats):
-        ids, mat = raw_feats.pop(name)
+        ids, source = raw_feats.pop(name)
         src = sources[name]
-        aligned, n_missing, unused = align(name, src["path"], ids, mat, item_raw, o["require_features"],
+        aligned, n_missing, unused = align(name, src["path"], ids, source, item_raw, o["require_features"],
                                            o["item_col"])
-        n_vectors = len(ids)
-        del ids, mat
+        aligned["mean"] = mean_vector(ray, aligned, len(item_raw) - n_missing) if n_missing else None
         features[name] = aligned
-        feature_info[name] = {"source": src["path"], "dim": int(aligned.shape[1]), "vectors": int(n_vectors),
+        feature_info[name] = {"source": src["path"], "dim": int(aligned["dim"]), "vectors": len(ids),
                               "missing": n_missing, "unused": int(unused), "fill": "mean" if n_missing else None}
-        say("features", f"{name}: {aligned.shape[1]}-d, {_fmt(n_missing)} items without a vector"
+        say("features", f"{name}: {aligned['dim']}-d, {_fmt(n_missing)} items without a vector"
                         f"{' (mean vector)' if n_missing else ''}, {_fmt(unused)} vectors of unknown items "
                         f"ignored")
     return features, feature_info
 
 
-def _partition(say, users, items, labels, num_users, num_items, o):
-    """8. the training graph in ``partitions`` parts: -> node parts, their statistics, the method used."""
-    partitions = o["partitions"]
-    train = labels == 0
-    tu, ti = users[train], items[train]
-    node_part = partition_nodes(num_users, num_items, tu, ti, partitions, o["partition_method"], o["seed"])
-    pstats = partition_stats(node_part, num_users, tu, ti, partitions)
-    method = o["partition_method"] if partitions > 1 else "single"
+def _partition(say, ray, blks, num_users, num_items, o):
+    """8. the training graph in ``partitions`` parts: -> node parts (the book), their statistics, method."""
+    partitions, method = o["partitions"], o["partition_method"]
+    if partitions > 1 and method == "metis":      # METIS needs the whole graph in one process
+        tu, ti = writing.train_pairs(ray, blks)
+    else:                                         # one part, or random: per-node only, no edges needed
+        tu = ti = np.zeros(0, dtype=np.int64)
+    node_part = partition_nodes(num_users, num_items, tu, ti, partitions, method, o["seed"])
+    del tu, ti
+    book = ray.put(node_part)
+    pstats = writing.stats(ray, blks, book, num_users, partitions)
+    method = method if partitions > 1 else "single"
     say("partition", f"{partitions} part(s) ({method}): train edges per part {pstats['train_edges']}, "
                      f"edge cut {100 * pstats['edge_cut_fraction']:.1f}%")
-    return node_part, pstats, method
+    return node_part, book, pstats, method
+
+
+def _write(say, ray, out, res, features, node_part, book, pstats, method, manifest_extra, info, o, overwrite):
+    """9. the dataset directory, atomically: interactions and ``part-k/`` by Ray tasks, the rest here."""
+    num_users, num_items = len(res["user_raw"]), len(res["item_raw"])
+    time_dtype = (np.float64 if info["time_kind"] == "float" else np.int64) if o["time_col"] else None
+    P = o["partitions"]
+    with atomic_directory(out, overwrite) as tmp, task_os_errors():  # a worker's full disk names `out`
+        known = {INTERACTIONS: writing.write_interactions(ray, res["blocks"], info["rows"], tmp, time_dtype)}
+        write_maps_and_features(tmp, num_users, num_items, res["user_raw"], res["item_raw"], {})
+        write_partitions(tmp, node_part, method=method, num_users=num_users, num_items=num_items, stats=pstats)
+        if P > 1:
+            sums, counts = writing.write_parts(ray, res["blocks"], tmp, book, num_users, P)
+            known.update(sums)
+            manifest_extra = {**manifest_extra, "partition_dirs": counts}
+        # every modality: the whole matrix, and each part's owned rows
+        targets = [("features", np.arange(num_items, dtype=np.int64), num_items)]
+        for k in range(P if P > 1 else 0):
+            owned = node_part[num_users:] == k
+            dest = np.full(num_items, -1, dtype=np.int64)
+            dest[owned] = np.arange(int(owned.sum()), dtype=np.int64)
+            targets.append((f"{part_dir(k)}/features", dest, int(owned.sum())))
+        jobs, names = [], []
+        for name, source in features.items():
+            rels = [f"{d}/{name}.npy" for d, _, _ in targets]
+            for d, _, _ in targets:
+                (tmp / d).mkdir(parents=True, exist_ok=True)
+            src_ref = ray.put({k: v for k, v in source.items() if k != "mean"})
+            jobs += features_write(ray, [(str(tmp / r), dest, n) for r, (_, dest, n) in zip(rels, targets)],
+                                   src_ref, source["mean"])
+            names += rels
+        known.update(zip(names, ray.get(jobs)))
+        manifest = finish_manifest(tmp, num_users=num_users, num_items=num_items, split_counts=res["split_counts"],
+                                   modalities={n: int(s["dim"]) for n, s in features.items()},
+                                   manifest_extra=manifest_extra, known=known)
+    say("write", f"{out} ({len(manifest['files'])} files)")
+    return manifest
 
 
 def prep(interactions, item_features: dict, out, kcore: int = 5, split: str = "mmrec", seed: int = 999,
@@ -317,44 +345,36 @@ def prep(interactions, item_features: dict, out, kcore: int = 5, split: str = "m
     info, feature_metas = _schema(say, inter_files, sources, o)
     t_enter = time.perf_counter()
     with ray_session(ray_address, say=say) as ray, \
-            ray_data_settings(preserve_order=True, log_level=logging.WARNING):  # first appearance needs order
+            ray_data_settings(preserve_order=True, log_level=logging.WARNING):  # blocks in log order
         ray_seconds = time.perf_counter() - t_enter
-        table, dropped_null = _read(say, ray, interactions, inter_files, info, o)
+        refs, tasks = _read(say, ray, inter_files, info, o)
         raw_feats = _read_features(say, ray, sources, feature_metas, info["item_kind"], o)
-        user_dict, item_dict, u_code, i_code, times = _encode(say, table)
-        del table
-        u_code, i_code, times, n_dup = _dedup(say, u_code, i_code, times, len(item_dict), o)
-        u_code, i_code, times, dropped_kcore, rounds = _kcore(say, interactions, u_code, i_code, times,
-                                                              len(user_dict), len(item_dict), o)
-        users, items, user_raw, item_raw = _reindex(say, u_code, i_code, user_dict, item_dict)
-        del u_code, i_code, user_dict, item_dict
-        num_users, num_items = len(user_raw), len(item_raw)
-        labels = _split(say, users, times, num_users, o)
-        features, feature_info = _features(say, raw_feats, sources, item_raw, o)
-        node_part, pstats, method = _partition(say, users, items, labels, num_users, num_items, o)
-        # 9. write
+        enc, dropped_null = _encode(say, ray, refs, inter_files, info, tasks, o)
+        del refs
+        blks, n_dup = _dedup(say, ray, enc, o)
+        blks, n_left, rounds = _kcore(say, ray, interactions, blks, enc, enc["rows"] - n_dup, o)
+        res = _reindex_split(say, ray, blks, enc, o)
+        del blks
+        num_users, num_items = len(res["user_raw"]), len(res["item_raw"])
+        features, feature_info = _features(say, ray, raw_feats, sources, res["item_raw"], o)
+        node_part, book, pstats, method = _partition(say, ray, res["blocks"], num_users, num_items, o)
+        nodes = sorted(enc.pop("nodes") | res.pop("nodes"))
         manifest_extra = {
             "source": "prep",
             "kcore": o["kcore"], "split": split, "seed": o["seed"],
             "partitions": o["partitions"], "partition_method": method,
             "input_rows": int(info["rows"]),
-            "dropped": {"null": int(dropped_null), "duplicate": int(n_dup), "kcore": int(dropped_kcore)},
+            "dropped": {"null": int(dropped_null), "duplicate": int(n_dup),
+                        "kcore": int(enc["rows"] - n_dup - n_left)},
             "kcore_rounds": int(rounds),
             "missing_features": {n: v["missing"] for n, v in feature_info.items()},
             "features": feature_info,
             "id_types": {"user": info["user_kind"], "item": info["item_kind"]},
             "prep": {"version": PREP_VERSION, "fingerprint": fingerprint, "options": o,
-                     "interactions": inter_files},
+                     "interactions": inter_files, "ray_nodes": len(nodes)},
         }
-        time_arr = times.astype(np.float64 if info["time_kind"] == "float" else np.int64, copy=False)
-        manifest = write_dataset(
-            out, users=users, items=items, split=labels, num_users=num_users, num_items=num_items,
-            features=features, user_raw_ids=user_raw, item_raw_ids=item_raw,
-            extra_columns={"timestamp": time_arr} if time_col else None,
-            manifest_extra=manifest_extra, overwrite=overwrite or replace,
-            write_extra=lambda tmp: write_partitions(tmp, node_part, method=method, num_users=num_users,
-                                                     num_items=num_items, stats=pstats))
-        say("write", f"{out} ({len(manifest['files'])} files)")
+        manifest = _write(say, ray, out, res, features, node_part, book, pstats, method, manifest_extra, info, o,
+                          overwrite or replace)
     if progress:
         print(summary_table(manifest, pstats, say.elapsed(), ray_seconds), flush=True)
     return manifest

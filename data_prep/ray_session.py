@@ -93,3 +93,17 @@ def ray_errors(what: str):
             raise DatasetError(m.group(1)) from None
         last = [ln for ln in text.strip().splitlines() if ln.strip()]
         raise DatasetError(f"{what}: {type(exc).__name__}: {last[-1] if last else exc}") from None
+
+
+@contextlib.contextmanager
+def task_os_errors():
+    """A Ray task's OSError (a full disk or a refused write on a worker) raised again here as a plain OSError
+    with its errno, so the command line reports it as one error line (docs/failures.md)."""
+    import ray
+    try:
+        yield
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, OSError) and cause.errno:
+            raise OSError(cause.errno, os.strerror(cause.errno), cause.filename) from None
+        raise

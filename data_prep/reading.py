@@ -156,21 +156,27 @@ def read_interaction_unit(batch: pa.Table, user_col, item_col, time_col, user_ki
                      I: table[I].combine_chunks().dictionary_encode(), T: table[T]})
 
 
-def run_units(ray, units: list[dict], fn, fn_kwargs: dict, what: str) -> list[pa.Table]:
+def run_unit_refs(ray, units: list[dict], fn, fn_kwargs: dict, what: str) -> list:
+    """The units through ``fn`` in Ray Data tasks: -> refs of the output blocks (left in the object store)."""
     items = [{"mod": u["mod"], "file": u["file"], "path": u["path"], "row_groups": u["row_groups"]} for u in units]
     with ray_errors(what):
         ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
             fn, batch_format="pyarrow", batch_size=None, fn_kwargs=fn_kwargs)
-        return [t for t in ray.get(ds.to_arrow_refs()) if t.num_rows]
+        return list(ds.to_arrow_refs())
 
+
+def run_units(ray, units: list[dict], fn, fn_kwargs: dict, what: str) -> list[pa.Table]:
+    refs = run_unit_refs(ray, units, fn, fn_kwargs, what)
+    with ray_errors(what):
+        return [t for t in ray.get(refs) if t.num_rows]
 
 
 def read_interactions(ray, files: list[str], metas: list, info: dict, user_col, item_col, time_col,
-                      what: str) -> tuple[pa.Table | None, int]:
-    """Stage 2 for the log: one Ray task per ~``ROWS_PER_TASK`` rows -> (table of U/I/T, tasks)."""
+                      what: str) -> tuple[list, int]:
+    """Stage 2 for the log: one Ray task per ~``ROWS_PER_TASK`` rows -> (refs of U/I/T blocks, tasks)."""
     units = work_units(files, metas)
-    tables = run_units(ray, units, read_interaction_unit,
-                       {"user_col": user_col, "item_col": item_col, "time_col": time_col,
-                        "user_kind": info["user_kind"], "item_kind": info["item_kind"],
-                        "time_kind": info["time_kind"]}, what)
-    return (pa.concat_tables(tables) if tables else None), len(units)
+    refs = run_unit_refs(ray, units, read_interaction_unit,
+                         {"user_col": user_col, "item_col": item_col, "time_col": time_col,
+                          "user_kind": info["user_kind"], "item_kind": info["item_kind"],
+                          "time_kind": info["time_kind"]}, what)
+    return refs, len(units)

@@ -12,10 +12,11 @@ import pyarrow.compute as pc
 
 from data_prep.synthetic import group_by_user, labels_by_rank
 
-__all__ = ["duplicate_rows", "kcore_filter", "unify_dictionaries", "first_appearance", "temporal_split"]
+__all__ = ["duplicate_rows", "kcore_filter", "unify_dictionaries", "merge_dictionaries", "DictionaryMerger", "first_appearance",
+           "temporal_split", "keyed_mmrec_split", "split_labels", "reference_steps", "mix64"]
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser (uint64 in, uint64 out)."""
     x = x.astype(np.uint64, copy=True)
     with np.errstate(over="ignore"):
@@ -39,7 +40,7 @@ def duplicate_rows(users: np.ndarray, items: np.ndarray, times: np.ndarray, num_
     key = users.astype(np.int64) * np.int64(num_items) + items.astype(np.int64)
     tbits = times.view(np.int64) if times.dtype == np.float64 else times.astype(np.int64, copy=False)
     with np.errstate(over="ignore"):
-        h = _mix64(key.view(np.uint64) ^ _mix64(tbits.view(np.uint64)))
+        h = mix64(key.view(np.uint64) ^ mix64(tbits.view(np.uint64)))
     hs = np.sort(h)
     rep = hs[1:][hs[1:] == hs[:-1]]                   # sorted hashes seen more than once
     del hs
@@ -86,6 +87,32 @@ def kcore_filter(users: np.ndarray, items: np.ndarray, k: int, num_users: int, n
     return idx, rounds
 
 
+class DictionaryMerger:
+    """Block dictionaries added in block order -> the distinct values in order of first appearance overall
+    (``values``), and per block the global code of each of its entries. Holds one copy of the distinct
+    values (plus the block being added), whatever the number of blocks."""
+
+    def __init__(self):
+        self.values = None
+
+    def add(self, dictionary: pa.Array) -> np.ndarray:
+        if self.values is None:
+            self.values = pc.unique(dictionary)            # unique keeps the order of first appearance
+        else:
+            new = dictionary.filter(pc.is_null(pc.index_in(dictionary, value_set=self.values)))
+            if len(new):
+                self.values = pa.concat_arrays([self.values, pc.unique(new)])
+        return pc.index_in(dictionary, value_set=self.values).to_numpy().astype(np.int64)
+
+
+def merge_dictionaries(dictionaries: list[pa.Array]) -> tuple[pa.Array, list[np.ndarray]]:
+    """Block dictionaries (each in its block's order of first appearance), in block order -> (distinct
+    values in order of first appearance overall, per block: global code of each dictionary entry)."""
+    merger = DictionaryMerger()
+    remaps = [merger.add(d) for d in dictionaries]
+    return (merger.values if merger.values is not None else pa.array([])), remaps
+
+
 def unify_dictionaries(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
     """Chunks dictionary-encoded separately -> (distinct values in order of first appearance, int64 codes).
 
@@ -96,15 +123,8 @@ def unify_dictionaries(col: pa.ChunkedArray) -> tuple[pa.Array, np.ndarray]:
     if not chunks:
         return pa.array([], type=col.type.value_type), np.zeros(0, dtype=np.int64)
     # one hash pass over all block dictionaries: the global dictionary and each entry's global code
-    encoded = pa.concat_arrays([c.dictionary for c in chunks]).dictionary_encode()
-    values, remap_all = encoded.dictionary, encoded.indices.to_numpy().astype(np.int64)
-    codes = np.empty(sum(len(c) for c in chunks), dtype=np.int64)
-    start = offset = 0
-    for c in chunks:
-        remap = remap_all[offset:offset + len(c.dictionary)]
-        codes[start:start + len(c)] = remap[c.indices.to_numpy()]
-        start += len(c)
-        offset += len(c.dictionary)
+    values, remaps = merge_dictionaries([c.dictionary for c in chunks])
+    codes = np.concatenate([remap[c.indices.to_numpy()] for remap, c in zip(remaps, chunks)])
     return values, codes
 
 
@@ -129,3 +149,56 @@ def temporal_split(users: np.ndarray, times: np.ndarray, num_users: int) -> np.n
     order = group_by_user(users, np.argsort(times, kind="stable"))
     return labels_by_rank(users, order, num_users)
 
+
+
+def _row_keys(rows: np.ndarray, seed: int) -> np.ndarray:
+    """A seeded random 64-bit key per input row (a function of the row's position in the log only)."""
+    salt = mix64(np.array([int(seed) & (2**63 - 1)], dtype=np.uint64))[0]
+    with np.errstate(over="ignore"):
+        return mix64(np.asarray(rows, dtype=np.int64).view(np.uint64) ^ salt)
+
+
+def keyed_mmrec_split(users: np.ndarray, rows: np.ndarray, num_users: int, seed: int) -> np.ndarray:
+    """The MMRec per-user split (§2 counts, :func:`data_prep.synthetic.labels_by_rank`) with each user's
+    rows in a seeded random order given by a key of the row's position ``rows`` in the input log.
+
+    Unlike one ``permutation`` of all rows, a row's key needs nothing but its own position, so any subset
+    of users (a Ray task's bucket) gets the labels it would get in the whole log. Ties (never in practice)
+    keep the ``rows`` order.
+    """
+    users = np.asarray(users, dtype=np.int64)
+    if len(users) == 0:
+        return np.zeros(0, dtype=np.int8)
+    order = group_by_user(users, np.argsort(_row_keys(rows, seed), kind="stable"))
+    return labels_by_rank(users, order, num_users)
+
+
+def split_labels(split: str, users: np.ndarray, rows: np.ndarray, times: np.ndarray, num_users: int,
+                 seed: int) -> np.ndarray:
+    """Per-user split labels (0 train, 1 valid, 2 test) of rows given in input-log order."""
+    if split == "mmrec":
+        return keyed_mmrec_split(users, rows, num_users, seed)
+    return temporal_split(users, times, num_users)
+
+
+def reference_steps(u_code: np.ndarray, i_code: np.ndarray, times: np.ndarray, num_user_codes: int,
+                    num_item_codes: int, kcore: int, split: str, seed: int) -> dict:
+    """Dedup, k-core, re-index and split over whole arrays in one process (rows in input-log order).
+
+    The reference the Ray job of :mod:`data_prep.blocks` is tested against: same dropped rows, rounds,
+    dense ids (``user_codes`` / ``item_codes``: the code of each dense id) and labels.
+    """
+    rows = np.arange(len(u_code), dtype=np.int64)
+    dup = duplicate_rows(u_code, i_code, times, num_item_codes)
+    keep = np.ones(len(u_code), dtype=bool)
+    keep[dup] = False
+    u_code, i_code, times, rows = u_code[keep], i_code[keep], times[keep], rows[keep]
+    idx, rounds = kcore_filter(u_code, i_code, kcore, num_user_codes, num_item_codes)
+    dropped_kcore = len(u_code) - len(idx)
+    u_code, i_code, times, rows = u_code[idx], i_code[idx], times[idx], rows[idx]
+    users, user_codes = first_appearance(u_code, num_user_codes)
+    items, item_codes = first_appearance(i_code, num_item_codes)
+    labels = split_labels(split, users, rows, times, len(user_codes), seed)
+    return {"users": users, "items": items, "times": times, "rows": rows, "labels": labels,
+            "user_codes": user_codes, "item_codes": item_codes, "duplicates": len(dup),
+            "dropped_kcore": dropped_kcore, "rounds": rounds}

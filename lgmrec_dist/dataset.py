@@ -10,6 +10,9 @@ Layout (format version 1)::
     DIR/partitions/node_part.npy   (written by lgmrec prep) int32 (num_users + num_items,): part of each node,
                                  users first, then items; partition.json beside it (data_prep/partition.py)
 
+A dataset prepared with P > 1 partitions also holds ``part-k/`` directories and a partition book; rank k
+reads them with :func:`lgmrec_dist.dataset_parts.open_partition` (layout there).
+
 Directories are written atomically: built in a temporary sibling and renamed into place, so a failed
 write leaves nothing behind and an existing dataset is never half-overwritten.
 """
@@ -184,6 +187,16 @@ def check_features(name: str, array: np.ndarray, num_items: int, source: str) ->
     return array
 
 
+def write_maps_and_features(tmp: Path, num_users: int, num_items: int, user_raw_ids, item_raw_ids,
+                            feats: dict) -> None:
+    """The id maps and ``features/<name>.npy`` of a dataset being built in ``tmp`` (checked matrices)."""
+    pq.write_table(pa.table({"user": np.arange(num_users, dtype=np.int64), "raw_id": user_raw_ids}), tmp / USER_MAP)
+    pq.write_table(pa.table({"item": np.arange(num_items, dtype=np.int64), "raw_id": item_raw_ids}), tmp / ITEM_MAP)
+    (tmp / "features").mkdir()
+    for name, arr in feats.items():
+        np.save(tmp / "features" / f"{name}.npy", arr)
+
+
 def write_dataset(out: str | Path, *, users: np.ndarray, items: np.ndarray, split: np.ndarray,
                   num_users: int, num_items: int, features: dict[str, np.ndarray],
                   user_raw_ids=None, item_raw_ids=None, extra_columns: dict | None = None,
@@ -213,27 +226,36 @@ def write_dataset(out: str | Path, *, users: np.ndarray, items: np.ndarray, spli
         table = {"user": users, "item": items, "split": split}
         table.update(extra_columns or {})
         pq.write_table(pa.table(table), tmp / INTERACTIONS)
-        pq.write_table(pa.table({"user": np.arange(num_users, dtype=np.int64), "raw_id": user_raw_ids}), tmp / USER_MAP)
-        pq.write_table(pa.table({"item": np.arange(num_items, dtype=np.int64), "raw_id": item_raw_ids}), tmp / ITEM_MAP)
-        (tmp / "features").mkdir()
-        for name, arr in feats.items():
-            np.save(tmp / "features" / f"{name}.npy", arr)
+        write_maps_and_features(tmp, num_users, num_items, user_raw_ids, item_raw_ids, feats)
         if write_extra is not None:
             write_extra(tmp)
-        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "num_users": int(num_users),
-            "num_items": int(num_items),
-            "num_interactions": int(len(users)),
-            "num_train": int((split == TRAIN).sum()),
-            "num_valid": int((split == VALID).sum()),
-            "num_test": int((split == TEST).sum()),
-            "modalities": {name: int(arr.shape[1]) for name, arr in feats.items()},
-            **(manifest_extra or {}),
-            "files": {f: sha256_file(tmp / f) for f in files},
-        }
-        atomic_write_json(tmp / MANIFEST, manifest)
+        manifest = finish_manifest(tmp, num_users=num_users, num_items=num_items,
+                                   split_counts=np.bincount(split, minlength=3),
+                                   modalities={name: int(arr.shape[1]) for name, arr in feats.items()},
+                                   manifest_extra=manifest_extra)
+    return manifest
+
+
+def finish_manifest(tmp: Path, *, num_users: int, num_items: int, split_counts, modalities: dict,
+                    manifest_extra: dict | None = None, known: dict | None = None) -> dict:
+    """Write the manifest of the dataset being built in ``tmp``: counts, modalities, ``manifest_extra``
+    and the sha256 of every file in it (``known``: {file: sha256} already taken by the writer)."""
+    known = known or {}
+    files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+    train, valid, test = (int(c) for c in split_counts)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "num_users": int(num_users),
+        "num_items": int(num_items),
+        "num_interactions": train + valid + test,
+        "num_train": train,
+        "num_valid": valid,
+        "num_test": test,
+        "modalities": dict(modalities),
+        **(manifest_extra or {}),
+        "files": {f: known[f] if f in known else sha256_file(tmp / f) for f in files},
+    }
+    atomic_write_json(tmp / MANIFEST, manifest)
     return manifest
 
 
