@@ -20,10 +20,9 @@ O(n * num_items). Ties between equal scores may be broken differently from a sin
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 MASK_SCORE = -1e10
 METRICS = ("recall", "ndcg", "precision", "map")
@@ -75,7 +74,8 @@ def streaming_topk(user_emb: torch.Tensor, item_emb: torch.Tensor, train_mask_ro
     ``prune_block`` items are compared with each row's k-th best score so far, and only the blocks
     that beat it are merged (exact: an item above the k-th best lies in a block whose maximum is).
     Later tiles seldom hold many such blocks, so a tile costs its matmul plus one cheap pass instead of
-    a full top-k; a tile with too many candidate blocks takes the plain top-k.
+    a full top-k; a tile with too many candidate blocks takes the plain top-k. The first tile, which
+    only seeds the k-th best scores, is an eighth of ``item_tile`` (its full top-k is the dear part).
     """
     device = user_emb.device
     n, m = user_emb.shape[0], item_emb.shape[0]
@@ -87,14 +87,17 @@ def streaming_topk(user_emb: torch.Tensor, item_emb: torch.Tensor, train_mask_ro
         mask_rows, mask_cols = rows[order], indices[order]
     best_s = user_emb.new_empty((n, 0))
     best_i = torch.empty((n, 0), dtype=torch.long, device=device)
-    for lo in range(0, m, item_tile):
-        hi = min(lo + item_tile, m)
+    first = max(k, item_tile // 8)
+    for lo in [0, *range(first, m, item_tile)]:
+        hi = min(lo + (first if lo == 0 else item_tile), m)
         scores = user_emb @ item_emb[lo:hi].to(device=device, dtype=user_emb.dtype).T
         if train_mask_rows is not None:
             a, b = torch.searchsorted(mask_cols, torch.tensor([lo, hi], device=device)).tolist()
             scores[mask_rows[a:b], mask_cols[a:b] - lo] = MASK_SCORE
-        if best_s.shape[1] == k and k > 0 and (hi - lo) % prune_block == 0:
-            blocks = scores.view(n, -1, prune_block)
+        if best_s.shape[1] == k and k > 0:
+            # a ragged last tile is padded with -inf, which never beats a k-th best (>= MASK_SCORE)
+            ragged = -(hi - lo) % prune_block
+            blocks = (F.pad(scores, (0, ragged), value=float("-inf")) if ragged else scores).view(n, -1, prune_block)
             kth = best_s[:, -1]
             r, blk = (blocks.amax(2) > kth[:, None]).nonzero(as_tuple=True)
             if len(r) * prune_block * 8 <= scores.numel():  # else most blocks qualify: plain top-k
