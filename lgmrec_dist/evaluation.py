@@ -20,10 +20,9 @@ O(n * num_items). Ties between equal scores may be broken differently from a sin
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 MASK_SCORE = -1e10
 METRICS = ("recall", "ndcg", "precision", "map")
@@ -47,15 +46,36 @@ def _csr_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray):
     return sub_ptr, indices[gather]
 
 
+def _merge_topk(best_s, best_i, rows, vals, items, k: int):
+    """Merge candidates into each row's current top-k (best_s, best_i: [n, k], best first). ``rows``
+    must be non-decreasing (row-major candidates); they are laid out in a -inf padded [n, C] block."""
+    n = best_s.shape[0]
+    counts = torch.bincount(rows, minlength=n)
+    col = torch.arange(len(rows), device=rows.device) - (torch.cumsum(counts, 0) - counts)[rows]
+    width = int(counts.max()) if len(rows) else 0
+    pad_s = best_s.new_full((n, width), float("-inf"))
+    pad_i = best_i.new_zeros((n, width))
+    pad_s[rows, col], pad_i[rows, col] = vals, items
+    best_s, pos = torch.topk(torch.cat([best_s, pad_s], 1), k, dim=1)
+    return best_s, torch.gather(torch.cat([best_i, pad_i], 1), 1, pos)
+
+
 @torch.no_grad()
 def streaming_topk(user_emb: torch.Tensor, item_emb: torch.Tensor, train_mask_rows, k: int,
-                   item_tile: int):
+                   item_tile: int, prune_block: int = 64):
     """Top-k items by inner product for each of n users, training items masked to -1e10.
 
     ``train_mask_rows`` is the training items of these n users as a CSR pair ``(indptr, indices)`` of
     int64 tensors (indptr has n+1 entries, row j = user j of ``user_emb``), or None for no masking.
     Items are scored ``item_tile`` columns at a time. Runs on ``user_emb.device``.
     Returns ``(scores [n, k'], items [n, k'])`` with k' = min(k, num_items), best first.
+
+    Once every row holds k items, a tile is pruned before any top-k: the maxima of its blocks of
+    ``prune_block`` items are compared with each row's k-th best score so far, and only the blocks
+    that beat it are merged (exact: an item above the k-th best lies in a block whose maximum is).
+    Later tiles seldom hold many such blocks, so a tile costs its matmul plus one cheap pass instead of
+    a full top-k; a tile with too many candidate blocks takes the plain top-k. The first tile, which
+    only seeds the k-th best scores, is an eighth of ``item_tile`` (its full top-k is the dear part).
     """
     device = user_emb.device
     n, m = user_emb.shape[0], item_emb.shape[0]
@@ -67,12 +87,26 @@ def streaming_topk(user_emb: torch.Tensor, item_emb: torch.Tensor, train_mask_ro
         mask_rows, mask_cols = rows[order], indices[order]
     best_s = user_emb.new_empty((n, 0))
     best_i = torch.empty((n, 0), dtype=torch.long, device=device)
-    for lo in range(0, m, item_tile):
-        hi = min(lo + item_tile, m)
+    first = max(k, item_tile // 8)
+    for lo in [0, *range(first, m, item_tile)]:
+        hi = min(lo + (first if lo == 0 else item_tile), m)
         scores = user_emb @ item_emb[lo:hi].to(device=device, dtype=user_emb.dtype).T
         if train_mask_rows is not None:
             a, b = torch.searchsorted(mask_cols, torch.tensor([lo, hi], device=device)).tolist()
             scores[mask_rows[a:b], mask_cols[a:b] - lo] = MASK_SCORE
+        if best_s.shape[1] == k and k > 0:
+            # a ragged last tile is padded with -inf, which never beats a k-th best (>= MASK_SCORE)
+            ragged = -(hi - lo) % prune_block
+            blocks = (F.pad(scores, (0, ragged), value=float("-inf")) if ragged else scores).view(n, -1, prune_block)
+            kth = best_s[:, -1]
+            r, blk = (blocks.amax(2) > kth[:, None]).nonzero(as_tuple=True)
+            if len(r) * prune_block * 8 <= scores.numel():  # else most blocks qualify: plain top-k
+                vals = blocks[r, blk]
+                keep = vals > kth[r, None]
+                items = lo + blk[:, None] * prune_block + torch.arange(prune_block, device=device)
+                best_s, best_i = _merge_topk(best_s, best_i, r[:, None].expand_as(vals)[keep], vals[keep],
+                                             items[keep], k)
+                continue
         s, i = torch.topk(scores, min(k, hi - lo), dim=1)
         best_s, pos = torch.topk(torch.cat([best_s, s], 1), min(k, best_s.shape[1] + s.shape[1]), dim=1)
         best_i = torch.gather(torch.cat([best_i, i + lo], 1), 1, pos)

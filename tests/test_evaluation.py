@@ -133,6 +133,27 @@ def test_streaming_topk_matches_single_tile_and_numpy(k):
     assert dense.any() and (k < m or (~real).any())   # with k >= m the masked tail is in the list
 
 
+@pytest.mark.parametrize("order", ["random", "ascending"])
+def test_pruned_streaming_topk_matches_numpy(order):
+    """The block-pruned merge (tiles a multiple of prune_block) returns the exact top-k; with items in
+    ascending score order every tile beats the k-th best, which takes the plain top-k fallback."""
+    rng = np.random.default_rng(1)
+    n, m, d, k = 40, 64 * 24, 6, 10
+    U, I = rng.standard_normal((n, d)), rng.standard_normal((m, d))
+    if order == "ascending":  # every user's scores grow with the item id
+        U = np.abs(U)
+        I = np.linspace(0, 1, m)[:, None] + rng.standard_normal((m, d)) * 1e-3
+    dense, indptr, indices = random_csr(rng, n, m)
+    ref = U @ I.T
+    ref[dense] = -1e10
+    ref_items = np.argsort(-ref, axis=1, kind="stable")[:, :k]
+    for tile, block in ((128, 8), (256, 64), (m, 8)):
+        s, i = streaming_topk(torch.from_numpy(U), torch.from_numpy(I), (indptr, indices), k, item_tile=tile,
+                              prune_block=block)
+        np.testing.assert_array_equal(i.numpy(), ref_items)
+        np.testing.assert_allclose(s.numpy(), np.take_along_axis(ref, ref_items, 1), rtol=1e-9, atol=1e-12)
+
+
 def random_split(rng, num_users, num_items, n_train, n_held):
     """Random (user, item) pairs with duplicates; held-out pairs disjoint from train, as in real splits
     (a held-out item that is also a training item would sit among the -1e10 ties, in arbitrary order)."""
