@@ -16,7 +16,8 @@ from lgmrec_dist.config import load_config
 from lgmrec_dist.dataset import TRAIN, PreparedDataset
 from lgmrec_dist.distributed.engine import ownership_for
 from lgmrec_dist.distributed.group import LaunchError, init_process_group
-from lgmrec_dist.train import LocalEngine, make_evaluators
+from lgmrec_dist.local import LocalEngine
+from lgmrec_dist.train import make_evaluators
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = ["embedding_size=16", "train_batch_size=256", "learning_rate=0.005", "cl_weight=0.001",
