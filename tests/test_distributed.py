@@ -142,3 +142,21 @@ def test_launch_errors(tiny_dataset, monkeypatch, tmp_path):
     with pytest.raises(LaunchError, match="partitioned for 4 ranks"):
         ownership_for(ds, load_config(None), 0, 2)
     assert ownership_for(ds, load_config(None, {"partitioning": "contiguous"}), 0, 2).world_size == 2
+
+
+def test_engine_table_covers_every_mode():
+    """One engine per (mode, ranks, shard_tables), each implementing the whole engine interface."""
+    import inspect
+
+    from lgmrec_dist.distributed.engine import ShardedEngine
+    from lgmrec_dist.engine import Engine
+    from lgmrec_dist.engines import engine_class
+    from lgmrec_dist.sampled import SampledEngine
+    want = {("exact", 1): LocalEngine, ("exact", 2): ShardedEngine, ("sampled", 1): SampledEngine,
+            ("sampled", 2): SampledEngine}
+    for (mode, world), cls in want.items():
+        for shard in (False, True):
+            extra = ["sparse_embeddings=true", "hyper_refresh_steps=1", "hcl_negatives=uniform"] if shard else []
+            got = engine_class(load_config(None, [f"mode={mode}", f"shard_tables={str(shard).lower()}", *extra]), world)
+            assert got is cls, (mode, world, shard)
+            assert issubclass(got, Engine) and not inspect.isabstract(got)

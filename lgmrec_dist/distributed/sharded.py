@@ -33,8 +33,8 @@ from lgmrec_dist.distributed.reduce import all_reduce
 from lgmrec_dist.graph import csr, interaction_dgl_graph, spmm
 from lgmrec_dist.model.cge import cge
 from lgmrec_dist.model.features import HELD_DTYPES, column_chunk, const_rows_matmul, held_matmul
-from lgmrec_dist.model.hypergraph import HyperEmbedding, assignments, hypergraph_propagate
-from lgmrec_dist.model.lgmrec import TAU, fuse, initial_parameters, keyed_draws, objective
+from lgmrec_dist.model.hypergraph import HyperEmbedding
+from lgmrec_dist.model.lgmrec import TAU, fuse, global_embeddings, inference, initial_parameters, objective
 from lgmrec_dist.model.losses import contrastive_sum, held_rows, key_rows, lowrank_logsumexp
 from lgmrec_dist.model.params import model_params
 
@@ -72,6 +72,7 @@ class LocalGraph:
         self.P = csr(dst[is_user], src[is_user], mean, (n_own, n_src)).to(device)
         self.P_t = csr(src[is_user], dst[is_user], mean, (n_src, n_own)).to(device)
         self.halo = RowExchange(own, src_ids[n_own:])
+        self.num_own_users = int((own.owned < num_users).sum())
         self.num_halo = n_src - n_own
 
     def extend(self, x_owned: torch.Tensor) -> torch.Tensor:
@@ -81,6 +82,11 @@ class LocalGraph:
         """Owned rows of Ĝ·x, with the halo rows fetched from their owners."""
         return spmm(self.norm_adj, self.norm_adj_t, self.extend(x_owned))
 
+    def user_sums(self, x_items: torch.Tensor) -> torch.Tensor:
+        """Owned users' rows of R·x from the owned items' rows ``x_items`` (halo items fetched)."""
+        x = torch.cat([x_items.new_zeros((self.num_own_users, *x_items.shape[1:])), x_items])
+        return spmm(self.R, self.R_t, self.extend(x))[:self.num_own_users]
+
 
 class DenseParams(nn.Module):
     """The replicated parameters (W_m, V_m)."""
@@ -88,9 +94,6 @@ class DenseParams(nn.Module):
     def __init__(self, proj: nn.ParameterDict, hyper: nn.ParameterDict):
         super().__init__()
         self.proj, self.hyper = proj, hyper
-
-    def forward(self):
-        return self.proj, self.hyper
 
 
 class ShardedLGMRec(nn.Module):
@@ -158,21 +161,15 @@ class ShardedLGMRec(nn.Module):
         ego = torch.cat([self.user_embedding, self.item_embedding])
         return cge(self.graph, ego, self.cfg.n_ui_layers, self.cfg.cf_model)
 
-    def ghe(self, e_c: torch.Tensor, step: int, train: bool, proj_hyper) -> list[HyperEmbedding]:
-        _, hyper = proj_hyper
-        g, out = self.graph, []
-        for k, m in enumerate(self.modalities):
-            z_item = const_rows_matmul(self.features[m], hyper[m])
-            z_user = spmm(g.R, g.R_t, g.extend(self._node_rows(z_item)))[:self.n_own_users]
-            noise, masks = keyed_draws(self.hp, step, k, train, self.user_ids, self.item_ids)
-            h_item, h_user = assignments(z_item, z_user, TAU, noise, masks, self.cfg.keep_rate)
-            out.append(hypergraph_propagate(h_item, h_user, e_c[self.n_own_users:], self.cfg.n_hyper_layer,
-                                            reduce=all_reduce))
-        return out
+    def ghe(self, e_c: torch.Tensor, step: int, train: bool) -> list[HyperEmbedding]:
+        """``model.lgmrec.global_embeddings`` of the owned rows; the partial messages summed over ranks."""
+        z = [const_rows_matmul(self.features[m], self.dense.hyper[m]) for m in self.modalities]
+        return global_embeddings(self.hp, z, self.graph, e_c[self.n_own_users:], step, train, self.user_ids,
+                                 self.item_ids, reduce=all_reduce)
 
-    def fuse(self, e_c, hyper, proj_hyper, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def fuse(self, e_c, hyper, rows: torch.Tensor | None = None) -> torch.Tensor:
         """E* at owned local rows (all owned nodes when ``rows`` is None), ``model.lgmrec.fuse``."""
-        proj, _ = proj_hyper
+        proj = self.dense.proj
         mge = []
         if self.cfg.use_mge:
             mge = [held_matmul(self.mge_y[m] if rows is None else self.mge_y[m][rows], proj[m]) for m in self.modalities]
@@ -188,13 +185,12 @@ class ShardedLGMRec(nn.Module):
         """This rank's share of the loss of the global batch (users, pos, neg); shares add up to §1.8."""
         world, rank = dist.get_world_size(), dist.get_rank()
         batch_size, n_u = len(users), self.num_users
-        params = self.dense()
         e_c = self.cge()
-        hyper = self.ghe(e_c, step, True, params) if self.cfg.use_ghe else None
+        hyper = self.ghe(e_c, step, True) if self.cfg.use_ghe else None
 
         nodes = torch.cat([users, pos + n_u, neg + n_u]).cpu().numpy()
         mine = np.unique(nodes[self.own.part[nodes] == rank])           # batch nodes I own
-        fused = self.fuse(e_c, hyper, params, torch.from_numpy(self.own.local[mine]).to(e_c.device))
+        fused = self.fuse(e_c, hyper, torch.from_numpy(self.own.local[mine]).to(e_c.device))
         lo, hi = rank * batch_size // world, (rank + 1) * batch_size // world
         part = np.concatenate([users[lo:hi].cpu().numpy(), pos[lo:hi].cpu().numpy() + n_u,
                                neg[lo:hi].cpu().numpy() + n_u])
@@ -233,11 +229,5 @@ class ShardedLGMRec(nn.Module):
     @torch.no_grad()
     def final_embeddings(self):
         """E* of the owned users and items (global ids, rows), inference mode (§1.7, docs/model.md)."""
-        params = self.dense()
-        e_c = self.cge()
-        hyper = None
-        if self.cfg.use_ghe:
-            self.eval_calls += 1
-            hyper = self.ghe(e_c, -self.eval_calls, False, params)
-        e = self.fuse(e_c, hyper, params)
+        e = inference(self)
         return self.user_ids, e[:self.n_own_users], self.item_ids, e[self.n_own_users:]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lgmrec_dist.graph import Graph, spmm
+from lgmrec_dist.graph import Graph
 from lgmrec_dist.model.features import const_rows_matmul
 
 
@@ -44,7 +44,7 @@ def dependencies(x: torch.Tensor, v: torch.Tensor, graph: Graph, tau: float, noi
 def dependencies_from_logits(z_item: torch.Tensor, graph: Graph, tau: float, noise=None, masks=None,
                              keep_rate: float = 1.0):
     """:func:`dependencies` from the item logits Z_I = X·V (user logits Z_U = R·Z_I)."""
-    return assignments(z_item, spmm(graph.R, graph.R_t, z_item), tau, noise, masks, keep_rate)
+    return assignments(z_item, graph.user_sums(z_item), tau, noise, masks, keep_rate)
 
 
 def assign(z: torch.Tensor, tau: float, noise=None, mask=None, keep_rate: float = 1.0) -> torch.Tensor:

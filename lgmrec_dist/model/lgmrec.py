@@ -94,6 +94,33 @@ def initial_parameters(hp: ModelParams, num_users: int, num_items: int, feature_
     return user, item, proj, hyper
 
 
+def global_embeddings(hp: ModelParams, z_items: list[torch.Tensor], graph, q0: torch.Tensor, step: int, train: bool,
+                      user_ids: torch.Tensor, item_ids: torch.Tensor, reduce=None) -> list[HyperEmbedding]:
+    """GHE of every modality k from its item logits Z_I = ``z_items[k]`` (rows ``item_ids``): user logits
+    Z_U = R·Z_I (``graph.user_sums``: the full R, or a rank's rows with halo), Gumbel-softmax and dropout
+    with the draws keyed by the node ids, H layers from Q^(0) = ``q0`` (the CGE item rows); ``reduce`` sums
+    the partial messages H̄_Iᵀ·Q of the ranks' item rows (None in one process)."""
+    out = []
+    for k, z in enumerate(z_items):
+        noise, masks = keyed_draws(hp, step, k, train, user_ids, item_ids)
+        h_item, h_user = dependencies_from_logits(z, graph, TAU, noise, masks, hp.keep_rate)
+        out.append(hypergraph_propagate(h_item, h_user, q0, hp.n_hyper_layer, reduce))
+    return out
+
+
+@torch.no_grad()
+def inference(model) -> torch.Tensor:
+    """E* of every row ``model`` holds (``cge()``, ``ghe(e_c, step, train)``, ``fuse(e_c, hyper)``) at
+    inference: no dropout; Gumbel noise only if eval_gumbel_noise, keyed by a negative step that counts
+    the inference passes (``eval_calls``, checkpointed)."""
+    e_c = model.cge()
+    hyper = None
+    if model.cfg.use_ghe:
+        model.eval_calls += 1
+        hyper = model.ghe(e_c, -model.eval_calls, train=False)
+    return model.fuse(e_c, hyper)
+
+
 def fuse(e_c: torch.Tensor, mge: list[torch.Tensor], g: torch.Tensor | None, alpha: float) -> torch.Tensor:
     """E* = E_c + Σ_m rownorm(F^m) + α·rownorm(G) at some rows (docs/model.md, fusion): ``mge`` the F^m rows
     (empty without MGE), ``g`` = Σ_m G^m rows (None without GHE)."""
@@ -172,20 +199,17 @@ class LGMRec(nn.Module):
     def mge_all(self, m: str) -> torch.Tensor:
         return self.source.all_mge(m, self.proj[m])
 
-    def _draws(self, step: int, k: int, train: bool):
+    def _ids(self) -> tuple[torch.Tensor, torch.Tensor]:
         dev = self.user_embedding.device
-        return keyed_draws(self.cfg, step, k, train, torch.arange(self.num_users, device=dev),
-                           torch.arange(self.num_items, device=dev))
+        return torch.arange(self.num_users, device=dev), torch.arange(self.num_items, device=dev)
+
+    def _draws(self, step: int, k: int, train: bool):
+        return keyed_draws(self.cfg, step, k, train, *self._ids())
 
     def ghe(self, e_c: torch.Tensor, step: int, train: bool) -> list[HyperEmbedding]:
-        """Per-modality global embeddings (GHE)."""
-        out = []
-        for k, m in enumerate(self.modalities):
-            noise, masks = self._draws(step, k, train)
-            z = self.source.all_item_logits(m, self.hyper[m])
-            h_item, h_user = dependencies_from_logits(z, self.graph, TAU, noise, masks, self.cfg.keep_rate)
-            out.append(hypergraph_propagate(h_item, h_user, e_c[self.num_users:], self.cfg.n_hyper_layer))
-        return out
+        """Per-modality global embeddings (:func:`global_embeddings`) of every node."""
+        z = [self.source.all_item_logits(m, self.hyper[m]) for m in self.modalities]
+        return global_embeddings(self.cfg, z, self.graph, e_c[self.num_users:], step, train, *self._ids())
 
     def fuse(self, e_c: torch.Tensor, hyper, rows: torch.Tensor | None = None) -> torch.Tensor:
         """E* at node rows, or at every node when ``rows`` is None (:func:`fuse`)."""
@@ -213,12 +237,7 @@ class LGMRec(nn.Module):
     @torch.no_grad()
     def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
         """E* for all users and items at inference: no dropout; Gumbel noise only if eval_gumbel_noise."""
-        e_c = self.cge()
-        hyper = None
-        if self.cfg.use_ghe:
-            self.eval_calls += 1
-            hyper = self.ghe(e_c, -self.eval_calls, train=False)
-        e = self.fuse(e_c, hyper)
+        e = inference(self)
         return e[:self.num_users], e[self.num_users:]
 
     def dense_parameters(self) -> dict[str, nn.Parameter]:
