@@ -59,7 +59,7 @@ class EngineState(Engine):
 
     module: torch.nn.Module
     optimizers: list
-    replicated: list = []
+    replicated: tuple | list = ()        # parameters held by every rank (their gradients are summed)
 
     def step(self, users, pos, neg, step: int) -> dict:
         terms = self.model.batch_loss(users, pos, neg, step)
@@ -83,7 +83,9 @@ class EngineState(Engine):
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
-        for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+        # checkpoints written before the engines shared this class hold one "optimizer" (exact modes)
+        saved = state["optimizers"] if "optimizers" in state else [state["optimizer"]]
+        for opt, s in zip(self.optimizers, saved, strict=True):
             opt.load_state_dict(s)
         self.module.eval_calls = state["eval_calls"]
         self.load_extra_state(state)

@@ -4,7 +4,8 @@
 the sampled mode with replicated tables; ``distributed.tables.ShardedFeatureTables`` is the same
 interface over row-sharded tables. The interface (all products are differentiable in the weight):
 
-* ``all_ego(model)``: [E_U ; E_I] of every node;
+* ``all_ego(model)``: [E_U ; E_I] of every node; ``lookup(model, user_ids, item_ids, leaves)``: rows of
+  E_U, E_I (with ``leaves`` a list, gathered into leaf tensors recorded there for a row optimizer);
 * ``mge_rows(m, node_ids, w)``, ``all_mge(m, w)``: F^m = Y_m·W_m rows (MGE);
 * ``item_logits(m, item_ids, v)``, ``user_logits(m, user_ids, v)``, ``all_item_logits(m, v)``: hyperedge
   logits X_m·V_m and (R·X_m)·V_m rows (GHE);
@@ -36,6 +37,16 @@ class FeatureTables:
 
     def all_ego(self, model) -> torch.Tensor:
         return torch.cat([model.user_embedding, model.item_embedding])
+
+    def lookup(self, model, user_ids: torch.Tensor, item_ids: torch.Tensor, leaves: list | None = None):
+        """(E_U[user_ids], E_I[item_ids]): differentiable gathers (dense gradients) when ``leaves`` is None,
+        else leaf copies appended to ``leaves`` as (table name, rows, leaf) for ``RowAdam``."""
+        if leaves is None:
+            return model.user_embedding.index_select(0, user_ids), model.item_embedding.index_select(0, item_ids)
+        u = model.user_embedding.detach().index_select(0, user_ids).requires_grad_()
+        i = model.item_embedding.detach().index_select(0, item_ids).requires_grad_()
+        leaves += [("user_embedding", user_ids, u), ("item_embedding", item_ids, i)]
+        return u, i
 
     def mge_rows(self, m: str, node_ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.y:

@@ -75,17 +75,10 @@ class SampledLGMRec:
         With ``sparse_embeddings`` the rows are gathered into leaf tensors (``self.leaves``: table name,
         rows, leaf) whose gradients :class:`RowAdam` applies; otherwise they are differentiable gathers
         from the tables (dense gradients, as the exact mode)."""
-        m, dev = self.model, self.device
-        u_ids, i_ids = batch.input_users.to(dev), batch.input_items.to(dev)
-        if self.tables is not None:       # rows from their owners; the leaves are the owner's rows
-            self.leaves = []
-            u_rows, i_rows = self.tables.lookup(m, u_ids, i_ids, self.leaves)
-        elif self.cfg.sparse_embeddings:
-            u_rows = m.user_embedding.detach().index_select(0, u_ids).requires_grad_()
-            i_rows = m.item_embedding.detach().index_select(0, i_ids).requires_grad_()
-            self.leaves = [("user_embedding", u_ids, u_rows), ("item_embedding", i_ids, i_rows)]
-        else:
-            u_rows, i_rows = m.user_embedding.index_select(0, u_ids), m.item_embedding.index_select(0, i_ids)
+        dev = self.device
+        self.leaves = []
+        u_rows, i_rows = self.source.lookup(self.model, batch.input_users.to(dev), batch.input_items.to(dev),
+                                            self.leaves if self.cfg.sparse_embeddings else None)
         return torch.cat([u_rows, i_rows]).index_select(0, batch.input_perm.to(dev))
 
     def cge_rows(self, batch: SampledBatch) -> torch.Tensor:
