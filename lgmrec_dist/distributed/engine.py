@@ -10,7 +10,7 @@ from lgmrec_dist.dataset import TRAIN, PreparedDataset
 from lgmrec_dist.distributed.exchange import Ownership, all_gather_rows
 from lgmrec_dist.distributed.group import Context, LaunchError
 from lgmrec_dist.distributed.payload import model_payload
-from lgmrec_dist.distributed.reduce import all_reduce_, global_metrics
+from lgmrec_dist.distributed.reduce import all_reduce_, global_metrics, replicate
 from lgmrec_dist.distributed.sharded import ShardedLGMRec
 from lgmrec_dist.engine import EngineState
 from lgmrec_dist.evaluation import Evaluator
@@ -49,7 +49,8 @@ class ShardedEngine(EngineState):
         self.model.attach(tu, ti, ds.features)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate)
         self.module, self.optimizers = self.model, [self.optimizer]
-        self.replicated = list(self.model.dense.parameters())   # W_m, V_m; rows are updated by their owner
+        # W_m, V_m are replicated: DDP sums their gradients during backward; rows are updated by their owner
+        self.dense = replicate(self.model.dense)
 
     def num_parameters(self) -> int:
         m = self.model
@@ -58,6 +59,10 @@ class ShardedEngine(EngineState):
 
     def train(self):
         self.model.train()
+
+    def step(self, users, pos, neg, step: int) -> dict:
+        self.dense()            # starts DDP's reduction of this step (the model reads W_m, V_m itself)
+        return super().step(users, pos, neg, step)
 
     def model_payload(self) -> dict:
         """This rank's rows and the dense parameters."""

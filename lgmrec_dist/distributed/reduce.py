@@ -58,6 +58,24 @@ def sync_gradients(params) -> None:
         offset += p.numel()
 
 
+def _sum_hook(state, bucket):
+    """DDP communication hook: the bucket's gradients summed over ranks (DDP's default divides by P)."""
+    _count_ring(bucket.buffer())
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def replicate(module: torch.nn.Module) -> torch.nn.Module:
+    """``module``'s parameters held by every rank, their gradients summed during backward by DDP (bucketed,
+    overlapped with the backward pass); call the returned module once per step, before the loss, to start
+    the step's reduction. With one process, ``module`` itself."""
+    if world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+    ddp = DistributedDataParallel(module, broadcast_buffers=False)
+    ddp.register_comm_hook(None, _sum_hook)
+    return ddp
+
+
 def global_terms(terms: dict) -> dict[str, float]:
     """The step's loss terms summed over ranks (each rank holds its share), as floats."""
     values = torch.stack([terms[k].detach() for k in TERMS])

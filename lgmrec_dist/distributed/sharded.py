@@ -95,6 +95,9 @@ class DenseParams(nn.Module):
         super().__init__()
         self.proj, self.hyper = proj, hyper
 
+    def forward(self):
+        return self.proj, self.hyper
+
 
 class ShardedLGMRec(nn.Module):
     def __init__(self, cfg: Config, num_users: int, num_items: int, feature_dims: dict[str, int], own: Ownership):
