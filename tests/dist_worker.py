@@ -42,6 +42,7 @@ def main(data, out, ownership, steps, overrides):
                 "user_ids": m.user_ids, "user_embedding": m.user_embedding.detach(),
                 "item_ids": m.item_ids, "item_embedding": m.item_embedding.detach(),
                 "dense": {k: v.detach() for k, v in m.dense.state_dict().items()},
+                "dense_grad": {k: v.grad.clone() for k, v in m.dense_parameters().items()},   # of the last step
                 "valid": eng.evaluate(valid_eval, emb), "test": eng.evaluate(test_eval, emb),
                 "halo": m.graph.num_halo}, f"{out}/rank{ctx.rank}.pt")
     torch.distributed.barrier()
