@@ -31,16 +31,16 @@ def worker(args) -> None:
     from lgmrec_dist.batches import TripleSampler
     from lgmrec_dist.config import load_config
     from lgmrec_dist.dataset import TRAIN, PreparedDataset
-    from lgmrec_dist.distributed.engine import ShardedEngine
     from lgmrec_dist.distributed.exchange import CommStats
     from lgmrec_dist.distributed.group import init_process_group
+    from lgmrec_dist.engines import build_engine
 
     ctx = init_process_group(args.device)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // ctx.world_size))
     ds = PreparedDataset.load(args.data)
     cfg = load_config(ROOT / "configs" / "baby.yaml", {"device": args.device})
     t0 = time.perf_counter()
-    eng = ShardedEngine(cfg, ds, ctx)
+    eng = build_engine(cfg, ds, ctx)
     setup = time.perf_counter() - t0
     tu, ti = ds.pairs(TRAIN)
     users, pos, neg = (torch.from_numpy(a).to(ctx.device) for a in TripleSampler(ds.num_items, tu, ti, cfg.seed).epoch(0))

@@ -77,7 +77,8 @@ def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: P
     from lgmrec_dist.batches import TripleSampler
     from lgmrec_dist.config import load_config
     from lgmrec_dist.dataset import TRAIN, PreparedDataset
-    from lgmrec_dist.train import LocalEngine
+    from lgmrec_dist.local import LocalEngine
+    from lgmrec_dist.sampled import SampledEngine
 
     load0 = os.getloadavg()[0]
     ds = PreparedDataset.load(dataset_at(scale, out_root), verify=False)
@@ -85,11 +86,7 @@ def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: P
     cfg = load_config(ROOT / "configs" / "baby.yaml", extra)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
-    if mode == "sampled":
-        from lgmrec_dist.sampled import SampledEngine
-        engine = SampledEngine(cfg, ds, device)
-    else:
-        engine = LocalEngine(cfg, ds, device)
+    engine = (SampledEngine if mode == "sampled" else LocalEngine)(cfg, ds, device)
     setup_s = time.perf_counter() - t0
     tu, ti = ds.pairs(TRAIN)
     triples = TripleSampler(ds.num_items, tu, ti, cfg.seed)

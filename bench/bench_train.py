@@ -19,7 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,9 +44,9 @@ def dataset_for(scale: int, out_root: Path) -> Path:
 def run_one(scale: int, max_steps: int, reference_steps: int, out_root: Path) -> dict:
     from lgmrec_dist.batches import TripleSampler
     from lgmrec_dist.config import load_config
-    from lgmrec_dist.dataset import TRAIN, PreparedDataset
+    from lgmrec_dist.dataset import TRAIN, PreparedDataset, features_tensor
     from lgmrec_dist.graph import build_graph
-    from lgmrec_dist.model import LGMRec
+    from lgmrec_dist.model import LGMRec, model_params
     from lgmrec_dist.model.reference import reference_loss
     from lgmrec_dist.train import make_evaluators
 
@@ -58,8 +57,8 @@ def run_one(scale: int, max_steps: int, reference_steps: int, out_root: Path) ->
     tu, ti = ds.pairs(TRAIN)
     t0 = time.perf_counter()
     graph = build_graph(ds.num_users, ds.num_items, tu, ti)
-    model = LGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"])
-    model.attach(graph, {m: np.asarray(x) for m, x in ds.features.items()})
+    model = LGMRec(model_params(cfg), ds.num_users, ds.num_items, ds.manifest["modalities"])
+    model.attach(graph, {m: features_tensor(x) for m, x in ds.features.items()})
     setup_s = time.perf_counter() - t0
     sampler = TripleSampler(ds.num_items, tu, ti, cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)

@@ -213,22 +213,6 @@ def read_best_tables(run_dir: str | Path) -> tuple[dict, dict]:
     return meta, tables
 
 
-class EngineState:
-    """Checkpoint state shared by the training engines: model parameters, optimizer, evaluation count.
-
-    Engines that mix this in have ``self.model`` (with ``eval_calls``) and ``self.optimizer``.
-    """
-
-    def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "eval_calls": self.model.eval_calls}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.model.eval_calls = state["eval_calls"]
-
-
 class Checkpointer:
     """Writes step/epoch checkpoints and the best model, keeps the last K, finds the latest."""
 

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 
 from lgmrec_dist.checkpoint import CheckpointError, read_best_tables
 from lgmrec_dist.config import load_config
-from lgmrec_dist.dataset import TRAIN, DatasetError, PreparedDataset, atomic_directory, parse_named_paths
+from lgmrec_dist.dataset import TRAIN, DatasetError, PreparedDataset, atomic_directory, features_tensor, parse_named_paths
 from lgmrec_dist.evaluation import MASK_SCORE, _csr_from_pairs, _csr_rows, streaming_topk
 from lgmrec_dist.graph import build_graph
-from lgmrec_dist.model import TAU, LGMRec
+from lgmrec_dist.model import TAU, LGMRec, model_params
 
 
 def load_trained(run_dir: str | Path, data: str | Path | None = None, device="cpu"):
@@ -49,13 +49,14 @@ def load_trained(run_dir: str | Path, data: str | Path | None = None, device="cp
     from lgmrec_dist.checkpoint import dataset_digest
     if meta.get("dataset_digest") != dataset_digest(ds.manifest):
         raise CheckpointError(f"{best} was trained on a different dataset than {ds.path}")
-    model = LGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"])
+    model = LGMRec(model_params(cfg), ds.num_users, ds.num_items, ds.manifest["modalities"])
     with torch.no_grad():
         params = dict(model.named_parameters())
         for name, value in [*tables.pop("dense").items(), *tables.items()]:
             params[name].copy_(value)
     tu, ti = ds.pairs(TRAIN)
-    model.to(device).attach(build_graph(ds.num_users, ds.num_items, tu, ti), ds.features)
+    model.to(device).attach(build_graph(ds.num_users, ds.num_items, tu, ti),
+                            {m: features_tensor(x, device=device) for m, x in ds.features.items()})
     model.eval()
     return model, ds
 

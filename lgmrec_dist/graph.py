@@ -71,6 +71,10 @@ class Graph:
         """Ĝ · x (Ĝ is symmetric, so it is its own transpose in backward)."""
         return spmm(self.norm_adj, self.norm_adj, x)
 
+    def user_sums(self, x_items: torch.Tensor) -> torch.Tensor:
+        """R · x: per user, the sum of its training items' rows."""
+        return spmm(self.R, self.R_t, x_items)
+
     def to(self, device) -> "Graph":
         move = lambda t: t.to(device)  # noqa: E731
         return Graph(self.num_users, self.num_items, self.train_users, self.train_items, move(self.deg),

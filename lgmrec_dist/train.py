@@ -8,6 +8,7 @@ Writes RUNDIR/metrics.json, RUNDIR/config.yaml (the resolved config) and RUNDIR/
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -25,14 +26,13 @@ import yaml
 from tqdm import tqdm
 
 from lgmrec_dist.batches import TripleSampler
-from lgmrec_dist.checkpoint import Checkpointer, CheckpointError, EngineState, RunLock, rng_state, set_rng_state
+from lgmrec_dist.checkpoint import Checkpointer, CheckpointError, RunLock, rng_state, set_rng_state
 from lgmrec_dist.config import Config, ConfigError, load_config
 from lgmrec_dist.entry import guarded
 from lgmrec_dist.errors import UserError
 from lgmrec_dist.dataset import TEST, TRAIN, VALID, PreparedDataset, atomic_write_json
 from lgmrec_dist.evaluation import EarlyStopping, Evaluator
-from lgmrec_dist.graph import build_graph
-from lgmrec_dist.model import LGMRec
+from lgmrec_dist.engines import build_engine, device_for
 from lgmrec_dist.observe import RunLog
 
 log = logging.getLogger("lgmrec")
@@ -58,14 +58,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_device(cfg: Config) -> torch.device:
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: 'cuda' requested but torch sees no CUDA device")
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
 
 
 class _LogFile(logging.FileHandler):
@@ -107,43 +99,6 @@ def summary_table(valid: dict, test: dict, ks: list[int]) -> str:
     return "\n".join(lines)
 
 
-class LocalEngine(EngineState):
-    """One process, the whole graph: the reference path (lgmrec_dist.model.LGMRec)."""
-
-    def __init__(self, cfg: Config, ds: PreparedDataset, device: torch.device):
-        tu, ti = ds.pairs(TRAIN)
-        self.model = LGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"]).to(device)
-        self.model.attach(build_graph(ds.num_users, ds.num_items, tu, ti), ds.features)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate)
-
-    def num_parameters(self) -> int:
-        return self.model.num_parameters()
-
-    def train(self):
-        self.model.train()
-
-    def step(self, users, pos, neg, step: int) -> dict:
-        terms = self.model.batch_loss(users, pos, neg, step)
-        self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        self.optimizer.step()
-        return {k: v.item() for k, v in terms.items()}
-
-    def embeddings(self):
-        self.model.eval()
-        return self.model.final_embeddings()
-
-    def evaluate(self, evaluator: Evaluator, emb) -> dict:
-        return evaluator.evaluate_metrics(*emb)
-
-    def model_payload(self) -> dict:
-        """The trained parameters keyed for export (all rows: one process owns everything)."""
-        m = self.model
-        return {"user_ids": torch.arange(m.num_users), "user_embedding": m.user_embedding.detach().cpu(),
-                "item_ids": torch.arange(m.num_items), "item_embedding": m.item_embedding.detach().cpu(),
-                "dense": {k: v.detach().cpu() for k, v in m.named_parameters() if k.startswith(("proj.", "hyper."))}}
-
-
 def _fault_injection(step: int, ctx) -> None:
     """LGMREC_KILL_AT_STEP=k [LGMREC_KILL_RANK=r]: SIGKILL this process right after optimizer step k, on
     the first attempt of a torchrun job only. Fault-tolerance tests use it to kill a rank mid-epoch at a
@@ -173,7 +128,7 @@ def _trim_epoch_log(run_dir: Path, before_epoch: int) -> None:
 
 def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = False, ctx=None,
           resume: bool | None = None, init_from: str | Path | None = None) -> dict:
-    """Train and evaluate; ``ctx`` (a distributed.group.Context) selects the sharded engine.
+    """Train and evaluate; ``ctx`` (a distributed.group.Context) for a launch on P ranks (``engines.build_engine``).
 
     ``resume``: None = continue from the run directory's latest checkpoint when there is one,
     True = require one, False = start afresh (an existing checkpoint is then an error).
@@ -187,12 +142,13 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
         raise ConfigError(f"{run_dir} already holds a finished run (metrics.json); pass --overwrite to replace it")
     ds = PreparedDataset.load(data)
     if ctx is None:
-        resolve_device(cfg)
+        device_for(cfg)
     ckpt = Checkpointer(run_dir, cfg, ds.manifest, ds.path)
     _resumable(ckpt, run_dir, overwrite, resume, ctx.world_size if ctx else 1)
     lock = RunLock(run_dir).acquire() if main_rank else None
     try:
-        return _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt, init_from)
+        with contextlib.ExitStack() as cleanup:
+            return _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt, cleanup, init_from)
     finally:
         if lock is not None:
             lock.release()
@@ -221,7 +177,7 @@ def _check_finite(terms: dict, step: int, ckpt: Checkpointer) -> None:
                             + (f"{last}" if last else "none yet") + "); lower learning_rate or check the features")
 
 
-def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt, init_from=None) -> dict:
+def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt, cleanup, init_from=None) -> dict:
     if overwrite and main_rank:
         shutil.rmtree(ckpt.dir, ignore_errors=True)
         shutil.rmtree(ckpt.best_dir, ignore_errors=True)
@@ -246,17 +202,9 @@ def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt, init_from=
              ds.manifest["num_test"], ds.manifest["modalities"])
 
     t0 = time.perf_counter()
-    if cfg.mode == "sampled":
-        from lgmrec_dist.sampled import SampledEngine  # large-catalogue mode (issue 6)
-        device = ctx.device if ctx else resolve_device(cfg)
-        engine = SampledEngine(cfg, ds, device, ctx)
-    elif ctx is None:
-        device = resolve_device(cfg)
-        engine = LocalEngine(cfg, ds, device)
-    else:
-        from lgmrec_dist.distributed.engine import ShardedEngine
-        device = ctx.device
-        engine = ShardedEngine(cfg, ds, ctx)
+    device = device_for(cfg, ctx)
+    engine = build_engine(cfg, ds, ctx)
+    cleanup.callback(engine.close)      # sampler workers end with the run, however it ends
     n_params = engine.num_parameters()
     log.info("model: %d trainable parameters, device %s, %s, set-up %.2fs", n_params, device,
              f"{ctx.world_size} ranks ({ctx.backend})" if ctx else "1 process", time.perf_counter() - t0)

@@ -11,10 +11,9 @@ import torch
 
 from lgmrec_dist.batches import TripleSampler
 from lgmrec_dist.config import load_config
-from lgmrec_dist.dataset import TRAIN, VALID, PreparedDataset
-from lgmrec_dist.distributed import engine as engine_mod
-from lgmrec_dist.distributed.exchange import Ownership
+from lgmrec_dist.dataset import TRAIN, PreparedDataset
 from lgmrec_dist.distributed.group import init_process_group
+from lgmrec_dist.engines import build_engine
 from lgmrec_dist.train import make_evaluators
 
 
@@ -24,10 +23,9 @@ def main(data, out, ownership, steps, overrides):
     ctx = init_process_group("cpu")
     ds = PreparedDataset.load(data)
     cfg = load_config(None, overrides)
-    if ownership != "contiguous":  # non-contiguous ownership given as a node_part.npy file (random, METIS)
-        part = np.load(ownership)
-        engine_mod.ownership_for = lambda *a: Ownership(part, ctx.rank, ctx.world_size)
-    eng = engine_mod.ShardedEngine(cfg, ds, ctx)
+    # non-contiguous ownership given as a node_part.npy file (random, METIS)
+    part = np.load(ownership) if ownership != "contiguous" else None
+    eng = build_engine(cfg, ds, ctx, partition=part)
     m = eng.model
     owned = torch.from_numpy(m.own.owned)
     with torch.no_grad():
@@ -44,6 +42,7 @@ def main(data, out, ownership, steps, overrides):
                 "user_ids": m.user_ids, "user_embedding": m.user_embedding.detach(),
                 "item_ids": m.item_ids, "item_embedding": m.item_embedding.detach(),
                 "dense": {k: v.detach() for k, v in m.dense.state_dict().items()},
+                "dense_grad": {k: v.grad.clone() for k, v in m.dense_parameters().items()},   # of the last step
                 "valid": eng.evaluate(valid_eval, emb), "test": eng.evaluate(test_eval, emb),
                 "halo": m.graph.num_halo}, f"{out}/rank{ctx.rank}.pt")
     torch.distributed.barrier()

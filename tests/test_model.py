@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lgmrec_dist import rng
 from lgmrec_dist.config import load_config
 from lgmrec_dist.graph import build_graph
-from lgmrec_dist.model import TAU, LGMRec
+from lgmrec_dist.model import TAU, LGMRec, model_params
 from lgmrec_dist.model.cge import cge
 from lgmrec_dist.model.hypergraph import dependencies, hypergraph_propagate
 from lgmrec_dist.model.losses import hcl_loss, infonce_direct, infonce_lowrank, reg_loss
@@ -121,8 +121,8 @@ def tiny_model(overrides=None, dims=None, seed=0):
     cfg = load_config(None, {"embedding_size": 8, "hyper_num": 4, "seed": seed, **(overrides or {})})
     g = build_graph(nu, ni, r.integers(0, nu, ne), r.integers(0, ni, ne))
     dims = dims or {"image": 16, "text": 8}
-    feats = {k: r.standard_normal((ni, d)).astype(np.float32) for k, d in dims.items()}
-    model = LGMRec(cfg, nu, ni, dims).attach(g, feats)
+    feats = {k: torch.from_numpy(r.standard_normal((ni, d)).astype(np.float32)) for k, d in dims.items()}
+    model = LGMRec(model_params(cfg), nu, ni, dims).attach(g, feats)
     batch = tuple(torch.tensor(r.integers(0, n, 64)) for n in (nu, ni, ni))
     return model, batch
 

@@ -28,7 +28,8 @@ from lgmrec_dist.model.cge import cge
 from lgmrec_dist.sampled import (RowAdam, SampledEngine, cge_on_blocks, sampled_logsumexp, straight_through_message,
                                  uniform_negatives)
 from lgmrec_dist.sampling import BlockSampler, inclusion_probability
-from lgmrec_dist.train import LocalEngine, make_evaluators
+from lgmrec_dist.local import LocalEngine
+from lgmrec_dist.train import make_evaluators
 
 OVERRIDES = ["embedding_size=16", "train_batch_size=256", "learning_rate=0.005", "cl_weight=0.001",
              "n_hyper_layer=2", "seed=5"]

@@ -1,5 +1,5 @@
-"""Distributed pieces: process groups, row ownership and exchange, the sharded exact LGMRec (issue 5), and
-the row-sharded feature tables of the sampled mode (issue 6)."""
+"""Distributed pieces: process groups, row ownership and exchange, the sharded exact LGMRec, the
+row-sharded feature tables of the sampled mode, and every global reduction (``reduce``)."""
 import warnings
 
 # torch 2.13 marks the autograd-aware collectives of torch.distributed.nn.functional deprecated in favour

@@ -1,22 +1,27 @@
-"""The training engine of a torchrun launch: one rank's share of the exact distributed LGMRec."""
+"""The exact engine on P ranks (a torchrun launch): one rank's share of the sharded LGMRec, and the
+ownership of the nodes (which rank holds which rows) that the sharded engines share."""
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from lgmrec_dist.checkpoint import EngineState
 from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import TRAIN, PreparedDataset
 from lgmrec_dist.distributed.exchange import Ownership, all_gather_rows
 from lgmrec_dist.distributed.group import Context, LaunchError
+from lgmrec_dist.distributed.payload import model_payload
+from lgmrec_dist.distributed.reduce import all_reduce_, global_metrics, replicate
 from lgmrec_dist.distributed.sharded import ShardedLGMRec
-from lgmrec_dist.evaluation import Evaluator, finalize
+from lgmrec_dist.engine import EngineState
+from lgmrec_dist.evaluation import Evaluator
 
 
-def ownership_for(ds: PreparedDataset, cfg: Config, rank: int, world: int) -> Ownership:
-    """Prep's partitions (partitions/node_part.npy) when they were made for this many ranks, else
-    contiguous ranges of users and items (``partitioning`` config key)."""
+def ownership_for(ds: PreparedDataset, cfg: Config, rank: int, world: int,
+                  partition: np.ndarray | None = None) -> Ownership:
+    """``partition`` (a node -> rank array) when given; else prep's partitions (partitions/node_part.npy)
+    when they were made for this many ranks, else contiguous ranges of users and items (``partitioning``)."""
+    if partition is not None:
+        return Ownership(partition, rank, world)
     parts = int(ds.manifest.get("partitions", 1) or 1)
     path = ds.path / "partitions" / "node_part.npy"
     have = path.exists() and parts > 1
@@ -32,39 +37,37 @@ def ownership_for(ds: PreparedDataset, cfg: Config, rank: int, world: int) -> Ow
 
 
 class ShardedEngine(EngineState):
-    def __init__(self, cfg: Config, ds: PreparedDataset, ctx: Context):
+    """Exact LGMRec with its rows sharded over the ranks (:class:`ShardedLGMRec`); ``partition`` overrides
+    the ownership of :func:`ownership_for`."""
+
+    def __init__(self, cfg: Config, ds: PreparedDataset, device: torch.device, ctx: Context,
+                 partition: np.ndarray | None = None):
         self.ctx = ctx
-        self.own = ownership_for(ds, cfg, ctx.rank, ctx.world_size)
+        self.own = ownership_for(ds, cfg, ctx.rank, ctx.world_size, partition)
         tu, ti = ds.pairs(TRAIN)
-        self.model = ShardedLGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"], self.own).to(ctx.device)
+        self.model = ShardedLGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"], self.own).to(device)
         self.model.attach(tu, ti, ds.features)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate)
+        self.module, self.optimizers = self.model, [self.optimizer]
+        # W_m, V_m are replicated: DDP sums their gradients during backward; rows are updated by their owner
+        self.dense = replicate(self.model.dense)
 
     def num_parameters(self) -> int:
         m = self.model
-        local = m.user_embedding.numel() + m.item_embedding.numel()
-        total = torch.tensor([local], device=self.ctx.device)
-        dist.all_reduce(total)
-        return int(total) + sum(p.numel() for p in m.dense.parameters())
+        local = torch.tensor([m.user_embedding.numel() + m.item_embedding.numel()], device=self.ctx.device)
+        return int(all_reduce_(local)) + sum(p.numel() for p in m.dense.parameters())
 
     def train(self):
         self.model.train()
 
     def step(self, users, pos, neg, step: int) -> dict:
-        terms = self.model.batch_loss(users, pos, neg, step)
-        self.optimizer.zero_grad(set_to_none=True)
-        terms["loss"].backward()
-        self.model.sync_dense_gradients()
-        self.optimizer.step()
-        return terms["global"]
+        self.dense()            # starts DDP's reduction of this step (the model reads W_m, V_m itself)
+        return super().step(users, pos, neg, step)
 
     def model_payload(self) -> dict:
-        """This rank's rows and the dense parameters, keyed for export."""
+        """This rank's rows and the dense parameters."""
         m = self.model
-        return {"user_ids": m.user_ids.cpu(), "user_embedding": m.user_embedding.detach().cpu(),
-                "item_ids": m.item_ids.cpu(), "item_embedding": m.item_embedding.detach().cpu(),
-                "dense": {k.removeprefix("dense."): v.detach().cpu() for k, v in m.named_parameters()
-                          if k.startswith("dense.")}}
+        return model_payload(m.user_ids, m.user_embedding, m.item_ids, m.item_embedding, m.dense_parameters())
 
     def embeddings(self):
         """This rank's users (ids, E*) and every item's E* (gathered from the owners)."""
@@ -79,8 +82,4 @@ class ShardedEngine(EngineState):
     def evaluate(self, evaluator: Evaluator, emb) -> dict:
         """Users sharded over ranks (each its own), sums and counts reduced: equal to one process."""
         user_ids, user_emb, items = emb
-        sums, count = evaluator.evaluate(user_emb, items, user_rows=user_ids)
-        keys = sorted(sums)
-        t = torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=self.ctx.device)
-        dist.all_reduce(t)
-        return finalize(dict(zip(keys, t[:-1].tolist())), int(t[-1]))
+        return global_metrics(*evaluator.evaluate(user_emb, items, user_rows=user_ids), self.ctx.device)

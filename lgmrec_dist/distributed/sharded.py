@@ -1,22 +1,22 @@
-"""LGMRec with users, items and their rows sharded over ranks: the exact distributed path (issue 5).
+"""LGMRec with users, items and their rows sharded over ranks: the exact distributed path (docs/distributed.md).
 
 Each rank owns a set of nodes (:class:`~lgmrec_dist.distributed.exchange.Ownership`) and holds only
 their rows of the ID embeddings, of the precomputed MGE inputs Y_m and of the item features X_m.
 
-* **CGE** (LGMRec_SPEC.md §1.4) runs on the DGL block of the owned nodes with full neighbourhoods
+* **CGE** (docs/model.md) runs on the DGL block of the owned nodes with full neighbourhoods
   (``dgl.sampling.sample_neighbors`` with fanout -1, then ``dgl.to_block``); each layer fetches the
   block's halo rows from their owners (autograd-aware all-to-all). Ĝ's weights use full-graph degrees.
-* **MGE** (§1.5): Y_m = Ĝ^K [P·X_m ; X_m] is precomputed for the owned rows the same way (no grad).
-* **GHE** (§1.6): each rank computes logits, Gumbel-softmax and dropout for its items and users (draws
+* **MGE**: Y_m = Ĝ^K [P·X_m ; X_m] is precomputed for the owned rows the same way (no grad).
+* **GHE**: each rank computes logits, Gumbel-softmax and dropout for its items and users (draws
   keyed by global node id); user logits sum item logits fetched through the same halo exchange; the
   partial messages H̄_Iᵀ·Q of the ranks are summed by an autograd-aware all-reduce.
-* **Loss** (§1.8) of a global batch: rank r takes the r-th slice of the triples for BPR (sum / |B|),
+* **Loss** of a global batch: rank r takes the r-th slice of the triples for BPR (sum / |B|),
   owners compute the fused rows E* of the batch nodes and send them where needed; the regulariser's
   Frobenius norms are combined from per-rank sums of squares; the contrastive loss is computed for the
   anchors a rank owns, with all-user/all-item denominators combined from per-rank partial log-sum-exps.
   The ranks' losses add up to the single-process loss, so their gradients add up to its gradient.
 * Dense parameters W_m, V_m are replicated; their gradients are summed over ranks after backward
-  (:meth:`ShardedLGMRec.sync_dense_gradients`); embedding rows are updated by their owner.
+  (``distributed.reduce.sync_gradients``); embedding rows are updated by their owner.
 """
 from __future__ import annotations
 
@@ -24,36 +24,23 @@ import dgl
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dnn
 import torch.nn as nn
-import torch.nn.functional as F
 
 from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import features_tensor
-from lgmrec_dist.distributed.exchange import CommStats, Ownership, RowExchange, all_gather, all_gather_rows
+from lgmrec_dist.distributed.exchange import Ownership, RowExchange, all_gather, all_gather_rows
+from lgmrec_dist.distributed.reduce import all_reduce
 from lgmrec_dist.graph import csr, interaction_dgl_graph, spmm
 from lgmrec_dist.model.cge import cge
 from lgmrec_dist.model.features import HELD_DTYPES, column_chunk, const_rows_matmul, held_matmul
-from lgmrec_dist.model.hypergraph import HyperEmbedding, assignments, hypergraph_propagate
-from lgmrec_dist.model.lgmrec import TAU, LGMRec, keyed_draws
-from lgmrec_dist.model.losses import lowrank_logsumexp
+from lgmrec_dist.model.hypergraph import HyperEmbedding
+from lgmrec_dist.model.lgmrec import TAU, fuse, global_embeddings, inference, initial_parameters, objective
+from lgmrec_dist.model.losses import contrastive_sum, held_rows, key_rows, lowrank_logsumexp
+from lgmrec_dist.model.params import model_params
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    world = dist.get_world_size()
-    CommStats.add(2 * (world - 1) * _nbytes(t) // world)  # ring all-reduce
-    return dnn.all_reduce(t)
-
-
-def _all_reduce_(t: torch.Tensor) -> None:
-    """In-place, non-differentiable all-reduce (sum)."""
-    world = dist.get_world_size()
-    CommStats.add(2 * (world - 1) * _nbytes(t) // world)
-    dist.all_reduce(t)
 
 
 class LocalGraph:
@@ -85,6 +72,7 @@ class LocalGraph:
         self.P = csr(dst[is_user], src[is_user], mean, (n_own, n_src)).to(device)
         self.P_t = csr(src[is_user], dst[is_user], mean, (n_src, n_own)).to(device)
         self.halo = RowExchange(own, src_ids[n_own:])
+        self.num_own_users = int((own.owned < num_users).sum())
         self.num_halo = n_src - n_own
 
     def extend(self, x_owned: torch.Tensor) -> torch.Tensor:
@@ -93,6 +81,11 @@ class LocalGraph:
     def propagate(self, x_owned: torch.Tensor) -> torch.Tensor:
         """Owned rows of Ĝ·x, with the halo rows fetched from their owners."""
         return spmm(self.norm_adj, self.norm_adj_t, self.extend(x_owned))
+
+    def user_sums(self, x_items: torch.Tensor) -> torch.Tensor:
+        """Owned users' rows of R·x from the owned items' rows ``x_items`` (halo items fetched)."""
+        x = torch.cat([x_items.new_zeros((self.num_own_users, *x_items.shape[1:])), x_items])
+        return spmm(self.R, self.R_t, self.extend(x))[:self.num_own_users]
 
 
 class DenseParams(nn.Module):
@@ -109,18 +102,17 @@ class DenseParams(nn.Module):
 class ShardedLGMRec(nn.Module):
     def __init__(self, cfg: Config, num_users: int, num_items: int, feature_dims: dict[str, int], own: Ownership):
         super().__init__()
-        self.cfg, self.own = cfg, own
+        self.cfg, self.hp, self.own = cfg, model_params(cfg), own
         self.num_users, self.num_items = num_users, num_items
         self.modalities = list(feature_dims)
-        # Same initial values as the single-process model: draw them whole, keep the owned rows.
-        full = LGMRec(cfg, num_users, num_items, feature_dims)
         owned = torch.from_numpy(own.owned)
         self.user_ids = owned[owned < num_users]
         self.item_ids = owned[owned >= num_users] - num_users
         self.n_own_users = len(self.user_ids)
-        self.user_embedding = nn.Parameter(full.user_embedding.detach()[self.user_ids].clone())
-        self.item_embedding = nn.Parameter(full.item_embedding.detach()[self.item_ids].clone())
-        self.dense = DenseParams(full.proj, full.hyper)
+        # the single-process model's initial values, this rank's rows of E_U and E_I
+        self.user_embedding, self.item_embedding, proj, hyper = initial_parameters(
+            self.hp, num_users, num_items, feature_dims, (self.user_ids, self.item_ids))
+        self.dense = DenseParams(proj, hyper)
         self.eval_calls = 0
 
     # ------------------------------------------------------------------ set-up
@@ -172,110 +164,73 @@ class ShardedLGMRec(nn.Module):
         ego = torch.cat([self.user_embedding, self.item_embedding])
         return cge(self.graph, ego, self.cfg.n_ui_layers, self.cfg.cf_model)
 
-    def ghe(self, e_c: torch.Tensor, step: int, train: bool, proj_hyper) -> list[HyperEmbedding]:
-        _, hyper = proj_hyper
-        g, out = self.graph, []
-        for k, m in enumerate(self.modalities):
-            z_item = const_rows_matmul(self.features[m], hyper[m])
-            z_user = spmm(g.R, g.R_t, g.extend(self._node_rows(z_item)))[:self.n_own_users]
-            noise, masks = keyed_draws(self.cfg, step, k, train, self.user_ids, self.item_ids)
-            h_item, h_user = assignments(z_item, z_user, TAU, noise, masks, self.cfg.keep_rate)
-            out.append(hypergraph_propagate(h_item, h_user, e_c[self.n_own_users:], self.cfg.n_hyper_layer,
-                                            reduce=_all_reduce))
-        return out
+    def ghe(self, e_c: torch.Tensor, step: int, train: bool) -> list[HyperEmbedding]:
+        """``model.lgmrec.global_embeddings`` of the owned rows; the partial messages summed over ranks."""
+        z = [const_rows_matmul(self.features[m], self.dense.hyper[m]) for m in self.modalities]
+        return global_embeddings(self.hp, z, self.graph, e_c[self.n_own_users:], step, train, self.user_ids,
+                                 self.item_ids, reduce=all_reduce)
 
-    def fuse(self, e_c, hyper, proj_hyper, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """E* at owned local rows (all owned nodes when ``rows`` is None), §1.7."""
-        proj, _ = proj_hyper
-        e = e_c if rows is None else e_c[rows]
+    def fuse(self, e_c, hyper, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """E* at owned local rows (all owned nodes when ``rows`` is None), ``model.lgmrec.fuse``."""
+        proj = self.dense.proj
+        mge = []
         if self.cfg.use_mge:
-            for m in self.modalities:
-                y = self.mge_y[m] if rows is None else self.mge_y[m][rows]
-                e = e + F.normalize(held_matmul(y, proj[m]), dim=1)
-        if self.cfg.use_ghe:
-            e = e + self.cfg.alpha * F.normalize(sum(h.nodes(rows) for h in hyper), dim=1)
-        return e
+            mge = [held_matmul(self.mge_y[m] if rows is None else self.mge_y[m][rows], proj[m]) for m in self.modalities]
+        g = sum(h.nodes(rows) for h in hyper) if self.cfg.use_ghe else None
+        return fuse(e_c if rows is None else e_c[rows], mge, g, self.cfg.alpha)
 
-    def sync_dense_gradients(self) -> None:
-        """Sum the replicated parameters' gradients over ranks (after backward, before the optimizer).
-
-        Each rank's loss is its share of the global loss, so the global gradient is the sum of the ranks'
-        gradients, not their mean. One flat all-reduce, issued after the backward pass: DDP's bucketed
-        reducer (with a summing hook) did the same but, with gloo on torch 2.13, intermittently hung or
-        aborted in its destructor at process exit (docs/distributed.md).
-        """
-        params = [p for p in self.dense.parameters() if p.grad is not None]
-        if dist.get_world_size() == 1 or not params:
-            return
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        _all_reduce_(flat)
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
+    def dense_parameters(self) -> dict[str, nn.Parameter]:
+        """The replicated parameters W_m (``proj.m``), V_m (``hyper.m``), by the single-process model's names."""
+        return {k.removeprefix("dense."): v for k, v in self.named_parameters() if k.startswith("dense.")}
 
     # ------------------------------------------------------------------ training
     def batch_loss(self, users, pos, neg, step: int) -> dict:
         """This rank's share of the loss of the global batch (users, pos, neg); shares add up to §1.8."""
         world, rank = dist.get_world_size(), dist.get_rank()
         batch_size, n_u = len(users), self.num_users
-        params = self.dense()
         e_c = self.cge()
-        hyper = self.ghe(e_c, step, True, params) if self.cfg.use_ghe else None
+        hyper = self.ghe(e_c, step, True) if self.cfg.use_ghe else None
 
         nodes = torch.cat([users, pos + n_u, neg + n_u]).cpu().numpy()
         mine = np.unique(nodes[self.own.part[nodes] == rank])           # batch nodes I own
-        fused = self.fuse(e_c, hyper, params, torch.from_numpy(self.own.local[mine]).to(e_c.device))
+        fused = self.fuse(e_c, hyper, torch.from_numpy(self.own.local[mine]).to(e_c.device))
         lo, hi = rank * batch_size // world, (rank + 1) * batch_size // world
         part = np.concatenate([users[lo:hi].cpu().numpy(), pos[lo:hi].cpu().numpy() + n_u,
                                neg[lo:hi].cpu().numpy() + n_u])
         e_u, e_p, e_n = RowExchange(self.own, part, source_ids=mine)(fused).split(hi - lo)
 
-        bpr = -F.logsigmoid((e_u * e_p).sum(1) - (e_u * e_n).sum(1)).sum() / batch_size
-        sq = _all_reduce(torch.stack([e_u.pow(2).sum(), e_p.pow(2).sum(), e_n.pow(2).sum()]))
-        reg = sq.sqrt().sum() / batch_size           # identical on every rank: each adds 1/P of it
         hcl = e_c.new_zeros(())
         if hyper is not None and self.cfg.cl_weight > 0 and len(hyper) > 1:
-            hcl = self._hcl(hyper, users.cpu().numpy(), pos.cpu().numpy())
-        loss = bpr + self.cfg.cl_weight * hcl + self.cfg.reg_weight * reg / world
-        terms = torch.stack([loss.detach(), bpr.detach(), hcl.detach(), reg.detach() / world])
-        dist.all_reduce(terms)
-        return {"loss": loss, "global": dict(zip(("loss", "bpr", "hcl", "reg"), terms.tolist()))}
+            hcl = contrastive_sum([h.message for h in hyper], self._anchors(users.cpu().numpy(), pos.cpu().numpy()),
+                                  held_rows(hyper), self._denominator(hyper), TAU)
+        return objective(e_u, e_p, e_n, hcl, batch_size, self.hp, reduce=all_reduce, world=world)
 
-    def _hcl(self, hyper: list[HyperEmbedding], users: np.ndarray, pos: np.ndarray) -> torch.Tensor:
-        """Σ over the anchors this rank owns of w·(lse over all ranks' rows − positive logit)."""
-        total = 0.0
-        for ids, count_offset, is_user in ((users, 0, True), (pos, self.num_users, False)):
+    def _anchors(self, users: np.ndarray, pos: np.ndarray) -> list:
+        """The batch's distinct anchors this rank owns: (is_user, local rows, multiplicities)."""
+        out = []
+        for ids, offset, is_user in ((users, 0, True), (pos, self.num_users, False)):
             rows, counts = np.unique(ids, return_counts=True)
-            mine = self.own.part[rows + count_offset] == self.own.rank
-            local = torch.from_numpy(self.own.local[rows[mine] + count_offset]
-                                     - (0 if is_user else self.n_own_users))
-            weights = torch.from_numpy(counts[mine]).float()
-            for a, p in zip(hyper[:-1], hyper[1:]):
-                h_a, h_p = (a.h_user, p.h_user) if is_user else (a.h_item, p.h_item)
-                local = local.to(h_a.device)
-                anchor = F.normalize(h_a[local] @ a.message, dim=1)
-                pos_logit = (anchor * F.normalize(h_p[local] @ p.message, dim=1)).sum(1) / TAU
-                sq_norms = ((h_p @ (p.message @ p.message.t())) * h_p).sum(1)
-                keys = h_p / sq_norms.clamp_min(1e-24).sqrt().unsqueeze(1)
-                queries = (anchor @ p.message.t()) / TAU
-                gathered = all_gather_rows(queries)
-                partial = lowrank_logsumexp(torch.cat(gathered), keys)      # over my users/items
-                lse_all = torch.logsumexp(torch.stack(all_gather(partial)), dim=0)
-                offset = sum(g.shape[0] for g in gathered[:self.own.rank])
-                lse = lse_all[offset:offset + len(local)]
-                total = total + (weights.to(lse.device) * (lse - pos_logit)).sum()
-        return total
+            mine = self.own.part[rows + offset] == self.own.rank
+            local = self.own.local[rows[mine] + offset] - (0 if is_user else self.n_own_users)
+            out.append((is_user, torch.from_numpy(local).to(self.user_embedding.device),
+                        torch.from_numpy(counts[mine]).float()))
+        return out
+
+    def _denominator(self, hyper: list[HyperEmbedding]):
+        """Exact denominators over every rank's users / items: each rank's log-sum-exp over its own rows for
+        the queries of all ranks, combined by a log-sum-exp of the gathered partials."""
+        def lse(k, is_user, rows, q, pos_logit):
+            h = hyper[k].h_user if is_user else hyper[k].h_item
+            gathered = all_gather_rows(q)
+            partial = lowrank_logsumexp(torch.cat(gathered), key_rows(h, hyper[k].message))   # over my rows
+            lse_all = torch.logsumexp(torch.stack(all_gather(partial)), dim=0)
+            offset = sum(g.shape[0] for g in gathered[:self.own.rank])
+            return lse_all[offset:offset + len(rows)]
+        return lse
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def final_embeddings(self):
         """E* of the owned users and items (global ids, rows), inference mode (§1.7, docs/model.md)."""
-        params = self.dense()
-        e_c = self.cge()
-        hyper = None
-        if self.cfg.use_ghe:
-            self.eval_calls += 1
-            hyper = self.ghe(e_c, -self.eval_calls, False, params)
-        e = self.fuse(e_c, hyper, params)
+        e = inference(self)
         return self.user_ids, e[:self.n_own_users], self.item_ids, e[self.n_own_users:]

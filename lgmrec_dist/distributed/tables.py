@@ -1,4 +1,6 @@
-"""Row-sharded tables of the sampled mode on P ranks (``shard_tables``, docs/sampled.md).
+"""Row-sharded tables of the sampled mode on P ranks (``shard_tables``, docs/sampled.md): the feature
+source interface of ``model.feature_tables`` (``all_ego``, ``mge_rows``, ``all_mge``, ``item_logits``,
+``user_logits``, ``all_item_logits``) over rows held by their owners.
 
 Rank r holds the rows of E_U, E_I (trained, with owner-side RowAdam) of the users and items it owns, X_m
 of its items, Y_m = Ĝ^K [P·X_m ; X_m] of its nodes and, with ``user_feature_table``, R·X_m of its users:
@@ -60,7 +62,7 @@ class ShardedFeatureTables:
         exchange = RowExchange(self.own, node_ids.cpu().numpy(), source_ids)
         return exchange.gather(lambda rows: held_matmul(table.index_select(0, rows.to(table.device)), w))
 
-    def mge_products(self, m: str, node_ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def mge_rows(self, m: str, node_ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Y_m[node_ids]·W_m (§1.5)."""
         return self._products(node_ids, None, self.y[m], w)
 
@@ -97,14 +99,6 @@ class ShardedFeatureTables:
         return self._assemble(held_matmul(self.y[m], w), self.own.owned, self.own.part.size)
 
     # ------------------------------------------------------------------ embedding tables
-    def shard_embeddings(self, model) -> None:
-        """Keep only this rank's rows of E_U and E_I in ``model`` (the full tables were drawn as in one
-        process, so the rows have the replicated run's initial values)."""
-        users = torch.from_numpy(self.owned_users).to(model.user_embedding.device)
-        items = torch.from_numpy(self.owned_items - self.num_users).to(model.item_embedding.device)
-        model.user_embedding.data = model.user_embedding.data.index_select(0, users)
-        model.item_embedding.data = model.item_embedding.data.index_select(0, items)
-
     def lookup(self, model, user_ids: torch.Tensor, item_ids: torch.Tensor, leaves: list) -> tuple:
         """E^(0) rows of (global) users and items, fetched from their owners. The owner gathers each row it
         serves once into a leaf (appended to ``leaves`` as (table name, local rows, leaf)); the rows' gradients
@@ -129,7 +123,7 @@ class ShardedFeatureTables:
         return cge(self.graph, ego, self.cfg.n_ui_layers, self.cfg.cf_model)
 
     @torch.no_grad()
-    def full_embeddings(self, model) -> torch.Tensor:
+    def all_ego(self, model) -> torch.Tensor:
         """[E_U ; E_I] of every node, gathered from the owners (inference)."""
         users = self._assemble(model.user_embedding, self.owned_users, self.num_users)
         n_items = self.own.part.size - self.num_users

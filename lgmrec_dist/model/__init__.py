@@ -1,4 +1,5 @@
-"""LGMRec model (LGMRec_SPEC.md §1): CGE, MGE, the global hypergraph, losses, and their fusion."""
-from lgmrec_dist.model.lgmrec import LGMRec, TAU
+"""LGMRec model (docs/model.md): CGE, MGE, the global hypergraph, losses, and their fusion."""
+from lgmrec_dist.model.lgmrec import TAU, LGMRec
+from lgmrec_dist.model.params import ModelParams, model_params
 
-__all__ = ["LGMRec", "TAU"]
+__all__ = ["LGMRec", "ModelParams", "TAU", "model_params"]

@@ -62,3 +62,4 @@ def user_feature_sums(graph: Graph, x: torch.Tensor, chunk: int | None = None,
         sums = torch.sparse.mm(graph.R, x[:, c:c + chunk].contiguous())
         out[:, c:c + chunk] = sums if rows is None else sums[rows]
     return out
+

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lgmrec_dist.graph import Graph, spmm
+from lgmrec_dist.graph import Graph
 from lgmrec_dist.model.features import const_rows_matmul
 
 
@@ -44,24 +44,27 @@ def dependencies(x: torch.Tensor, v: torch.Tensor, graph: Graph, tau: float, noi
 def dependencies_from_logits(z_item: torch.Tensor, graph: Graph, tau: float, noise=None, masks=None,
                              keep_rate: float = 1.0):
     """:func:`dependencies` from the item logits Z_I = X·V (user logits Z_U = R·Z_I)."""
-    return assignments(z_item, spmm(graph.R, graph.R_t, z_item), tau, noise, masks, keep_rate)
+    return assignments(z_item, graph.user_sums(z_item), tau, noise, masks, keep_rate)
+
+
+def assign(z: torch.Tensor, tau: float, noise=None, mask=None, keep_rate: float = 1.0) -> torch.Tensor:
+    """Gumbel-softmax and dropout of one side's logits (§1.6 items 2-3): ``noise`` the Gumbel noise or None
+    for a deterministic softmax, ``mask`` the boolean keep mask or None for no dropout."""
+    if noise is not None:
+        z = z + noise
+    h = torch.softmax(z / tau, dim=1)
+    return h if mask is None else h * mask / keep_rate
 
 
 def assignments(z_item: torch.Tensor, z_user: torch.Tensor, tau: float, noise=None, masks=None,
                 keep_rate: float = 1.0):
-    """Gumbel-softmax and dropout of the logits (§1.6 items 2-3).
+    """:func:`assign` of the item and the user logits.
 
     ``noise`` = (Gumbel noise for items, for users) or None for a deterministic softmax;
     ``masks`` = (keep masks for items, for users) as booleans, or None for no dropout.
     """
-    if noise is not None:
-        z_item, z_user = z_item + noise[0], z_user + noise[1]
-    h_item = torch.softmax(z_item / tau, dim=1)
-    h_user = torch.softmax(z_user / tau, dim=1)
-    if masks is not None:
-        h_item = h_item * masks[0] / keep_rate
-        h_user = h_user * masks[1] / keep_rate
-    return h_item, h_user
+    noise, masks = noise or (None, None), masks or (None, None)
+    return (assign(z_item, tau, noise[0], masks[0], keep_rate), assign(z_user, tau, noise[1], masks[1], keep_rate))
 
 
 def hypergraph_propagate(h_item: torch.Tensor, h_user: torch.Tensor, q0: torch.Tensor,

@@ -1,6 +1,17 @@
-"""The LGMRec model (LGMRec_SPEC.md §1), single process, full graph.
+"""The LGMRec model (docs/model.md): E* = E_c + Σ_m rownorm(F^m) + α·rownorm(Σ_m G^m), trained with
+BPR + λ_c·HCL + λ_r·reg.
 
-E* = E_c + Σ_m rownorm(F^m) + α·rownorm(Σ_m G^m)   (§1.7), trained with BPR + λ_c·HCL + λ_r·reg (§1.8).
+This module holds the composition once — the fusion (:func:`fuse`), the objective (:func:`objective`),
+the contrastive loss (``losses.contrastive_sum``) and inference — and the single-process model
+:class:`LGMRec`, which reads its inputs through small interfaces chosen from outside:
+
+* **embedding rows and feature products**: a feature source (``feature_tables.FeatureTables`` for the
+  whole tables in this process, ``distributed.tables.ShardedFeatureTables`` for row-sharded ones);
+* **propagation**: the graph's ``propagate`` (full CSR ``graph.Graph``; halo exchange
+  ``distributed.sharded.LocalGraph``; sampled DGL blocks ``sampled.estimators.cge_on_blocks``);
+* **global sums**: the ``reduce`` argument of :func:`objective` and ``hypergraph_propagate``
+  (identity in one process, ``distributed.reduce.all_reduce`` on P ranks);
+* **contrastive denominators**: the ``denominator`` of ``losses.contrastive_sum``.
 
 Speed rewrites, each checked against the direct spec form in tests/test_model.py:
 * MGE rows come from the precomputed Y_m = Ĝ^K [P X_m ; X_m] (``mge.mge_inputs``): a step pays
@@ -9,7 +20,8 @@ Speed rewrites, each checked against the direct spec form in tests/test_model.py
   similarities against all users/items cost B·N·A, not B·N·d (``losses.infonce_lowrank``).
 * The fused embedding is built only for the batch rows during training.
 
-Random draws (Gumbel noise, dropout masks) are keyed by (seed, step, stream, node id) (``rng``).
+Random draws of the training (Gumbel noise, dropout masks) are keyed by (seed, step, stream, node id)
+(``rng``): a row gets the same value whichever process draws it.
 """
 from __future__ import annotations
 
@@ -18,36 +30,44 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lgmrec_dist import rng
-from lgmrec_dist.config import Config
-from lgmrec_dist.dataset import features_tensor
 from lgmrec_dist.graph import Graph
 from lgmrec_dist.model.cge import cge
-from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul, held_matmul
+from lgmrec_dist.model.feature_tables import FeatureTables
+from lgmrec_dist.model.features import HELD_DTYPES
 from lgmrec_dist.model.hypergraph import HyperEmbedding, dependencies_from_logits, hypergraph_propagate
-from lgmrec_dist.model.losses import bpr_loss, hcl_loss, reg_loss
-from lgmrec_dist.model.mge import mge_direct, mge_inputs
+from lgmrec_dist.model.losses import bpr_sum, hcl_loss, reg_from_squares, squared_norms
+from lgmrec_dist.model.params import ModelParams
 
-TAU = 0.2  # hard-coded in the official code for both Gumbel-softmax and InfoNCE (§1.1, §6.2.2)
+TAU = 0.2  # hard-coded in the official code for both Gumbel-softmax and InfoNCE (docs/model.md)
 
 # random streams, per modality m: 4*m + kind
 GUMBEL_ITEM, GUMBEL_USER, KEEP_ITEM, KEEP_USER = range(4)
 
 
-def keyed_draws(cfg: Config, step: int, k: int, train: bool, user_ids: torch.Tensor, item_ids: torch.Tensor):
+def keyed_draws(hp: ModelParams, step: int, k: int, train: bool, user_ids: torch.Tensor, item_ids: torch.Tensor):
     """Gumbel noise and keep masks for modality index k at this step, for the given users and items.
 
     Returns (noise, masks) as used by ``hypergraph.assignments`` (None where not applied). Keyed by
     (seed, step, stream, id): the same node gets the same draw whichever process computes it.
     """
-    a, seed = cfg.hyper_num, cfg.seed
-    noise = masks = None
-    if train or cfg.eval_gumbel_noise:
-        noise = (rng.keyed_gumbel(rng.stream_key(seed, step, 4 * k + GUMBEL_ITEM), item_ids, a),
-                 rng.keyed_gumbel(rng.stream_key(seed, step, 4 * k + GUMBEL_USER), user_ids, a))
-    if train and cfg.keep_rate < 1.0:
-        masks = (rng.keyed_uniform(rng.stream_key(seed, step, 4 * k + KEEP_ITEM), item_ids, a) < cfg.keep_rate,
-                 rng.keyed_uniform(rng.stream_key(seed, step, 4 * k + KEEP_USER), user_ids, a) < cfg.keep_rate)
-    return noise, masks
+    noise = keep = None
+    if train or hp.eval_gumbel_noise:
+        noise = (keyed_gumbel(hp, step, k, False, item_ids), keyed_gumbel(hp, step, k, True, user_ids))
+    if train and hp.keep_rate < 1.0:
+        keep = (keyed_keep(hp, step, k, False, item_ids), keyed_keep(hp, step, k, True, user_ids))
+    return noise, keep
+
+
+def keyed_gumbel(hp: ModelParams, step: int, k: int, user: bool, ids: torch.Tensor) -> torch.Tensor:
+    """The Gumbel noise of modality k's user or item dependencies at ``step``, rows ``ids``."""
+    stream = 4 * k + (GUMBEL_USER if user else GUMBEL_ITEM)
+    return rng.keyed_gumbel(rng.stream_key(hp.seed, step, stream), ids, hp.hyper_num)
+
+
+def keyed_keep(hp: ModelParams, step: int, k: int, user: bool, ids: torch.Tensor) -> torch.Tensor:
+    """The dropout keep mask (booleans) of modality k's user or item dependencies at ``step``, rows ``ids``."""
+    stream = 4 * k + (KEEP_USER if user else KEEP_ITEM)
+    return rng.keyed_uniform(rng.stream_key(hp.seed, step, stream), ids, hp.hyper_num) < hp.keep_rate
 
 
 def _xavier(rows: int, cols: int, gen: torch.Generator) -> nn.Parameter:
@@ -58,126 +78,171 @@ def _xavier(rows: int, cols: int, gen: torch.Generator) -> nn.Parameter:
     return nn.Parameter(w)
 
 
-class LGMRec(nn.Module):
-    """Parameters (§1.2): E_U, E_I (ID embeddings), W_m (d_m × d projections), V_m (d_m × A hyperedges).
+def initial_parameters(hp: ModelParams, num_users: int, num_items: int, feature_dims: dict[str, int],
+                       rows: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """(E_U, E_I, W_m, V_m) at initialisation: Xavier-uniform, drawn in this order from one generator seeded
+    by ``seed``, so every process draws the same values; ``rows`` = (user ids, item ids) keeps only those
+    rows of E_U and E_I (an owner's rows). The draw is sequential, so the tables are drawn whole and cut
+    (docs/distributed.md, "Initial values")."""
+    gen = torch.Generator().manual_seed(hp.seed)
+    d, a = hp.embedding_size, hp.hyper_num
+    user, item = _xavier(num_users, d, gen), _xavier(num_items, d, gen)
+    if rows is not None:
+        user, item = nn.Parameter(user.data[rows[0]].clone()), nn.Parameter(item.data[rows[1]].clone())
+    proj = nn.ParameterDict({m: _xavier(dm, d, gen) for m, dm in feature_dims.items()} if hp.use_mge else {})
+    hyper = nn.ParameterDict({m: _xavier(dm, a, gen) for m, dm in feature_dims.items()} if hp.use_ghe else {})
+    return user, item, proj, hyper
 
-    Frozen features X_m and the graph are attached with :meth:`attach`; they are not parameters.
+
+def global_embeddings(hp: ModelParams, z_items: list[torch.Tensor], graph, q0: torch.Tensor, step: int, train: bool,
+                      user_ids: torch.Tensor, item_ids: torch.Tensor, reduce=None) -> list[HyperEmbedding]:
+    """GHE of every modality k from its item logits Z_I = ``z_items[k]`` (rows ``item_ids``): user logits
+    Z_U = R·Z_I (``graph.user_sums``: the full R, or a rank's rows with halo), Gumbel-softmax and dropout
+    with the draws keyed by the node ids, H layers from Q^(0) = ``q0`` (the CGE item rows); ``reduce`` sums
+    the partial messages H̄_Iᵀ·Q of the ranks' item rows (None in one process)."""
+    out = []
+    for k, z in enumerate(z_items):
+        noise, masks = keyed_draws(hp, step, k, train, user_ids, item_ids)
+        h_item, h_user = dependencies_from_logits(z, graph, TAU, noise, masks, hp.keep_rate)
+        out.append(hypergraph_propagate(h_item, h_user, q0, hp.n_hyper_layer, reduce))
+    return out
+
+
+@torch.no_grad()
+def inference(model) -> torch.Tensor:
+    """E* of every row ``model`` holds (``cge()``, ``ghe(e_c, step, train)``, ``fuse(e_c, hyper)``) at
+    inference: no dropout; Gumbel noise only if eval_gumbel_noise, keyed by a negative step that counts
+    the inference passes (``eval_calls``, checkpointed)."""
+    e_c = model.cge()
+    hyper = None
+    if model.cfg.use_ghe:
+        model.eval_calls += 1
+        hyper = model.ghe(e_c, -model.eval_calls, train=False)
+    return model.fuse(e_c, hyper)
+
+
+def fuse(e_c: torch.Tensor, mge: list[torch.Tensor], g: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """E* = E_c + Σ_m rownorm(F^m) + α·rownorm(G) at some rows (docs/model.md, fusion): ``mge`` the F^m rows
+    (empty without MGE), ``g`` = Σ_m G^m rows (None without GHE)."""
+    e = e_c
+    for f in mge:
+        e = e + F.normalize(f, dim=1)
+    if g is not None:
+        e = e + alpha * F.normalize(g, dim=1)
+    return e
+
+
+def objective(e_u, e_p, e_n, hcl: torch.Tensor, batch_size: int, hp: ModelParams, reduce=None, world: int = 1) -> dict:
+    """BPR + λ_c·HCL + λ_r·reg of a global batch of ``batch_size`` triples (docs/model.md, objective), from
+    this process' triples (e_u, e_p, e_n) and contrastive sum ``hcl``.
+
+    With the triples split over P = ``world`` ranks each rank returns its share and the shares add up to
+    the loss: BPR is a sum over the triples / |B|; the regulariser's norms are taken from the squared norms
+    summed over ranks (``reduce``, an autograd-aware all-reduce), the same on every rank, so each counts
+    1/P of it. In one process (``reduce`` None, ``world`` 1) this is the plain loss."""
+    bpr = bpr_sum(e_u, e_p, e_n) / batch_size
+    sq = squared_norms(e_u, e_p, e_n)
+    reg = reg_from_squares(sq if reduce is None else reduce(sq), batch_size)
+    loss = bpr + hp.cl_weight * hcl + hp.reg_weight * reg / world
+    return {"loss": loss, "bpr": bpr.detach(), "hcl": hcl.detach(), "reg": reg.detach() / world}
+
+
+class LGMRec(nn.Module):
+    """Parameters: E_U, E_I (ID embeddings), W_m (d_m × d projections), V_m (d_m × A hyperedges).
+
+    The graph and a feature source (the frozen features X_m and what is precomputed from them) are attached
+    with :meth:`attach`; they are not parameters. ``rows`` = (user ids, item ids) holds only those rows of
+    E_U and E_I (row-sharded tables; the source then serves the whole tables at inference).
     """
 
-    def __init__(self, cfg: Config, num_users: int, num_items: int, feature_dims: dict[str, int]):
+    def __init__(self, hp: ModelParams, num_users: int, num_items: int, feature_dims: dict[str, int],
+                 rows: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = hp
         self.num_users, self.num_items = num_users, num_items
         self.modalities = list(feature_dims)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        d, a = cfg.embedding_size, cfg.hyper_num
-        self.user_embedding = _xavier(num_users, d, gen)
-        self.item_embedding = _xavier(num_items, d, gen)
-        self.proj = nn.ParameterDict(
-            {m: _xavier(dm, d, gen) for m, dm in feature_dims.items()} if cfg.use_mge else {})
-        self.hyper = nn.ParameterDict(
-            {m: _xavier(dm, a, gen) for m, dm in feature_dims.items()} if cfg.use_ghe else {})
+        self.user_embedding, self.item_embedding, self.proj, self.hyper = initial_parameters(
+            hp, num_users, num_items, feature_dims, rows)
         self.graph: Graph | None = None
-        self.features: dict[str, torch.Tensor] = {}
-        self.mge_y: dict[str, torch.Tensor] = {}
+        self.source = None
         self.eval_calls = 0
 
     # ------------------------------------------------------------------ set-up
-    def attach(self, graph: Graph, features: dict[str, torch.Tensor] | None) -> "LGMRec":
-        """The graph and the frozen features; ``features`` None = held elsewhere (row-sharded tables)."""
-        device = self.user_embedding.device
-        self.graph = graph.to(device)
-        if features is None:
-            return self
-        # a copy: features arrive as read-only memory maps, and they must live on the training device
-        self.features = {m: features_tensor(features[m], device=device) for m in self.modalities}
-        if self.cfg.use_mge and self.cfg.mge_precompute:
-            dtype = HELD_DTYPES[self.cfg.feature_dtype]
-            self.mge_y = {m: mge_inputs(self.graph, x, self.cfg.n_mm_layers, dtype=dtype)
-                          for m, x in self.features.items()}
+    def attach(self, graph: Graph, source) -> "LGMRec":
+        """The graph and the feature source: a ``FeatureTables``-like object, or the features X_m as float32
+        tensors on the training device (name -> |I| × d_m), whose tables are then built here."""
+        self.graph = graph.to(self.user_embedding.device)
+        if isinstance(source, dict):
+            hp = self.cfg
+            source = FeatureTables(self.graph, {m: source[m] for m in self.modalities}, hp.n_mm_layers,
+                                   HELD_DTYPES[hp.feature_dtype], hp.use_mge and hp.mge_precompute)
+        self.source = source
         return self
 
+    @property
+    def features(self) -> dict[str, torch.Tensor]:
+        return self.source.x
+
+    @property
+    def mge_y(self) -> dict[str, torch.Tensor]:
+        return self.source.y
+
     # ------------------------------------------------------------------ branches
-    def cge(self, ego: torch.Tensor | None = None) -> torch.Tensor:
-        """E_c of every node (§1.4); ``ego`` = [E_U ; E_I] when the tables are held elsewhere (row-sharded)."""
-        if ego is None:
-            ego = torch.cat([self.user_embedding, self.item_embedding])
-        return cge(self.graph, ego, self.cfg.n_ui_layers, self.cfg.cf_model)
+    def cge(self) -> torch.Tensor:
+        """E_c of every node (CGE), from the source's [E_U ; E_I]."""
+        return cge(self.graph, self.source.all_ego(self), self.cfg.n_ui_layers, self.cfg.cf_model)
 
     def mge_rows(self, m: str, rows: torch.Tensor) -> torch.Tensor:
-        """F^m at node rows (§1.5)."""
-        if self.mge_y:
-            return held_matmul(self.mge_y[m][rows], self.proj[m])
-        return mge_direct(self.graph, self.features[m], self.proj[m], self.cfg.n_mm_layers)[rows]
+        """F^m at node rows (MGE)."""
+        return self.source.mge_rows(m, rows, self.proj[m])
 
     def mge_all(self, m: str) -> torch.Tensor:
-        if self.mge_y:
-            return held_matmul(self.mge_y[m], self.proj[m])
-        return mge_direct(self.graph, self.features[m], self.proj[m], self.cfg.n_mm_layers)
+        return self.source.all_mge(m, self.proj[m])
+
+    def _ids(self) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.user_embedding.device
+        return torch.arange(self.num_users, device=dev), torch.arange(self.num_items, device=dev)
 
     def _draws(self, step: int, k: int, train: bool):
-        dev = self.user_embedding.device
-        return keyed_draws(self.cfg, step, k, train, torch.arange(self.num_users, device=dev),
-                           torch.arange(self.num_items, device=dev))
+        return keyed_draws(self.cfg, step, k, train, *self._ids())
 
-    def ghe(self, e_c: torch.Tensor, step: int, train: bool, item_logits: dict | None = None) -> list[HyperEmbedding]:
-        """Per-modality global embeddings (§1.6); ``item_logits`` = Z_I = X_m·V_m per modality when the
-        features are held elsewhere (row-sharded tables of the sampled mode)."""
-        out = []
-        for k, m in enumerate(self.modalities):
-            noise, masks = self._draws(step, k, train)
-            z = const_rows_matmul(self.features[m], self.hyper[m]) if item_logits is None else item_logits[m]
-            h_item, h_user = dependencies_from_logits(z, self.graph, TAU, noise, masks, self.cfg.keep_rate)
-            out.append(hypergraph_propagate(h_item, h_user, e_c[self.num_users:], self.cfg.n_hyper_layer))
-        return out
+    def ghe(self, e_c: torch.Tensor, step: int, train: bool) -> list[HyperEmbedding]:
+        """Per-modality global embeddings (:func:`global_embeddings`) of every node."""
+        z = [self.source.all_item_logits(m, self.hyper[m]) for m in self.modalities]
+        return global_embeddings(self.cfg, z, self.graph, e_c[self.num_users:], step, train, *self._ids())
 
-    def fuse(self, e_c: torch.Tensor, hyper, rows: torch.Tensor | None = None, mge: dict | None = None) -> torch.Tensor:
-        """E* at node rows, or at every node when ``rows`` is None (§1.7); ``mge`` = F^m of every node per
-        modality when computed elsewhere (row-sharded tables)."""
-        e = e_c if rows is None else e_c[rows]
+    def fuse(self, e_c: torch.Tensor, hyper, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """E* at node rows, or at every node when ``rows`` is None (:func:`fuse`)."""
+        mge = []
         if self.cfg.use_mge:
-            for m in self.modalities:
-                if mge is not None:
-                    f = mge[m]
-                else:
-                    f = self.mge_all(m) if rows is None else self.mge_rows(m, rows)
-                e = e + F.normalize(f, dim=1)
-        if self.cfg.use_ghe:
-            g = sum(h.nodes(rows) for h in hyper)
-            e = e + self.cfg.alpha * F.normalize(g, dim=1)
-        return e
+            mge = [self.mge_all(m) if rows is None else self.mge_rows(m, rows) for m in self.modalities]
+        g = sum(h.nodes(rows) for h in hyper) if self.cfg.use_ghe else None
+        return fuse(e_c if rows is None else e_c[rows], mge, g, self.cfg.alpha)
 
     # ------------------------------------------------------------------ training / inference
     def batch_loss(self, users, pos, neg, step: int, batch_size: int | None = None) -> dict:
-        """Loss terms for a batch of triples (§1.8). ``batch_size`` is the global |B| (defaults to len)."""
+        """Loss terms for a batch of triples (:func:`objective`). ``batch_size`` is the global |B|."""
         batch_size = batch_size or len(users)
         e_c = self.cge()
         hyper = self.ghe(e_c, step, train=True) if self.cfg.use_ghe else None
         nodes = torch.cat([users, pos + self.num_users, neg + self.num_users])
         rows, inverse = torch.unique(nodes, return_inverse=True)
         e_u, e_p, e_n = self.fuse(e_c, hyper, rows)[inverse].split(len(users))
-        bpr = bpr_loss(e_u, e_p, e_n)
-        reg = reg_loss(e_u, e_p, e_n, batch_size)
         if hyper is not None and self.cfg.cl_weight > 0 and len(hyper) > 1:
             hcl = hcl_loss(hyper, users, pos, TAU)
         else:
-            hcl = bpr.new_zeros(())
-        loss = bpr + self.cfg.cl_weight * hcl + self.cfg.reg_weight * reg
-        return {"loss": loss, "bpr": bpr.detach(), "hcl": hcl.detach(), "reg": reg.detach()}
+            hcl = e_u.new_zeros(())
+        return objective(e_u, e_p, e_n, hcl, batch_size, self.cfg)
 
     @torch.no_grad()
-    def final_embeddings(self, item_logits: dict | None = None, mge: dict | None = None,
-                         ego: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """E* for all users and items at inference: no dropout; Gumbel noise only if eval_gumbel_noise.
-        ``item_logits``, ``mge``, ``ego``: as in :meth:`ghe`, :meth:`fuse`, :meth:`cge`, for tables held
-        elsewhere."""
-        e_c = self.cge(ego)
-        hyper = None
-        if self.cfg.use_ghe:
-            self.eval_calls += 1
-            hyper = self.ghe(e_c, -self.eval_calls, train=False, item_logits=item_logits)
-        e = self.fuse(e_c, hyper, mge=mge)
+    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """E* for all users and items at inference: no dropout; Gumbel noise only if eval_gumbel_noise."""
+        e = inference(self)
         return e[:self.num_users], e[self.num_users:]
+
+    def dense_parameters(self) -> dict[str, nn.Parameter]:
+        """The replicated parameters W_m (``proj.m``) and V_m (``hyper.m``), by name."""
+        return {k: v for k, v in self.named_parameters() if k.startswith(("proj.", "hyper."))}
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,94 @@
+"""Every global reduction of the distributed engines, in one place: sums of partial tensors inside the
+loss (autograd-aware), the gradient sum of replicated parameters, the step's loss terms and the
+evaluation metrics (docs/distributed.md, "Where each thing happens").
+
+With one process (``torch.distributed`` not initialised, or a group of one) each of them is the identity,
+so a caller never needs a separate single-process branch.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dnn
+
+from lgmrec_dist.distributed.exchange import CommStats
+from lgmrec_dist.evaluation import finalize
+
+TERMS = ("loss", "bpr", "hcl", "reg")
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _count_ring(t: torch.Tensor) -> None:
+    world = world_size()
+    CommStats.add(2 * (world - 1) * t.numel() * t.element_size() // world)  # ring all-reduce payload
+
+
+def all_reduce(t: torch.Tensor) -> torch.Tensor:
+    """Autograd-aware sum over ranks (its gradient is the sum of the ranks' gradients); counted."""
+    if world_size() == 1:
+        return t
+    _count_ring(t)
+    return dnn.all_reduce(t)
+
+
+def all_reduce_(t: torch.Tensor) -> torch.Tensor:
+    """In-place, non-differentiable sum over ranks; counted."""
+    if world_size() > 1:
+        _count_ring(t)
+        dist.all_reduce(t)
+    return t
+
+
+def sync_gradients(params) -> None:
+    """Sum the gradients of replicated parameters over ranks (after backward, before the optimizer).
+
+    Each rank's loss is its share of the global loss, so the global gradient is the sum of the ranks'
+    gradients, not their mean. One flat all-reduce issued after the backward pass (docs/distributed.md,
+    "Dense parameters"). Parameters without a gradient are skipped (the same on every rank)."""
+    params = [p for p in params if p.grad is not None]
+    if world_size() == 1 or not params:
+        return
+    flat = all_reduce_(torch.cat([p.grad.reshape(-1) for p in params]))
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+
+
+def _sum_hook(state, bucket):
+    """DDP communication hook: the bucket's gradients summed over ranks (DDP's default divides by P)."""
+    _count_ring(bucket.buffer())
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def replicate(module: torch.nn.Module) -> torch.nn.Module:
+    """``module``'s parameters held by every rank, their gradients summed during backward by DDP (bucketed,
+    overlapped with the backward pass); call the returned module once per step, before the loss, to start
+    the step's reduction. With one process, ``module`` itself."""
+    if world_size() == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+    ddp = DistributedDataParallel(module, broadcast_buffers=False)
+    ddp.register_comm_hook(None, _sum_hook)
+    return ddp
+
+
+def global_terms(terms: dict) -> dict[str, float]:
+    """The step's loss terms summed over ranks (each rank holds its share), as floats."""
+    values = torch.stack([terms[k].detach() for k in TERMS])
+    if world_size() > 1:
+        dist.all_reduce(values)
+    return dict(zip(TERMS, values.tolist()))
+
+
+def global_metrics(sums: dict, count: int, device) -> dict:
+    """Metric sums and user counts of the ranks' users added, then the means (``evaluation.finalize``)."""
+    if world_size() == 1:
+        return finalize(sums, count)
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys] + [count], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return finalize(dict(zip(keys, t[:-1].tolist())), int(t[-1]))

@@ -1,0 +1,91 @@
+"""The interface of a training engine: what the training loop (``train.py``) drives, whatever the mode.
+
+An engine owns a model, its optimizers and its share of the data for one process; ``engines.build_engine``
+picks the engine of a run (docs/distributed.md, "Engines"). Every engine follows the same protocol:
+
+* ``train()`` before an epoch's steps; ``step(users, pos, neg, step)`` for one global batch of triples,
+  returning the *global* loss terms (``loss``, ``bpr``, ``hcl``, ``reg``) as floats, identical on every rank;
+* ``embeddings()`` then ``evaluate(evaluator, emb)`` for the MMRec metrics of a split (global metrics);
+* ``state_dict()`` / ``load_state_dict()`` for this process' share of a checkpoint;
+* ``model_payload()`` for this process' rows of the trained parameters (the ``best/`` model, export);
+* ``num_parameters()`` (global), and ``close()`` to release worker processes.
+"""
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from lgmrec_dist.distributed.reduce import global_terms, sync_gradients
+
+
+class Engine(abc.ABC):
+    """One process' training engine (see the module docstring for the protocol)."""
+
+    @abc.abstractmethod
+    def train(self) -> None: ...
+
+    @abc.abstractmethod
+    def step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, step: int) -> dict[str, float]: ...
+
+    @abc.abstractmethod
+    def embeddings(self): ...
+
+    @abc.abstractmethod
+    def evaluate(self, evaluator, emb) -> dict: ...
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict: ...
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
+
+    @abc.abstractmethod
+    def model_payload(self) -> dict: ...
+
+    @abc.abstractmethod
+    def num_parameters(self) -> int: ...
+
+    def close(self) -> None:
+        """Release what the engine started (sampler workers); a no-op by default."""
+
+
+class EngineState(Engine):
+    """Checkpoint state shared by the engines: the parameters of ``module`` (with its ``eval_calls``, the
+    count of inference passes that keys the evaluation noise), every optimizer in ``optimizers``, and what
+    an engine adds in :meth:`extra_state`. Also the exact modes' step: ``model.batch_loss`` (this process'
+    share of the global loss), backward, the gradient sum of the ``replicated`` parameters over ranks, and
+    the optimizers."""
+
+    module: torch.nn.Module
+    optimizers: list
+    replicated: tuple | list = ()        # parameters held by every rank (their gradients are summed)
+
+    def step(self, users, pos, neg, step: int) -> dict:
+        terms = self.model.batch_loss(users, pos, neg, step)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        sync_gradients(self.replicated)
+        for opt in self.optimizers:
+            opt.step()
+        return global_terms(terms)
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict(), "optimizers": [o.state_dict() for o in self.optimizers],
+                "eval_calls": self.module.eval_calls, **self.extra_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        # checkpoints written before the engines shared this class hold one "optimizer" (exact modes)
+        saved = state["optimizers"] if "optimizers" in state else [state["optimizer"]]
+        for opt, s in zip(self.optimizers, saved, strict=True):
+            opt.load_state_dict(s)
+        self.module.eval_calls = state["eval_calls"]
+        self.load_extra_state(state)

@@ -1,0 +1,184 @@
+"""The engine of ``mode: sampled`` (docs/sampled.md): one process, or P ranks with replicated or row-sharded
+tables; the sampled step is :class:`~lgmrec_dist.sampled.model.SampledLGMRec`."""
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import torch
+
+from lgmrec_dist.batches import TripleSampler
+from lgmrec_dist.config import Config
+from lgmrec_dist.dataset import TRAIN, PreparedDataset
+from lgmrec_dist.distributed.engine import ownership_for
+from lgmrec_dist.distributed.exchange import CommStats, all_gather_rows
+from lgmrec_dist.distributed.payload import model_payload
+from lgmrec_dist.distributed.reduce import global_metrics, global_terms, sync_gradients
+from lgmrec_dist.engine import EngineState
+from lgmrec_dist.evaluation import Evaluator
+from lgmrec_dist.sampled.model import SampledLGMRec
+from lgmrec_dist.sampled.row_adam import RowAdam
+from lgmrec_dist.sampling import Prefetcher, rank_slice
+
+log = logging.getLogger("lgmrec")
+
+
+class SampledEngine(EngineState):
+    """The training engine of ``mode: sampled`` (the interface of ``lgmrec_dist.engine``).
+
+    One process, or P ranks (``ctx``, a torchrun launch) in data-parallel form: every rank holds the whole
+    model (parameters replicated, identical), takes its contiguous slice of each global batch, samples the
+    blocks of its slice, and computes its share of the global loss. After backward the ranks sum the dense
+    gradients (one all-reduce of W_m, V_m) and exchange the embedding-row gradients of the rows they
+    touched (an all-gather of (row id, gradient) pairs: traffic proportional to the touched rows with
+    ``sparse_embeddings``; a whole-table all-reduce without); every rank then applies the same update.
+    Full passes (message refreshes, inference) run on every rank. Evaluation shards the users over ranks.
+    With ``shard_tables`` the embedding and feature tables are row-sharded instead of replicated
+    (:mod:`lgmrec_dist.distributed.tables`; ownership as the exact mode: prep's partitions for this many
+    ranks, else contiguous ranges).
+    """
+
+    def __init__(self, cfg: Config, ds: PreparedDataset, device: torch.device, ctx=None,
+                 partition: np.ndarray | None = None):
+        self.cfg, self.device, self.ctx = cfg, device, ctx
+        self.rank, self.world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+        tu, ti = ds.pairs(TRAIN)
+        own = (ownership_for(ds, cfg, self.rank, self.world, partition) if cfg.shard_tables and self.world > 1
+               else None)
+        self.model = SampledLGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"], tu, ti,
+                                   ds.features, device, own)
+        self.model.world = self.world
+        params = self.module = self.model.model
+        self.dense_params = list(params.dense_parameters().values())
+        self.row_adam = None
+        if cfg.sparse_embeddings:
+            self.row_adam = RowAdam({"user_embedding": params.user_embedding.data,
+                                     "item_embedding": params.item_embedding.data}, cfg.learning_rate)
+            self.optimizers = [torch.optim.Adam(self.dense_params, lr=cfg.learning_rate)] if self.dense_params else []
+        else:
+            self.optimizers = [torch.optim.Adam(params.parameters(), lr=cfg.learning_rate)]
+        mem = self.model.memory_bytes()
+        log.info("sampled mode: fanouts %s, hyper_refresh_steps %d, hcl_negatives %s, sparse_embeddings %s, "
+                 "%d rank(s); held per rank: %s", self.model.sampler.fanouts, cfg.hyper_refresh_steps,
+                 cfg.hcl_negatives, cfg.sparse_embeddings, self.world,
+                 ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in mem.items()))
+        triples = TripleSampler(ds.num_items, tu, ti, cfg.seed)
+        self.prefetcher = Prefetcher(self.model.sampler, triples, cfg.train_batch_size, cfg.sampler_workers,
+                                     rank=self.rank, world=self.world)
+        self.last_stats: dict = {}
+        self._logged = False
+
+    def num_parameters(self) -> int:
+        m = self.model.model
+        if self.model.tables is None:
+            return m.num_parameters()
+        held = m.user_embedding.numel() + m.item_embedding.numel()      # this rank's rows of the tables
+        return m.num_parameters() - held + (m.num_users + m.num_items) * self.cfg.embedding_size
+
+    def train(self):
+        self.model.model.train()
+
+    def step(self, users, pos, neg, step: int) -> dict:
+        t0 = time.perf_counter()
+        global_size = len(users)
+        users, pos, neg = (rank_slice(t, self.rank, self.world) for t in (users, pos, neg))
+        batch = self.prefetcher.get(users, pos, neg, step)
+        t1 = time.perf_counter()
+        terms = self.model.batch_loss(users, pos, neg, step, batch, global_size)
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        sent = self._sync_gradients() if self.world > 1 else 0
+        for opt in self.optimizers:
+            opt.step()
+        if self.row_adam is not None:
+            tables = {"user_embedding": self.model.model.user_embedding, "item_embedding": self.model.model.item_embedding}
+            for name, rows, grad in self._row_gradients():
+                # sharded tables: every owner steps every table each step (the shared step counter t)
+                if len(rows) or self.model.tables is not None:
+                    self.row_adam.step(name, tables[name].data, rows, grad)
+        self.model.leaves = []
+        out = global_terms(terms)
+        self.last_stats = {"sample_wait_s": t1 - t0, "compute_s": time.perf_counter() - t1, **batch.stats(),
+                           "bytes": {**self.model.step_bytes(batch), "sent_to_other_ranks": sent}}
+        if not self._logged:
+            self._logged = True
+            b = self.last_stats["bytes"]
+            log.info("sampled step: %d seeds, %d input nodes, %d block edges; bytes: embeddings %.1f MB, "
+                     "features %.1f MB, graph %.1f MB, dense %.1f MB, sent to other ranks %.1f MB", batch.num_seeds,
+                     len(batch.input_ids), self.last_stats["edges"], b["embeddings"] / 1e6, b["features"] / 1e6,
+                     b["graph"] / 1e6, b["dense"] / 1e6, sent / 1e6)
+        return out
+
+    # ------------------------------------------------------------------ P ranks
+    def _sync_gradients(self) -> int:
+        """Sum the ranks' gradients: dense parameters by all-reduce; embedding rows by all-gathering the
+        (row, gradient) pairs each rank touched (``sparse_embeddings``) or all-reducing the whole tables.
+        Returns the payload bytes this rank sent, with the feature-table exchanges of the step."""
+        m = self.model.model
+        sync_gradients(self.dense_params + ([] if self.cfg.sparse_embeddings else [m.user_embedding, m.item_embedding]))
+        if self.cfg.sparse_embeddings and self.model.tables is None:
+            gathered = []
+            for name, rows, leaf in self.model.leaves:
+                grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                all_rows, all_grads = all_gather_rows(rows), all_gather_rows(grad)   # counted in CommStats
+                union, inverse = torch.unique(torch.cat(all_rows), return_inverse=True)
+                total = torch.zeros(len(union), grad.shape[1], dtype=grad.dtype, device=grad.device)
+                total.index_add_(0, inverse, torch.cat(all_grads))
+                gathered.append((name, union, total))
+            self._synced_rows = gathered
+        return CommStats.take()
+
+    def _row_gradients(self):
+        if self.model.tables is not None:          # the owner's rows, gradients of every rank already summed
+            return [(name, rows, leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
+                    for name, rows, leaf in self.model.leaves]
+        if self.world > 1:
+            rows, self._synced_rows = self._synced_rows, []
+            return rows
+        return [(name, rows, leaf.grad) for name, rows, leaf in self.model.leaves if leaf.grad is not None]
+
+    # ------------------------------------------------------------------ inference, state
+    def embeddings(self):
+        self.model.model.eval()
+        return self.model.final_embeddings()
+
+    def evaluate(self, evaluator: Evaluator, emb) -> dict:
+        """Users sharded over ranks (every P-th), sums and counts reduced: equal to one process."""
+        if self.world == 1:
+            return evaluator.evaluate_metrics(*emb)
+        mine = np.arange(self.rank, self.model.num_users, self.world)
+        return global_metrics(*evaluator.evaluate(*emb, user_subset=mine), self.device)
+
+    def extra_state(self) -> dict:
+        cache = self.model.cache
+        if cache is not None:
+            cache = {"step": cache["step"], "messages": [t.cpu() for t in cache["messages"]],
+                     "coupling": [t.cpu() for t in cache["coupling"]]}
+        return {"row_adam": self.row_adam.state_dict() if self.row_adam else None, "message_cache": cache}
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.row_adam is not None:
+            self.row_adam.load_state_dict(state["row_adam"])
+        cache = state.get("message_cache")
+        self.model.cache = None if cache is None else {"step": cache["step"],
+                                                       "messages": [t.to(self.device) for t in cache["messages"]],
+                                                       "coupling": [t.to(self.device) for t in cache["coupling"]]}
+
+    def model_payload(self) -> dict:
+        """This rank's rows with sharded tables; with replicated ones each rank writes every P-th row."""
+        m, tables = self.model.model, self.model.tables
+        if tables is not None:
+            users = torch.from_numpy(tables.owned_users)
+            items = torch.from_numpy(tables.owned_items - tables.num_users)
+            return model_payload(users, m.user_embedding, items, m.item_embedding, m.dense_parameters())
+        users = torch.arange(self.rank, m.num_users, self.world)
+        items = torch.arange(self.rank, m.num_items, self.world)
+        return model_payload(users, m.user_embedding.detach().cpu()[users], items,
+                             m.item_embedding.detach().cpu()[items], m.dense_parameters())
+
+    def close(self) -> None:
+        self.prefetcher.close()
+
+
