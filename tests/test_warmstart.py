@@ -9,7 +9,8 @@ from lgmrec_dist.checkpoint import read_best_tables
 from lgmrec_dist.cli import main as cli
 from lgmrec_dist.config import load_config
 from lgmrec_dist.dataset import PreparedDataset
-from lgmrec_dist.train import LocalEngine, train
+from lgmrec_dist.local import LocalEngine
+from lgmrec_dist.train import train
 from lgmrec_dist.warmstart import warm_start
 
 CFG = {"epochs": 1, "embedding_size": 16, "train_batch_size": 512}
