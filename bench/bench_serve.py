@@ -166,6 +166,7 @@ def trained(data: Path, out: Path, init_from=None, **over) -> tuple[dict, float]
 def part_foldin(args) -> dict:
     import torch
 
+    from lgmrec_dist.config import load_config
     from lgmrec_dist.dataset import PreparedDataset
     from lgmrec_dist.recommender import Recommender
     from lgmrec_dist.train import make_evaluators
@@ -174,7 +175,7 @@ def part_foldin(args) -> dict:
     rec = Recommender.from_run(args.work / "scratch")
     indptr, indices = rec.train_csr
     hist = [indices[indptr[u]:indptr[u + 1]] for u in range(len(rec.user_raw))]
-    _, test_eval = make_evaluators(PreparedDataset.load(new), rec.model.cfg)
+    _, test_eval = make_evaluators(PreparedDataset.load(new), load_config(args.work / "scratch" / "config.yaml"))
     out = {"trained": test_eval.evaluate_metrics(rec.user_emb, rec.item_emb)["recall@20"]}
     t0 = time.perf_counter()
     folded = rec.fold.user_embeddings(hist)

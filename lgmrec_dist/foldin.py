@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from lgmrec_dist.model import TAU, LGMRec
-from lgmrec_dist.model.hypergraph import HyperEmbedding
+from lgmrec_dist.model.lgmrec import fuse
 from lgmrec_dist.model.mge import mge_inputs
 
 EPS = 1e-7      # the degree offset of graph.build_graph
@@ -99,11 +99,9 @@ class FoldIn:
         e_c = ego
         if self.propagates:
             e_c = (ego + sum(g_s @ x for x in self.cge_items)) / (cfg.n_ui_layers + 1)
-        mge = {m: (g_s if cfg.n_mm_layers > 0 else p_s) @ y for m, y in self.mge_items.items()} or None
-        hyper = None
+        mge = [(g_s if cfg.n_mm_layers > 0 else p_s) @ self.mge_items[m] for m in model.modalities
+               if m in self.mge_items]
+        g = None
         if cfg.use_ghe:
-            hyper = []
-            for m in model.modalities:
-                h_user = torch.softmax((r_s @ self.logits[m]) / TAU, dim=1)
-                hyper.append(HyperEmbedding(h_user, h_user[:0], self.messages[m]))
-        return model.fuse(e_c, hyper, mge=mge)
+            g = sum(torch.softmax((r_s @ self.logits[m]) / TAU, dim=1) @ self.messages[m] for m in model.modalities)
+        return fuse(e_c, mge, g, cfg.alpha)

@@ -24,6 +24,7 @@ from lgmrec_dist.cli import main as cli
 from lgmrec_dist.export import recommend, recommend_users
 from lgmrec_dist.recommender import Recommender
 from lgmrec_dist.serve import start_background
+from lgmrec_dist.config import load_config
 from lgmrec_dist.train import make_evaluators
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def test_fold_in_of_a_known_history_is_close_to_the_trained_user(trained_run, re
     _, folded_top = recommend_users(users, folded, rec.item_emb, rec.train_csr, k)
     overlap = np.mean([len(set(a) & set(b)) / k for a, b in zip(trained_top.tolist(), folded_top.tolist())])
     from lgmrec_dist.dataset import PreparedDataset
-    _, test_eval = make_evaluators(PreparedDataset.load(signal_dataset), rec.model.cfg)
+    _, test_eval = make_evaluators(PreparedDataset.load(signal_dataset), load_config(trained_run / "config.yaml"))
     r_trained = test_eval.evaluate_metrics(rec.user_emb, rec.item_emb)["recall@20"]
     r_folded = test_eval.evaluate_metrics(folded, rec.item_emb)["recall@20"]
     print(f"fold-in of training histories: top-20 overlap {overlap:.3f}; test recall@20 "
