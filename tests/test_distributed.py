@@ -93,7 +93,9 @@ def test_two_ranks_match_one_process(two_ranks, tiny_dataset):
     # nearly blind to that factor, so the gradients of the last step are compared directly
     for key, grad in two_ranks[0]["dense_grad"].items():
         ref = dict(m.named_parameters())[key].grad
-        assert torch.allclose(grad, ref, rtol=1e-3, atol=1e-7), key
+        # relative to the whole gradient: single entries near zero carry the reassociation noise of the two
+        # summation orders, while a mean instead of a sum would be off by half the norm
+        assert float((grad - ref).norm()) <= 1e-3 * float(ref.norm()), key
         assert torch.equal(grad, two_ranks[1]["dense_grad"][key]), key
 
 
