@@ -236,3 +236,12 @@ def test_step_gradients_have_a_fixed_reduction_order_with_threads():
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(mode)
     assert all(torch.equal(x, y) for run in grads[1:] for x, y in zip(run, grads[0]))
+
+
+def test_keyed_draws_kernel_gives_the_torch_forms_bits():
+    from lgmrec_dist import rng
+    assert rng._kernel() is not None  # the image has a C compiler: a silent fallback must not pass this test
+    ids = torch.cat([torch.arange(50_000), torch.tensor([2**33 + 7, 2**40])])  # above 32 bits: the high lane
+    for key in (rng.stream_key(999, 5, 3), rng.stream_key(1, -2, 7), 0xFFFFFFFF):
+        for width in (1, 4):
+            assert torch.equal(rng.keyed_uniform(key, ids, width), rng.keyed_uniform(key, ids, width, fused=False))
