@@ -7,8 +7,9 @@ catalogues, side by side with the direct form, and where the step's time goes.
 Scale 1 = an MMRec-Baby-sized catalogue (19,445 users, 7,050 items, 160,792 interactions, image 4096-d
 and text 384-d features); scale s multiplies users, items and interactions by s. Each scale runs in its
 own process (peak RSS is per process). In the same process, on the same batches, one after the other:
-our step (the fused low-rank log-sum-exp, ``model/lowrank_lse.py``), our step with the log-sum-exp forced
-to its direct form (``LGMREC_LSE=direct``), and the direct spec form (``lgmrec_dist.model.reference``: one
+our step (the fused low-rank log-sum-exp, ``model/lowrank_lse.py``; ``deterministic`` as configured), our
+step with the log-sum-exp forced to its direct form (``LGMREC_LSE=direct``), our step with the other
+``deterministic`` setting, and the direct spec form (``lgmrec_dist.model.reference``: one
 full-graph forward per batch, as the official code does), so the speed-ups are ratios measured on the same
 machine at the same moment. ``torch.profiler`` over a few of our steps then gives the fraction of the step
 spent in the contrastive denominators (the log-sum-exp, forward and backward) and the ops that take the
@@ -85,7 +86,7 @@ def run_one(scale: int, max_steps: int, reference_steps: int, out_root: Path, pr
     from lgmrec_dist.model import LGMRec
     from lgmrec_dist.model.lowrank_lse import form_for, use_form
     from lgmrec_dist.model.reference import reference_loss
-    from lgmrec_dist.train import make_evaluators
+    from lgmrec_dist.train import make_evaluators, set_determinism
 
     path = dataset_for(scale, out_root)
     ds = PreparedDataset.load(path)
@@ -107,6 +108,7 @@ def run_one(scale: int, max_steps: int, reference_steps: int, out_root: Path, pr
         sl = slice(b * cfg.train_batch_size, (b + 1) * cfg.train_batch_size)
         return users[sl], pos[sl], neg[sl]
 
+    set_determinism(cfg.deterministic)  # as a training run sets it (default: true)
     probe = torch.zeros(1, cfg.hyper_num)
     lse_form = form_for(probe, probe)  # compiles the kernel here (once per machine) if it is not cached yet
     load_before = os.getloadavg()
@@ -120,14 +122,18 @@ def run_one(scale: int, max_steps: int, reference_steps: int, out_root: Path, pr
     eval_s = time.perf_counter() - t0
     model.train()
 
-    # the three forms interleaved step by step on the same batches: a change of machine load hits all three
-    paired = {"fused": 0.0, "direct_lse": 0.0, "reference": 0.0}
+    # the forms interleaved step by step on the same batches: a change of machine load hits all of them
+    paired = {"fused": 0.0, "direct_lse": 0.0, "reference": 0.0, "other_setting": 0.0}
     for b in range(reference_steps):
         paired["fused"] += timed_steps(model, opt, batch, 1, first=b) / reference_steps
         with use_form("direct"):
             paired["direct_lse"] += timed_steps(model, opt, batch, 1, first=b) / reference_steps
+        set_determinism(False)  # the official code runs with torch's defaults
         paired["reference"] += timed_steps(model, opt, batch, 1, loss_fn=reference_loss, first=b) / reference_steps
-    fused_step, direct_lse_step, ref_step = (paired[k] if reference_steps else None for k in paired)
+        set_determinism(not cfg.deterministic)
+        paired["other_setting"] += timed_steps(model, opt, batch, 1, first=b) / reference_steps
+        set_determinism(cfg.deterministic)
+    fused_step, direct_lse_step, ref_step, other_mode_step = (paired[k] if reference_steps else None for k in paired)
     prof = step_profile(model, opt, batch, min(5, n_batches), first=0) if profile_steps else {}
     load_after = os.getloadavg()
     return {
@@ -140,7 +146,8 @@ def run_one(scale: int, max_steps: int, reference_steps: int, out_root: Path, pr
         "paired_seconds_per_step": fused_step and round(fused_step, 4),
         "direct_lse_seconds_per_step": direct_lse_step and round(direct_lse_step, 4),
         "speedup_vs_direct_lse": direct_lse_step and round(direct_lse_step / fused_step, 2),
-        "reference_seconds_per_step": ref_step and round(ref_step, 4),
+        "reference_seconds_per_step": ref_step and round(ref_step, 4), "deterministic": cfg.deterministic,
+        "other_deterministic_setting_seconds_per_step": other_mode_step and round(other_mode_step, 4),
         "speedup_vs_reference": ref_step and round(ref_step / fused_step, 2), "peak_rss_gb": round(peak_rss_gb(), 2),
         **prof, "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],
@@ -152,7 +159,8 @@ def main() -> None:
     p.add_argument("--scales", type=int, nargs="+", default=[1, 10])
     p.add_argument("--max-steps", type=int, default=0, help="time only this many steps (0 = a whole epoch)")
     p.add_argument("--reference-steps", type=int, default=3,
-                   help="steps timed, interleaved, for our step, our step with the direct log-sum-exp and the direct form")
+                   help="steps timed, interleaved, for our step, with the direct log-sum-exp, with the other "
+                        "deterministic setting, and the direct form")
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
     p.add_argument("--out", default=str(ROOT / "bench" / "out"))
     p.add_argument("--one", type=int, help=argparse.SUPPRESS)
@@ -174,7 +182,8 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     cols = ["scale", "users", "items", "interactions", "seconds_per_step", "seconds_per_epoch", "epoch_measured",
             "eval_valid_s", "peak_rss_gb", "paired_seconds_per_step", "direct_lse_seconds_per_step",
-            "reference_seconds_per_step", "speedup_vs_reference", "lse_fraction", "load_average_before"]
+            "reference_seconds_per_step", "speedup_vs_reference", "other_deterministic_setting_seconds_per_step",
+            "lse_fraction", "load_average_before"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r.get(c)) for c in cols) + " |")
