@@ -41,9 +41,11 @@ def test_fused_matches_direct(b, n, a, max_elements):
     assert_close(fused, direct)
 
 
-def test_fused_is_stable_for_large_logits_and_zero_weights():
+def test_fused_is_stable_for_large_logits_denormals_and_zero_weights():
     q, k, grad = inputs(50, 3000, 4, scale=40.0)       # logits of a few hundred: exp overflows without a shift
     grad[::3] = 0.0                                    # rows with no weight contribute nothing
+    with torch.no_grad():
+        k[::7, 1] = 3e-39                              # denormal assignments, as a Gumbel-softmax gives
     fused = value_and_grads(lowrank_logsumexp, q, k, grad)
     assert all(torch.isfinite(t).all() for t in fused)
     q64, k64 = (t.detach().double().requires_grad_() for t in (q, k))
