@@ -22,7 +22,7 @@ from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import features_tensor
 from lgmrec_dist.graph import Graph
 from lgmrec_dist.model.cge import cge
-from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul, held_matmul
+from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul, held_matmul, rows_matmul
 from lgmrec_dist.model.hypergraph import HyperEmbedding, dependencies_from_logits, hypergraph_propagate
 from lgmrec_dist.model.losses import bpr_loss, hcl_loss, reg_loss
 from lgmrec_dist.model.mge import mge_direct, mge_inputs
@@ -107,7 +107,7 @@ class LGMRec(nn.Module):
     def mge_rows(self, m: str, rows: torch.Tensor) -> torch.Tensor:
         """F^m at node rows (§1.5)."""
         if self.mge_y:
-            return held_matmul(self.mge_y[m][rows], self.proj[m])
+            return rows_matmul(self.mge_y[m], rows, self.proj[m])
         return mge_direct(self.graph, self.features[m], self.proj[m], self.cfg.n_mm_layers)[rows]
 
     def mge_all(self, m: str) -> torch.Tensor:
