@@ -78,7 +78,8 @@ class Config:
     # runtime
     device: str = "auto"                    # "auto" | "cpu" | "cuda"
     num_threads: int = 0                    # torch intra-op threads (0 = torch default)
-    deterministic: bool = False             # torch.use_deterministic_algorithms
+    deterministic: bool = True              # same seed, same metrics run to run (docs/model.md "Reproducibility");
+                                            # false lets torch pick nondeterministic kernels
     partitioning: str = "auto"              # distributed: "auto" (prep's partitions if made for this
                                             # many ranks, else contiguous), "dataset", "contiguous"
 

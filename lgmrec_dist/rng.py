@@ -3,11 +3,17 @@
 Gumbel noise and dropout masks of the hypergraph (LGMRec_SPEC.md §1.6) are drawn from a hash of their
 key instead of a sequential generator, so a node's draw does not depend on which process computes it
 or on how many processes there are: P ranks and 1 rank see the same noise (DESIGN.md, exactness).
-The hash is Chris Wellons' ``lowbias32`` applied in 32-bit lanes held in int64 tensors.
+The hash is Chris Wellons' ``lowbias32`` applied in 32-bit lanes held in int64 tensors; on CPU the same
+hash runs in one pass in ``rng.c`` (compiled at first use, ``lgmrec_dist.native``; the same bits).
 """
 from __future__ import annotations
 
+import ctypes
+from pathlib import Path
+
 import torch
+
+from lgmrec_dist import native
 
 _M32 = 0xFFFFFFFF
 
@@ -33,8 +39,24 @@ def stream_key(seed: int, step: int, stream: int) -> int:
     return _mix32_int(seed ^ _mix32_int(step ^ _mix32_int(stream * 0x9E3779B9)))
 
 
-def keyed_uniform(key: int, ids: torch.Tensor, width: int) -> torch.Tensor:
-    """Uniform floats in (0, 1), shape (len(ids), width); entry (r, c) depends only on (key, ids[r], c)."""
+def _kernel():
+    lib = native.load(Path(__file__).with_name("rng.c"))
+    if lib is not None and lib.keyed_uniform.argtypes is None:
+        lib.keyed_uniform.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                      ctypes.c_void_p, ctypes.c_int]
+        lib.keyed_uniform.restype = None
+    return lib
+
+
+def keyed_uniform(key: int, ids: torch.Tensor, width: int, fused: bool = True) -> torch.Tensor:
+    """Uniform floats in (0, 1), shape (len(ids), width); entry (r, c) depends only on (key, ids[r], c).
+    ``fused``: use the one-pass kernel where it is available (CPU); False: the torch form."""
+    lib = _kernel() if fused and ids.device.type == "cpu" else None
+    if lib is not None:
+        ids = ids.to(torch.int64).contiguous()
+        out = torch.empty(len(ids), width, dtype=torch.float32)
+        lib.keyed_uniform(key & _M32, ids.data_ptr(), len(ids), width, out.data_ptr(), torch.get_num_threads())
+        return out
     counter = ids.to(torch.int64).unsqueeze(1) * width + torch.arange(width, device=ids.device)
     h = _mix32((counter & _M32) ^ key)
     return to_unit(_mix32(h ^ (counter >> 32) ^ 0x5BD1E995))

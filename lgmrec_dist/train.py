@@ -69,6 +69,17 @@ class _LogFile(logging.FileHandler):
             super().handleError(record)
 
 
+def set_determinism(on: bool) -> None:
+    """``deterministic`` (docs/model.md, "Reproducibility"). The model's own kernels have a fixed reduction
+    order either way; ``on`` also has torch pick the deterministic variant of its kernels (warning, not
+    failing, where one has none), without filling fresh tensors with NaN: that guards against reading
+    uninitialised memory, which nothing here does, at the price of one more pass over every new tensor."""
+    torch.use_deterministic_algorithms(on, warn_only=True)
+    if on:
+        torch.utils.deterministic.fill_uninitialized_memory = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what cuBLAS needs to be deterministic
+
+
 def setup_logging(run_dir: Path) -> None:
     log.setLevel(logging.INFO)
     log.handlers.clear()
@@ -194,8 +205,7 @@ def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt, cleanup, i
         log.setLevel(logging.WARNING)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
+    set_determinism(cfg.deterministic)
     seed_everything(cfg.seed)
     log.info("dataset %s: %d users, %d items, %d train / %d valid / %d test, modalities %s",
              ds.path, ds.num_users, ds.num_items, ds.manifest["num_train"], ds.manifest["num_valid"],

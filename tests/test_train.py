@@ -63,6 +63,15 @@ def test_seeded_runs_are_reproducible(tiny_dataset, tmp_path):
     assert c["train_loss"] != a["train_loss"]
 
 
+def test_default_runs_are_reproducible_with_two_threads(tiny_dataset, tmp_path):
+    """The default config (deterministic: true) with 2 threads: two runs give the same metrics.json numbers
+    (tests/test_model.py checks the kernels' fixed reduction order without torch's deterministic mode)."""
+    assert load_config("configs/demo.yaml").deterministic
+    over = {"num_threads": 2, "epochs": 2, "embedding_size": 64}  # rows × d above torch's parallel grain
+    a, b = (train(tiny_dataset, load_config("configs/demo.yaml", over), tmp_path / r) for r in "ab")
+    assert a["train_loss"] == b["train_loss"] and a["valid"] == b["valid"] and a["test"] == b["test"]
+
+
 def test_early_stopping_ends_the_run(tiny_dataset, tmp_path):
     m = run(tiny_dataset, tmp_path / "r", epochs=60, stopping_step=1, learning_rate=0.05)
     # stopped on the 2nd consecutive epoch without a strict improvement of valid recall@20 (rounded)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from lgmrec_dist.graph import Graph
-from lgmrec_dist.model.features import const_rows_matmul, held_matmul, user_feature_sums
+from lgmrec_dist.model.features import const_rows_matmul, held_matmul, rows_matmul, user_feature_sums
 from lgmrec_dist.model.mge import mge_direct, mge_inputs
 
 
@@ -50,7 +50,7 @@ class FeatureTables:
 
     def mge_rows(self, m: str, node_ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.y:
-            return held_matmul(self.y[m].index_select(0, node_ids), w)
+            return rows_matmul(self.y[m], node_ids, w)  # no gathered copy of the rows (docs/model.md)
         return mge_direct(self.graph, self.x[m], w, self.n_mm_layers)[node_ids]
 
     def all_mge(self, m: str, w: torch.Tensor) -> torch.Tensor:

@@ -227,7 +227,9 @@ class LGMRec(nn.Module):
         hyper = self.ghe(e_c, step, train=True) if self.cfg.use_ghe else None
         nodes = torch.cat([users, pos + self.num_users, neg + self.num_users])
         rows, inverse = torch.unique(nodes, return_inverse=True)
-        e_u, e_p, e_n = self.fuse(e_c, hyper, rows)[inverse].split(len(users))
+        # index_select, not e[inverse]: the backward of advanced indexing adds the repeated rows with
+        # threaded atomics (a different sum each run); index_select's backward has a fixed order
+        e_u, e_p, e_n = self.fuse(e_c, hyper, rows).index_select(0, inverse).split(len(users))
         if hyper is not None and self.cfg.cl_weight > 0 and len(hyper) > 1:
             hcl = hcl_loss(hyper, users, pos, TAU)
         else:

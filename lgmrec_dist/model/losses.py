@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from lgmrec_dist.model.lowrank_lse import lowrank_logsumexp
+
 
 def bpr_sum(e_user: torch.Tensor, e_pos: torch.Tensor, e_neg: torch.Tensor) -> torch.Tensor:
     """Σ over the triples of -log σ(ŷ(u,i⁺) - ŷ(u,i⁻)) (the BPR loss is this sum over |B|)."""
@@ -28,37 +30,6 @@ def reg_from_squares(sq: torch.Tensor, batch_size: int) -> torch.Tensor:
 def reg_loss(e_user, e_pos, e_neg, batch_size: int) -> torch.Tensor:
     """(‖E*_U[B]‖_F + ‖E*_I[B⁺]‖_F + ‖E*_I[B⁻]‖_F) / |B| — plain, not squared, norms (§1.8, §6.2.9)."""
     return reg_from_squares(squared_norms(e_user, e_pos, e_neg), batch_size)
-
-
-class _LowRankLogSumExp(torch.autograd.Function):
-    """lse_r = log Σ_s exp(q_r · k_s), computed in row chunks so the |rows| × S logits never exist whole.
-
-    Backward recomputes each chunk's logits: memory O(chunk · S) instead of several |rows| × S copies.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, chunk):
-        lse = torch.empty(q.shape[0], dtype=q.dtype, device=q.device)
-        for c in range(0, q.shape[0], chunk):
-            lse[c:c + chunk] = torch.logsumexp(q[c:c + chunk] @ k.t(), dim=1)
-        ctx.save_for_backward(q, k, lse)
-        ctx.chunk = chunk
-        return lse
-
-    @staticmethod
-    def backward(ctx, grad):
-        q, k, lse = ctx.saved_tensors
-        grad_q, grad_k = torch.empty_like(q), torch.zeros_like(k)
-        for c in range(0, q.shape[0], ctx.chunk):
-            p = q[c:c + ctx.chunk] @ k.t()
-            p.sub_(lse[c:c + ctx.chunk, None]).exp_().mul_(grad[c:c + ctx.chunk, None])
-            grad_q[c:c + ctx.chunk] = p @ k
-            grad_k.addmm_(p.t(), q[c:c + ctx.chunk])
-        return grad_q, grad_k, None
-
-
-def lowrank_logsumexp(q: torch.Tensor, k: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
-    return _LowRankLogSumExp.apply(q, k, max(1, max_elements // max(1, k.shape[0])))
 
 
 def key_rows(h: torch.Tensor, message: torch.Tensor) -> torch.Tensor:
