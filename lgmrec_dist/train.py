@@ -188,6 +188,20 @@ def _check_finite(terms: dict, step: int, ckpt: Checkpointer) -> None:
                             + (f"{last}" if last else "none yet") + "); lower learning_rate or check the features")
 
 
+def _best_test_metrics(engine, test_eval, best_emb, ds, run_dir: Path) -> dict:
+    """Test metrics of the best-validation epoch, ranked once after training (the same numbers as ranking at
+    that epoch: inference without Gumbel noise is a function of the parameters). A run resumed after its
+    best epoch no longer holds that epoch's embeddings: the engine then takes the best model's parameters
+    (RUNDIR/best, read back as a warm start from this very run) and infers them again."""
+    if best_emb is None:
+        from lgmrec_dist.warmstart import warm_start
+        warm_start(engine, ds, run_dir)
+        log.info("resumed after the best epoch: the best model of this run taken back from %s", run_dir / "best")
+        best_emb = engine.embeddings()
+    log.info("ranking the test set with the best-validation model")
+    return engine.evaluate(test_eval, best_emb)
+
+
 def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt, cleanup, init_from=None) -> dict:
     if overwrite and main_rank:
         shutil.rmtree(ckpt.dir, ignore_errors=True)
@@ -229,6 +243,7 @@ def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt, cleanup, i
         log.info("warm start from %s: %s", init_from, warm_start(engine, ds, init_from))
     stopper = EarlyStopping(cfg.stopping_step)
     loop = _fresh_loop()
+    best_emb = None  # the best-validation epoch's embeddings, kept for the one test ranking after the loop
     if latest is not None:
         state = ckpt.load(latest)
         engine.load_state_dict(state["engine"])
@@ -280,8 +295,10 @@ def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt, cleanup, i
         emb = engine.embeddings()
         valid = engine.evaluate(valid_eval, emb)
         improved = stopper.update(epoch, valid[cfg.valid_metric])
-        if improved:  # test metrics are only reported at the best-validation epoch (§2)
-            loop["best_valid"], loop["best_test"] = valid, engine.evaluate(test_eval, emb)
+        if improved:  # test metrics are only reported at the best-validation epoch (§2): ranked once, at the end
+            loop["best_valid"], loop["best_test"], best_emb = valid, {}, emb
+            if cfg.eval_gumbel_noise:  # every inference pass draws new noise: rank the test set with this one
+                loop["best_test"] = engine.evaluate(test_eval, emb)
             ckpt.save_best(engine.model_payload(), epoch)
         log.info("epoch %d: loss %.4f (%d steps, %.2fs) valid %s %.4f%s", epoch, loop["train_loss"][-1],
                  loop["epoch_steps"], seconds, cfg.valid_metric, valid[cfg.valid_metric],
@@ -289,12 +306,14 @@ def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt, cleanup, i
         run_log.epoch({"epoch": epoch, "step": loop["step"], "train": means, "learning_rate": cfg.learning_rate,
                        "seconds": seconds, "seconds_per_step": seconds / steps,
                        "samples_per_second": loop["epoch_samples"] / max(seconds, 1e-9), "valid": valid,
-                       "best": improved, "test": loop["best_test"] if improved else None})
+                       "best": improved, "test": (loop["best_test"] or None) if improved else None})
         done = stopper.should_stop or bool(cfg.max_steps and loop["step"] >= cfg.max_steps)
         loop.update(epoch=epoch + 1, batch=0, epoch_sums={}, epoch_steps=0, epoch_samples=0, epoch_elapsed=0.0)
         if cfg.checkpoint_every_epoch:
             save(1)
 
+    if stopper.best_epoch is not None and not loop["best_test"]:
+        loop["best_test"] = _best_test_metrics(engine, test_eval, best_emb, ds, run_dir)
     metrics = {
         "best_epoch": stopper.best_epoch,
         "epochs_run": loop["epochs_run"],

@@ -72,6 +72,20 @@ def test_default_runs_are_reproducible_with_two_threads(tiny_dataset, tmp_path):
     assert a["train_loss"] == b["train_loss"] and a["valid"] == b["valid"] and a["test"] == b["test"]
 
 
+def test_test_metrics_are_those_of_the_best_model(tiny_dataset, tmp_path):
+    """Test ranked once after the loop equals ranking the best-validation model of the run (RUNDIR/best),
+    and the best epoch is not the last one (a later epoch's model would give other numbers)."""
+    from lgmrec_dist.export import load_trained
+    from lgmrec_dist.train import make_evaluators
+    cfg = load_config("configs/demo.yaml", {**FAST, "epochs": 6, "learning_rate": 0.05})
+    m = train(tiny_dataset, cfg, tmp_path / "r")
+    records = [json.loads(line) for line in (tmp_path / "r" / "epochs.jsonl").read_text().splitlines()]
+    assert m["best_epoch"] < m["epochs_run"] - 1, [r["valid"]["recall@20"] for r in records]
+    model, ds = load_trained(tmp_path / "r")
+    _, test_eval = make_evaluators(ds, cfg)
+    assert m["test"] == test_eval.evaluate_metrics(*model.final_embeddings())
+
+
 def test_early_stopping_ends_the_run(tiny_dataset, tmp_path):
     m = run(tiny_dataset, tmp_path / "r", epochs=60, stopping_step=1, learning_rate=0.05)
     # stopped on the 2nd consecutive epoch without a strict improvement of valid recall@20 (rounded)
