@@ -220,8 +220,9 @@ def test_step_gradients_have_a_fixed_reduction_order_with_threads():
     nu, ni = 300, 200
     cfg = load_config(None, {"embedding_size": 64, "seed": 0})
     g = build_graph(nu, ni, r.integers(0, nu, 3000), r.integers(0, ni, 3000))
-    feats = {"image": r.standard_normal((ni, 32)).astype(np.float32), "text": r.standard_normal((ni, 16)).astype(np.float32)}
-    model = LGMRec(cfg, nu, ni, {"image": 32, "text": 16}).attach(g, feats)
+    feats = {"image": torch.from_numpy(r.standard_normal((ni, 32)).astype(np.float32)),
+             "text": torch.from_numpy(r.standard_normal((ni, 16)).astype(np.float32))}
+    model = LGMRec(model_params(cfg), nu, ni, {"image": 32, "text": 16}).attach(g, feats)
     batch = tuple(torch.tensor(r.integers(0, n, 1024)) for n in (nu, ni, ni))  # 3 × 1024 rows × 64 > the grain
     threads, mode = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(2)
