@@ -1,5 +1,5 @@
 """Benchmark: step time, bytes per step and peak memory of the sampled (large-catalogue) mode against the
-exact mode, on synthetic catalogues at 1x and 10x users and items; and quality of both (issue 6,
+exact mode, on synthetic catalogues at 1x and 10x users and items; and quality of both (see
 docs/sampled.md).
 
     .venv/bin/python bench/bench_sampled.py --paired          # sampled and exact at 1x and 10x, + paired ratio
@@ -53,7 +53,7 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-# An epoch of a 10M-interaction catalogue (issue 6): Baby's user/item/interaction ratios, scaled to 10M
+# An epoch of a 10M-interaction catalogue: Baby's user/item/interaction ratios, scaled to 10M
 # interactions; image 512-d and text 384-d features, the widths `lgmrec extract` gives with resnet18 and MiniLM.
 EPOCH_10M = dict(num_users=1_210_000, num_items=440_000, num_interactions=10_000_000,
                  modalities={"image": 512, "text": 384}, seed=10)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One script for the GPU checks (run on a GPU machine after launch/setup.sh; the project itself never
 # needs a GPU). Prints: CUDA visible, an NCCL group with one rank per GPU, a CUDA training run end to
-# end, and the distributed benchmark with NCCL ("dist"); the sampled-vs-exact comparison of issue 6 at
+# end, and the distributed benchmark with NCCL ("dist"); the sampled-vs-exact comparison at
 # 1x, 10x and 30x Baby plus the 10M-interaction epoch on CUDA ("sampled", docs/sampled.md); "lse": the
 # low-rank log-sum-exp's torch.compile form on CUDA against the direct form (equality of the value and
 # both gradients, timing; docs/model.md "Speed rewrites" 3), then a CUDA training run with each form.

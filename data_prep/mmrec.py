@@ -1,4 +1,4 @@
-"""Import and export of MMRec-format data (LGMRec_SPEC.md §3, splits §2, id counts §1.1).
+"""Import and export of MMRec-format data (docs/model.md §3, splits §2, id counts §1.1).
 
 An MMRec dataset folder ``data/<name>/`` holds
 

@@ -1,10 +1,10 @@
-"""Partitioning of the training graph for distributed training (issue 3; DESIGN.md).
+"""Partitioning of the training graph for distributed training.
 
 The graph
     Nodes are numbered users first, then items: node ``u`` is user u, node ``num_users + i`` is item i
     (N = num_users + num_items). Edges are the *distinct* training pairs (u, i) (split label 0), used in
-    both directions, as in LGMRec_SPEC.md §1.3. Users or items without a training edge (items that only
-    occur in valid/test, spec §1.3 item 4) are isolated nodes; they are still assigned a part.
+    both directions, as in docs/model.md §1.3. Users or items without a training edge (items that only
+    occur in valid/test, docs/model.md §1.3 item 4) are isolated nodes; they are still assigned a part.
 
 Methods
     ``metis``  -- DGL's METIS k-way partitioning (``dgl.metis_partition_assignment``) minimising the edge

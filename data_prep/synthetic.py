@@ -1,6 +1,6 @@
 """Synthetic MMRec-form catalogues with planted structure, and the MMRec per-user split rule.
 
-* :func:`mmrec_split` -- the per-user split of LGMRec_SPEC.md §2 (MMRec ``preprocessing/1splitting``):
+* :func:`mmrec_split` -- the per-user split of docs/model.md §2 (MMRec ``preprocessing/1splitting``):
   each user's rows are shuffled; a user with n < 10 rows gets n-2 train, 1 valid, 1 test; otherwise
   h = floor(0.2 n) rows are held out, h // 2 valid and the rest test. Vectorised (no loop over users), so
   the Ray preparation job can reuse it on tens of millions of rows.

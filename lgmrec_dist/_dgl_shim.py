@@ -1,4 +1,4 @@
-"""Make ``import dgl`` work with torch newer than the builds dgl 2.1.0 ships (DESIGN.md, dependency facts).
+"""Make ``import dgl`` work with torch newer than the builds dgl 2.1.0 ships.
 
 dgl 2.1.0 always imports ``dgl.graphbolt``, whose native library exists only for torch <= 2.2.1. Its
 core (graphs, sampling, to_block, METIS partitioning) works with newer torch. When the matching

@@ -1,4 +1,4 @@
-"""Training triples (u, i⁺, i⁻) per epoch (LGMRec_SPEC.md §1.10).
+"""Training triples (u, i⁺, i⁻) per epoch (docs/model.md §1.10).
 
 Each epoch shuffles the distinct training pairs with a generator keyed by (seed, epoch) and draws one
 negative per positive, uniformly over the items that occur in the training split and re-drawn until it

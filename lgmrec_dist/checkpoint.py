@@ -1,4 +1,4 @@
-"""Checkpoints, exact resume and the run-directory lock (issue 7).
+"""Checkpoints, exact resume and the run-directory lock.
 
 Layout::
 

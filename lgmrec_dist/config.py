@@ -1,6 +1,6 @@
 """Training configuration: YAML files in configs/ plus ``--set key=value`` overrides.
 
-Keys keep the official LGMRec/MMRec names where one exists (LGMRec_SPEC.md §1.10). An unknown key or a
+Keys keep the official LGMRec/MMRec names where one exists (docs/model.md §1.10). An unknown key or a
 value of the wrong type is an error that names the key.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ class ConfigError(UserError, ValueError):
 
 @dataclass
 class Config:
-    # optimisation (LGMRec_SPEC.md §1.10, configs/overall.yaml of the official code)
+    # optimisation (docs/model.md §1.10, configs/overall.yaml of the official code)
     epochs: int = 1000
     train_batch_size: int = 2048
     learning_rate: float = 1e-3
@@ -48,7 +48,7 @@ class Config:
     mge_precompute: bool = True             # speed rewrite: precompute G^K [P X ; X] once (docs/model.md)
     feature_dtype: str = "float32"          # dtype of the precomputed feature tables (Y_m, R·X_m): "float32" |
                                             # "bfloat16" | "float16"; rows become float32 when read (docs/sampled.md)
-    # large-catalogue mode (issue 6, docs/sampled.md); exact is the default and the reference
+    # large-catalogue mode (docs/sampled.md); exact is the default and the reference
     mode: str = "exact"                     # "exact" | "sampled"
     fanouts: list = field(default_factory=lambda: [-1])  # per CGE layer (-1 = all neighbours); one value = every layer
     hyper_refresh_steps: int = 0            # sampled: r >= 1 = hyperedge messages from a full pass (no gradient)
@@ -131,7 +131,7 @@ class Config:
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.use_ghe and self.n_hyper_layer < 1:
-            raise ConfigError("n_hyper_layer: must be >= 1 when use_ghe is true (LGMRec_SPEC.md §1.6)")
+            raise ConfigError("n_hyper_layer: must be >= 1 when use_ghe is true (docs/model.md §1.6)")
         if not 0.0 < self.keep_rate <= 1.0:
             raise ConfigError(f"keep_rate: must be in (0, 1], got {self.keep_rate}")
         if not self.topk or any((not isinstance(k, int)) or k < 1 for k in self.topk):

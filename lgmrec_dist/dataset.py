@@ -1,4 +1,4 @@
-"""The prepared dataset directory: the contract between preparation and training (DESIGN.md).
+"""The prepared dataset directory: the contract between preparation and training.
 
 Layout (format version 1)::
 

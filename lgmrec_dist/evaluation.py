@@ -1,4 +1,4 @@
-"""MMRec full-ranking evaluation and early stopping (LGMRec_SPEC.md §2, "Evaluation protocol").
+"""MMRec full-ranking evaluation and early stopping (docs/model.md §2, "Evaluation protocol").
 
 * Every distinct user of the held-out split (validation or test) is ranked against **all** items; the
   user's **training** items get score -1e10 first (they stay rankable, at the bottom), nothing else is
@@ -115,7 +115,7 @@ def streaming_topk(user_emb: torch.Tensor, item_emb: torch.Tensor, train_mask_ro
 
 @torch.no_grad()
 def metric_sums(top_items: torch.Tensor, heldout_indptr, heldout_indices, ks) -> dict[str, float]:
-    """Sums over the n users of Recall/NDCG/Precision/MAP @ each K in ``ks`` (spec §2 formulas).
+    """Sums over the n users of Recall/NDCG/Precision/MAP @ each K in ``ks`` (docs/model.md §2 formulas).
 
     ``top_items`` [n, k'] is the ranking (best first); held-out sets are a CSR ``(indptr, indices)``
     local to these n users. Every user must have a non-empty held-out set (asserted). If k' < K the
@@ -158,7 +158,7 @@ def metric_sums(top_items: torch.Tensor, heldout_indptr, heldout_indices, ks) ->
 
 
 def finalize(sums: dict, count: int) -> dict:
-    """Means over ``count`` users, rounded to 4 decimals (spec §2)."""
+    """Means over ``count`` users, rounded to 4 decimals (docs/model.md §2)."""
     return {key: round(value / count, 4) for key, value in sums.items()}
 
 
@@ -213,7 +213,7 @@ class Evaluator:
 
 
 class EarlyStopping:
-    """Spec §2 model selection: a new best iff round(value, 4) is strictly greater than the best so far;
+    """docs/model.md §2 model selection: a new best iff round(value, 4) is strictly greater than the best so far;
     ``should_stop`` once ``bad_epochs > patience`` (the 21st consecutive non-improving epoch for 20)."""
 
     def __init__(self, patience: int):

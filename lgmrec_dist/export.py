@@ -1,4 +1,4 @@
-"""Serving outputs of a trained run (issue 7): embeddings, top-K recommendations, cold-start items.
+"""Serving outputs of a trained run: embeddings, top-K recommendations, cold-start items.
 
 The model exported is the one at the best-validation epoch (RUNDIR/best/, written by training), so the
 exported recommendations are those whose test metrics metrics.json reports.

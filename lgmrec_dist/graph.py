@@ -1,4 +1,4 @@
-"""The fixed training graph of LGMRec (LGMRec_SPEC.md §1.3) as torch sparse CSR matrices.
+"""The fixed training graph of LGMRec (docs/model.md §1.3) as torch sparse CSR matrices.
 
 Node numbering: users 0..|U|-1, items |U|..|U|+|I|-1 (N = |U| + |I|). Interactions are a set: duplicate
 (u, i) training pairs count once everywhere (§1.3, item 1).

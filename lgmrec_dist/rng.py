@@ -1,8 +1,8 @@
 """Counter-based random numbers keyed by (seed, step, stream, node id).
 
-Gumbel noise and dropout masks of the hypergraph (LGMRec_SPEC.md §1.6) are drawn from a hash of their
+Gumbel noise and dropout masks of the hypergraph (docs/model.md §1.6) are drawn from a hash of their
 key instead of a sequential generator, so a node's draw does not depend on which process computes it
-or on how many processes there are: P ranks and 1 rank see the same noise (DESIGN.md, exactness).
+or on how many processes there are: P ranks and 1 rank see the same noise (docs/model.md §7.3).
 The hash is Chris Wellons' ``lowbias32`` applied in 32-bit lanes held in int64 tensors; on CPU the same
 hash runs in one pass in ``rng.c`` (compiled at first use, ``lgmrec_dist.native``; the same bits).
 """

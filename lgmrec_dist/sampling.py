@@ -1,4 +1,4 @@
-"""Neighbour sampling for the large-catalogue mode (issue 6, docs/sampled.md): DGL blocks on the CPU,
+"""Neighbour sampling for the large-catalogue mode (docs/sampled.md): DGL blocks on the CPU,
 turned into plain index tensors, produced ahead of the training step by DataLoader workers.
 
 * :class:`BlockSampler` holds the training graph as a DGL graph (both edge directions, interactions as a

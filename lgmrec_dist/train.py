@@ -1,4 +1,4 @@
-"""Train LGMRec on a prepared dataset and evaluate it with the MMRec protocol (LGMRec_SPEC.md §1.8-§2).
+"""Train LGMRec on a prepared dataset and evaluate it with the MMRec protocol (docs/model.md §1.8-§2).
 
     python -m lgmrec_dist.train --data DIR --config FILE --out RUNDIR [--set key=value ...]
     lgmrec train ...   (same arguments)

@@ -33,7 +33,7 @@ def trained_run(signal_dataset, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster for the whole test session (DESIGN.md: ~3 s and ~420 MB to start)."""
+    """One local Ray cluster for the whole test session (~3 s and ~420 MB to start)."""
     import os
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

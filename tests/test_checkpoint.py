@@ -1,4 +1,4 @@
-"""Checkpoints (issue 7): exact resume after a SIGKILL, in one process and under torchrun with restarts;
+"""Checkpoints: exact resume after a SIGKILL, in one process and under torchrun with restarts;
 refusal of truncated and mismatched checkpoints; the run-directory lock."""
 import json
 import os

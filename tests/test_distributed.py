@@ -1,4 +1,4 @@
-"""The exact distributed path against the single-process model (issue 5), on real 2-process gloo groups
+"""The exact distributed path against the single-process model, on real 2-process gloo groups
 launched with torchrun: sharded full-fanout CGE == full-graph CGE, per-step loss and parameters of 2
 ranks == 1 process, distributed evaluation == single-process evaluation, and clear launch errors."""
 import os

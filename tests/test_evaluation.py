@@ -1,4 +1,4 @@
-"""Tests for lgmrec_dist.evaluation (LGMRec_SPEC.md §2)."""
+"""Tests for lgmrec_dist.evaluation (docs/model.md §2)."""
 import math
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Serving outputs (issue 7): exported embeddings and recommendations match the model, never contain
+"""Serving outputs: exported embeddings and recommendations match the model, never contain
 training items, are the same when sharded over ranks; `recommend`; cold-start item embeddings."""
 import os
 import subprocess

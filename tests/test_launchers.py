@@ -1,4 +1,4 @@
-"""Cluster launchers (issue 8): the torchrun multi-node script, the Slurm template (run for real through
+"""Cluster launchers: the torchrun multi-node script, the Slurm template (run for real through
 stand-ins for srun/scontrol: one node, two ranks), `ray job submit`, the KubeRay RayJob manifest, and the
 Ray Train entry point, which must reach the same metrics as torchrun with the same number of ranks."""
 import json

@@ -1,4 +1,4 @@
-"""MMRec import / export (LGMRec_SPEC.md §3; ids and counts §1.1; x_label splits §2)."""
+"""MMRec import / export (docs/model.md §3; ids and counts §1.1; x_label splits §2)."""
 from __future__ import annotations
 
 from pathlib import Path

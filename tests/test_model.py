@@ -1,4 +1,4 @@
-"""LGMRec equations (LGMRec_SPEC.md §1) on tiny graphs, checked against dense numpy arithmetic, and the
+"""LGMRec equations (docs/model.md §1) on tiny graphs, checked against dense numpy arithmetic, and the
 speed rewrites checked against the direct form (same loss and gradients)."""
 import math
 
@@ -130,7 +130,7 @@ def tiny_model(overrides=None, dims=None, seed=0):
 def test_parameter_count_formula():
     model, _ = tiny_model({"hyper_num": 5}, {"image": 16, "text": 8})
     assert model.num_parameters() == (40 + 30) * 8 + 16 * (8 + 5) + 8 * (8 + 5)
-    # the official datasets: Baby 2,000,320 (LGMRec_SPEC.md §1.2)
+    # the official datasets: Baby 2,000,320 (docs/model.md §1.2)
     assert (19445 + 7050) * 64 + (4096 + 384) * (64 + 4) == 2_000_320
 
 

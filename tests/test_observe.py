@@ -1,4 +1,4 @@
-"""Run observability (issue 8): TensorBoard event files read back with TensorBoard's own event reader,
+"""Run observability: TensorBoard event files read back with TensorBoard's own event reader,
 RUNDIR/report.md with non-empty PNG plots, and `lgmrec report` comparing runs side by side."""
 import json
 import time

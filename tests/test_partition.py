@@ -1,4 +1,4 @@
-"""Graph partitions of a prepared dataset (issue 3; format in data_prep/partition.py and docs/prep.md).
+"""Graph partitions of a prepared dataset (format in data_prep/partition.py and docs/prep.md).
 
 node_part.npy: int32, one part per node, users first then items; a training edge (u, i) belongs to the
 part of its user, so the parts' edge sets cover every training edge exactly once.

@@ -1,4 +1,4 @@
-"""``lgmrec prep`` (issue 3): real Ray (the session's ``ray_cluster``) and real Parquet files.
+"""``lgmrec prep``: real Ray (the session's ``ray_cluster``) and real Parquet files.
 
 Covers k-core to a fixed point, both split rules, id maps, feature alignment and the missing-vector rule,
 the MMRec round trip, every bad input of the issue, the CLI, the synthetic raw catalogue and training

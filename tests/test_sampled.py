@@ -1,4 +1,4 @@
-"""Large-catalogue mode (issue 6, docs/sampled.md): the sampled engine with every approximation off equals
+"""Large-catalogue mode (docs/sampled.md): the sampled engine with every approximation off equals
 the exact engine, and each approximation switch behaves as documented.
 
 Statistical tests are deterministic (every draw is keyed by a step number), and their tolerances follow

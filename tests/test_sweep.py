@@ -1,4 +1,4 @@
-"""Sweeps (issue 8): the grid, selection on VALIDATION only (a crafted table where validation and test
+"""Sweeps: the grid, selection on VALIDATION only (a crafted table where validation and test
 disagree), and a real 2x2 sweep of Ray Tune trials on the shared local Ray cluster."""
 import json
 from pathlib import Path

@@ -1,4 +1,4 @@
-"""Synthetic MMRec catalogues and the MMRec per-user split rule (LGMRec_SPEC.md §2, §3)."""
+"""Synthetic MMRec catalogues and the MMRec per-user split rule (docs/model.md §2, §3)."""
 from __future__ import annotations
 
 import numpy as np

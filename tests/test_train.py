@@ -103,7 +103,7 @@ def test_tampered_dataset_is_refused(tiny_dataset, tmp_path):
 
 
 def test_lgmrec_beats_id_only_ablation(signal_dataset, tmp_path):
-    """Modality features carry the planted cluster signal: reading them must pay off (issue 2)."""
+    """Modality features carry the planted cluster signal: reading them must pay off."""
     common = {"epochs": 10, "train_batch_size": 512, "embedding_size": 32, "num_threads": 2}
     full = run(signal_dataset, tmp_path / "full", **common)
     id_only = run(signal_dataset, tmp_path / "id", **common, use_mge=False, use_ghe=False)

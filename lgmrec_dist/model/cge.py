@@ -1,4 +1,4 @@
-"""Collaborative graph embedding, CGE (LGMRec_SPEC.md §1.4): LightGCN with mean pooling over layers."""
+"""Collaborative graph embedding, CGE (docs/model.md §1.4): LightGCN with mean pooling over layers."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Global hypergraph embedding, GHE (LGMRec_SPEC.md §1.6).
+"""Global hypergraph embedding, GHE (docs/model.md §1.6).
 
 Per modality m: item logits Z_I = X·V, user logits Z_U = R·Z_I (sum over the user's items, before any
 softmax); Gumbel-softmax with τ = 0.2; one keep-rate dropout mask per dependency matrix per forward;

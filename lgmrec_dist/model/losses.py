@@ -1,4 +1,4 @@
-"""Training objective (LGMRec_SPEC.md §1.8): BPR, hypergraph contrastive loss (HCL), regulariser."""
+"""Training objective (docs/model.md §1.8): BPR, hypergraph contrastive loss (HCL), regulariser."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Modality graph embedding, MGE (LGMRec_SPEC.md §1.5), and its precomputed form.
+"""Modality graph embedding, MGE (docs/model.md §1.5), and its precomputed form.
 
 Spec form: F_I = X·W, F_U = P·F_I (P = row-normalised R: mean of the user's items), F = Ĝ^K [F_U ; F_I]
 (last layer only). Everything is linear in W, so F = (Ĝ^K [P·X ; X])·W. ``mge_inputs`` computes the
