@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT))
 
 
 def worker(args) -> None:
-    import numpy as np
     import torch
 
     from lgmrec_dist.batches import TripleSampler

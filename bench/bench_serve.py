@@ -224,7 +224,7 @@ def carry_adam(engine, ds, run_dir) -> dict:
     import pyarrow.parquet as pq
     import torch
 
-    from lgmrec_dist.checkpoint import Checkpointer, read_meta, read_sharded
+    from lgmrec_dist.checkpoint import read_meta, read_sharded
     from lgmrec_dist.dataset import ITEM_MAP, USER_MAP
     from lgmrec_dist.warmstart import _parameters, carried_rows, old_dataset_path
     counts = _SHIPPED_WARM_START[0](engine, ds, run_dir)

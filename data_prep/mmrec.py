@@ -21,7 +21,6 @@ interactions (in order), splits, extra columns and features bit for bit.
 """
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 

@@ -29,7 +29,6 @@ the seed; the interactions do not depend on ``modalities``.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from pathlib import Path
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from data_prep.synthetic import make_mmrec_synthetic, make_prepared_synthetic
-from lgmrec_dist.checkpoint import CheckpointError, read_sharded
+from lgmrec_dist.checkpoint import read_sharded
 from lgmrec_dist.cli import main
 from lgmrec_dist.entry import guarded
 from lgmrec_dist.config import ConfigError, load_config
