@@ -28,11 +28,11 @@ from tqdm import tqdm
 from lgmrec_dist.batches import TripleSampler
 from lgmrec_dist.checkpoint import Checkpointer, CheckpointError, RunLock, rng_state, set_rng_state
 from lgmrec_dist.config import Config, ConfigError, load_config
+from lgmrec_dist.dataset import TEST, TRAIN, VALID, PreparedDataset, atomic_write_json
+from lgmrec_dist.engines import build_engine, device_for
 from lgmrec_dist.entry import guarded
 from lgmrec_dist.errors import UserError
-from lgmrec_dist.dataset import TEST, TRAIN, VALID, PreparedDataset, atomic_write_json
 from lgmrec_dist.evaluation import EarlyStopping, Evaluator
-from lgmrec_dist.engines import build_engine, device_for
 from lgmrec_dist.observe import RunLog
 
 log = logging.getLogger("lgmrec")
