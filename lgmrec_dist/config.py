@@ -158,7 +158,7 @@ _HINTS = typing.get_type_hints(Config)
 # "Defaults"); a key given in the file or by ``--set`` wins. The exact mode never reads them.
 SAMPLED_DEFAULTS = {"fanouts": [5, 5], "hyper_refresh_steps": 20, "hyper_refreshes_per_epoch": 2,
                     "hcl_negatives": "uniform", "sparse_embeddings": True}
-# The sampled mode computing exactly what the exact mode computes (docs/sampled.md, "Exactness").
+# The sampled mode computing exactly what the exact mode computes (docs/sampled.md, "Defaults").
 # hyper_refreshes_per_epoch=0 keeps a given r >= 1 meaning "every r steps" (the other switches' old values).
 SAMPLED_EXACT = ["mode=sampled", "fanouts=[-1]", "hyper_refresh_steps=0", "hyper_refreshes_per_epoch=0",
                  "hcl_negatives=all", "sparse_embeddings=false"]
