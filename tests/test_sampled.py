@@ -618,6 +618,7 @@ def test_sampled_mode_defaults_and_exact_switches(tiny_dataset, one_thread):
     cfg = load_config(None, ["mode=sampled"])
     assert all(getattr(cfg, k) == v for k, v in SAMPLED_DEFAULTS.items())
     assert load_config(None, ["mode=sampled", "fanouts=[3]"]).fanouts == [3]
+    assert SAMPLED_EXACT == EXACT_SWITCHES      # the documented switches are the ones the exactness tests use
     exact = load_config(None, SAMPLED_EXACT)
     assert (exact.fanouts, exact.hyper_refresh_steps, exact.hcl_negatives, exact.sparse_embeddings) == \
         ([-1], 0, "all", False)
