@@ -15,11 +15,13 @@ Every (mode, scale) runs in its own process, so peak RSS is that configuration's
 (batch 2,048, d = 64, A = 4, L = 2, K = 2, H = 1) plus, for the sampled mode, ``SAMPLED`` below (and any
 ``--set``). Reported per configuration: set-up time; the median step time over the timed steps that ran
 no full pass (the first step, with start-up effects, is reported apart); the time of a hyperedge-message
-refresh (a full pass, timed on its own after the steps); the step time amortised over
-``hyper_refresh_steps`` (median + refresh / r); the time spent waiting for the sampler; bytes per step;
+refresh (a full pass, timed on its own after the steps); the AMORTISED step time, everything a step pays
+with refreshes included: median + refresh / interval, the interval being the engine's own (r stretched to
+the epoch by ``hyper_refreshes_per_epoch``, docs/sampled.md); the time spent waiting for the sampler; bytes per step;
 peak RSS; the 1-minute load average before and after (other jobs on a shared 2-core box inflate absolute
 times). ``--paired`` also steps the sampled engines of all scales in turn inside one process, so that
-their ratio is measured under the same load. Runs get ``OMP_WAIT_POLICY=PASSIVE`` (``--omp-active`` not).
+their ratio is measured under the same load; it reports the amortised step per scale side by side and
+the 10x / 1x (last / first scale) amortised ratio. Runs get ``OMP_WAIT_POLICY=PASSIVE`` (``--omp-active`` not).
 
 ``--quality`` trains both modes on a planted-structure catalogue (``QUALITY_DATA``; settings
 ``QUALITY_COMMON``, a fixed epoch budget, test metrics at the best-validation epoch) for each seed.
@@ -45,8 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 from bench.bench_train import dataset_for  # noqa: E402
 
-SAMPLED = ["mode=sampled", "fanouts=[5,5]", "hyper_refresh_steps=20", "hcl_negatives=uniform",
-           "hcl_num_negatives=1024", "sparse_embeddings=true", "sampler_workers=1"]
+# the shipped settings: ``mode: sampled`` with its defaults (config.SAMPLED_DEFAULTS) and what
+# configs/large.yaml adds for the step
+SAMPLED = ["mode=sampled", "sampler_workers=1", "user_feature_table=false"]
 
 
 def peak_rss_gb() -> float:
@@ -140,7 +143,7 @@ def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: P
     if hasattr(engine, "close"):
         engine.close()
     step_s = statistics.median(times) if times else None
-    r = cfg.hyper_refresh_steps if mode == "sampled" else 0
+    r = engine.model.refresh_interval if mode == "sampled" else 0
     row = {"mode": mode, "scale": scale, "users": ds.num_users, "items": ds.num_items,
            "train_pairs": len(tu), "device": str(device), "threads": torch.get_num_threads(),
            "setup_s": round(setup_s, 2), "steps_timed": len(times) + len(refresh),
@@ -152,6 +155,7 @@ def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: P
            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"), **evaluation}
     if mode == "sampled":
         row["amortised_step_s"] = round(step_s + refresh_s / r, 4) if refresh_s and r else step_s
+        row["refresh_interval"] = r
         row["sample_wait_s"] = round(statistics.median(waits[1:] or waits), 4)
         row["refresh_steps_timed"] = len(refresh)
         keep = stats[1:] or stats
@@ -252,6 +256,7 @@ def paired(scales: list[int], steps: int, overrides: list[str], out_root: Path) 
         runs[scale] = (SampledEngine(cfg, ds, device), [torch.from_numpy(a).to(device) for a in triples],
                        cfg.train_batch_size)
     times = {scale: [] for scale in scales}
+    steps = min(steps, *(-(-len(u) // size) for _, (u, *_), size in runs.values()))   # within one epoch
     for b in range(steps):
         for scale, (engine, (users, pos, neg), size) in runs.items():
             sl = slice(b * size, (b + 1) * size)
@@ -261,11 +266,22 @@ def paired(scales: list[int], steps: int, overrides: list[str], out_root: Path) 
                 torch.cuda.synchronize()
             if b and not engine.last_stats["bytes"]["full_pass"]:   # the first step and refreshes apart
                 times[scale].append(time.perf_counter() - t)
+    refresh = {scale: [] for scale in scales}
+    for _ in range(2):                            # a full message refresh of each scale, in turn
+        for scale, (engine, *_) in runs.items():
+            t = time.perf_counter()
+            engine.model.full_messages(0)
+            refresh[scale].append(time.perf_counter() - t)
+    interval = {scale: engine.model.refresh_interval for scale, (engine, *_) in runs.items()}
     for engine, *_ in runs.values():
         engine.close()
     med = {scale: statistics.median(t) for scale, t in times.items()}
-    base = scales[0]
+    amortised = {s: med[s] + (min(refresh[s]) / interval[s] if interval[s] else 0.0) for s in scales}
+    base, top = scales[0], scales[-1]
     return {"paired_steps": steps, "median_step_s": {s: round(v, 4) for s, v in med.items()},
+            "refresh_s": {s: round(min(v), 3) for s, v in refresh.items()}, "refresh_interval": interval,
+            "amortised_step_s": {s: round(v, 4) for s, v in amortised.items()},
+            f"amortised_ratio_{top}x_{base}x": round(amortised[top] / amortised[base], 3),
             "ratio_to_first": {s: round(med[s] / med[base], 3) for s in scales},
             "median_pairwise_ratio": {s: round(statistics.median(a / b for a, b in zip(times[s], times[base])), 3)
                                       for s in scales},
@@ -388,7 +404,7 @@ def main() -> None:
                 sys.exit(f"{mode} x{scale} failed (exit {res.returncode})")
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
-    cols = ["mode", "scale", "users", "items", "seconds_per_step", "refresh_s", "amortised_step_s",
+    cols = ["mode", "scale", "users", "items", "seconds_per_step", "refresh_s", "refresh_interval", "amortised_step_s",
             "sample_wait_s", "epoch_estimate_s", "steps_wall_s", "peak_rss_gb", "load_before", "load_after"]
     print("\n| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
@@ -399,7 +415,13 @@ def main() -> None:
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode:
             sys.exit(f"paired run failed:\n{res.stderr[-3000:]}")
-        print("paired (one process, scales stepping in turn):", res.stdout.strip().splitlines()[-1])
+        line = res.stdout.strip().splitlines()[-1]
+        print("paired (one process, scales stepping in turn):", line)
+        got = json.loads(line)
+        base, top = args.scales[0], args.scales[-1]
+        print(f"sampled, paired: amortised step {got['amortised_step_s'][str(base)]} s at {base}x, "
+              f"{got['amortised_step_s'][str(top)]} s at {top}x; ratio {top}x / {base}x = "
+              f"{got[f'amortised_ratio_{top}x_{base}x']} (refreshes included)")
     for mode in args.modes:
         by = {r["scale"]: r for r in rows if r["mode"] == mode}
         if 1 in by and 10 in by and by[1]["seconds_per_step"]:

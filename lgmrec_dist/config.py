@@ -53,6 +53,9 @@ class Config:
     fanouts: list = field(default_factory=lambda: [-1])  # per CGE layer (-1 = all neighbours); one value = every layer
     hyper_refresh_steps: int = 0            # sampled: r >= 1 = hyperedge messages from a full pass (no gradient)
                                             # every r steps, held constant in between; 0 = exact (every step, with gradient)
+    hyper_refreshes_per_epoch: int = 0      # sampled, r >= 1: at most this many full refreshes per epoch (the interval
+                                            # becomes max(r, ceil(steps per epoch / this)); amortised cost flat in |U|+|I|);
+                                            # 0 = a refresh every r steps whatever the catalogue (docs/sampled.md)
     hyper_message_grad: bool = True         # sampled, r >= 1: gradient of the held messages estimated from the batch's
                                             # negative items (straight-through; the value stays the refreshed one)
     hcl_negatives: str = "all"              # sampled: "all" (exact) | "in_batch" | "uniform" contrastive denominators
@@ -127,7 +130,8 @@ class Config:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
         for key in ("n_ui_layers", "n_mm_layers", "max_steps", "stopping_step", "num_threads", "valid_users",
-                    "checkpoint_every_steps", "hyper_refresh_steps", "sampler_workers", "n_hyper_layer"):
+                    "checkpoint_every_steps", "hyper_refresh_steps", "hyper_refreshes_per_epoch", "sampler_workers",
+                    "n_hyper_layer"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key}: must be >= 0, got {getattr(self, key)}")
         if self.use_ghe and self.n_hyper_layer < 1:
@@ -149,6 +153,15 @@ class Config:
 
 
 _HINTS = typing.get_type_hints(Config)
+
+# ``mode: sampled`` without these keys gets the measured large-catalogue settings (docs/sampled.md,
+# "Defaults"); a key given in the file or by ``--set`` wins. The exact mode never reads them.
+SAMPLED_DEFAULTS = {"fanouts": [5, 5], "hyper_refresh_steps": 20, "hyper_refreshes_per_epoch": 2,
+                    "hcl_negatives": "uniform", "sparse_embeddings": True}
+# The sampled mode computing exactly what the exact mode computes (docs/sampled.md, "Defaults").
+# hyper_refreshes_per_epoch=0 keeps a given r >= 1 meaning "every r steps" (the other switches' old values).
+SAMPLED_EXACT = ["mode=sampled", "fanouts=[-1]", "hyper_refresh_steps=0", "hyper_refreshes_per_epoch=0",
+                 "hcl_negatives=all", "sparse_embeddings=false"]
 
 
 def _coerce(key: str, value):
@@ -206,7 +219,7 @@ def _yaml_load(text, source: str):
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> Config:
-    cfg = Config()
+    cfg, given = Config(), set()
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -216,7 +229,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
         apply(cfg, values, str(path))
+        given |= set(values)
     if overrides:
         values = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
         apply(cfg, values, "--set")
+        given |= set(values)
+    if cfg.mode == "sampled":
+        apply(cfg, {k: v for k, v in SAMPLED_DEFAULTS.items() if k not in given}, "sampled-mode defaults")
     return cfg.validate()

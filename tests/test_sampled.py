@@ -33,8 +33,8 @@ from lgmrec_dist.train import make_evaluators
 
 OVERRIDES = ["embedding_size=16", "train_batch_size=256", "learning_rate=0.005", "cl_weight=0.001",
              "n_hyper_layer=2", "seed=5"]
-EXACT_SWITCHES = ["mode=sampled", "fanouts=[-1]", "hyper_refresh_steps=0", "hcl_negatives=all",
-                  "sparse_embeddings=false"]
+EXACT_SWITCHES = ["mode=sampled", "fanouts=[-1]", "hyper_refresh_steps=0", "hyper_refreshes_per_epoch=0",
+                  "hcl_negatives=all", "sparse_embeddings=false"]
 APPROX = ["fanouts=[3,2]", "hyper_refresh_steps=2", "hcl_negatives=uniform", "hcl_num_negatives=32",
           "sparse_embeddings=true"]                     # every approximation on
 Z_MAX = 5.0
@@ -423,8 +423,8 @@ def test_prefetch_workers_give_the_same_batches(tiny, one_thread):
 
 def test_config_checks():
     with pytest.raises(ConfigError, match="hyper_refresh_steps"):
-        load_config(None, ["mode=sampled", "sparse_embeddings=true"])
-    load_config(None, ["mode=sampled", "sparse_embeddings=true", "use_ghe=false"])
+        load_config(None, ["mode=sampled", "sparse_embeddings=true", "hyper_refresh_steps=0"])
+    load_config(None, ["mode=sampled", "sparse_embeddings=true", "hyper_refresh_steps=0", "use_ghe=false"])
     for bad in ("hyper_refresh_steps=-1", "hcl_num_negatives=0", "sampler_workers=-2", "hcl_negatives=some",
                 "fanouts=[0]"):
         with pytest.raises(ConfigError):
@@ -611,9 +611,55 @@ def test_row_sharded_tables_equal_replicated(tiny_dataset, tmp_path):
         assert torch.equal(value, ranks[1]["sharded"]["params"][key]), key
 
 
+def test_sampled_mode_defaults_and_exact_switches(tiny_dataset, one_thread):
+    """``mode: sampled`` alone gets the large-catalogue settings; a given key wins; SAMPLED_EXACT turns every
+    approximation off; the exact mode is untouched; the defaults train."""
+    from lgmrec_dist.config import SAMPLED_DEFAULTS, SAMPLED_EXACT
+    cfg = load_config(None, ["mode=sampled"])
+    assert all(getattr(cfg, k) == v for k, v in SAMPLED_DEFAULTS.items())
+    assert load_config(None, ["mode=sampled", "fanouts=[3]"]).fanouts == [3]
+    assert SAMPLED_EXACT == EXACT_SWITCHES      # the documented switches are the ones the exactness tests use
+    exact = load_config(None, SAMPLED_EXACT)
+    assert (exact.fanouts, exact.hyper_refresh_steps, exact.hcl_negatives, exact.sparse_embeddings) == \
+        ([-1], 0, "all", False)
+    assert load_config(None).fanouts == [-1] and load_config(None).hyper_refresh_steps == 0
+    with pytest.raises(ConfigError, match="hyper_refreshes_per_epoch"):
+        load_config(None, ["mode=sampled", "hyper_refreshes_per_epoch=-1"])
+    ds = PreparedDataset.load(tiny_dataset)
+    eng = SampledEngine(load_config(None, OVERRIDES + ["mode=sampled", "hcl_num_negatives=32"]), ds,
+                        torch.device("cpu"))
+    try:
+        users, pos, neg = (torch.from_numpy(a) for a in TripleSampler(ds.num_items, *ds.pairs(TRAIN), 5).epoch(0))
+        for b in range(3):
+            sl = slice(b * 256, (b + 1) * 256)
+            assert math.isfinite(float(eng.step(users[sl], pos[sl], neg[sl], b)["loss"]))
+    finally:
+        eng.close()
+
+
+def test_refreshes_scheduled_by_catalogue_size():
+    """The refresh interval is max(r, ceil(steps per epoch / R)): at most R + 1 full passes in any epoch,
+    whatever the number of training pairs, and r itself when R = 0 or the epoch is short."""
+    from lgmrec_dist.sampled.model import refresh_interval
+    for pairs in (1_000, 50_000, 1_234_567, 100_000_000):
+        for per_epoch in (1, 2, 5):
+            cfg = load_config(None, ["mode=sampled", "train_batch_size=2048", "hyper_refresh_steps=20",
+                                     f"hyper_refreshes_per_epoch={per_epoch}"])
+            r = refresh_interval(cfg, pairs)
+            steps = -(-pairs // 2048)
+            assert r >= 20
+            for start in range(0, 3 * steps, max(1, steps // 3)):      # any epoch, wherever it starts
+                passes = sum(1 for s in range(start, start + steps) if s % r == 0)
+                assert passes <= per_epoch + 1, (pairs, per_epoch, passes)
+            if steps <= 20 * per_epoch:
+                assert r == 20
+    assert refresh_interval(load_config(None, ["mode=sampled", "hyper_refreshes_per_epoch=0"]), 10**9) == 20
+    assert refresh_interval(load_config(None, EXACT_SWITCHES), 10**9) == 0
+
+
 def test_shard_tables_needs_the_sampled_global_terms():
     with pytest.raises(ConfigError, match="shard_tables"):
-        load_config(None, ["mode=sampled", "shard_tables=true", "hyper_refresh_steps=0"])
+        load_config(None, ["mode=sampled", "shard_tables=true", "hyper_refresh_steps=0", "sparse_embeddings=false"])
 
 
 if __name__ == "__main__":   # the torchrun workers of test_two_ranks_sampled and test_row_sharded_tables_*

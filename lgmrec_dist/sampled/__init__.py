@@ -13,9 +13,11 @@ A step of :class:`SampledLGMRec` reads only:
   users' item rows X_m[i]·V_m each step, without the |U| × d_m table), with the keyed Gumbel noise and
   dropout masks of the exact model. The A × d hyperedge messages M^m need every item:
   ``hyper_refresh_steps`` r = 0 computes them with gradient at every step (exact), r ≥ 1 recomputes
-  them from a full pass (no gradient) at steps where the cached ones are r steps old and holds their
-  value in between; with ``hyper_message_grad`` their gradient is still estimated each step from the
-  batch's negative items (straight-through, :func:`straight_through_message`);
+  them from a full pass (no gradient) at steps where the cached ones are r' steps old and holds their
+  value in between (r' = max(r, ⌈steps per epoch / ``hyper_refreshes_per_epoch``⌉): a bounded number of
+  full passes per epoch, docs/sampled.md "Refreshes scheduled by catalogue size"); with
+  ``hyper_message_grad`` their gradient is still estimated each step from the batch's negative items
+  (straight-through, :func:`straight_through_message`);
 * **HCL**: ``hcl_negatives`` "all" (exact all-user / all-item denominators), "in_batch" (the batch's
   other anchors, Horvitz-Thompson weighted by their inclusion probability), "uniform"
   (``hcl_num_negatives`` uniform draws, weighted |U|/K resp. |I|/K: the log-q correction); the positive

@@ -59,8 +59,8 @@ class SampledEngine(EngineState):
         else:
             self.optimizers = [torch.optim.Adam(params.parameters(), lr=cfg.learning_rate)]
         mem = self.model.memory_bytes()
-        log.info("sampled mode: fanouts %s, hyper_refresh_steps %d, hcl_negatives %s, sparse_embeddings %s, "
-                 "%d rank(s); held per rank: %s", self.model.sampler.fanouts, cfg.hyper_refresh_steps,
+        log.info("sampled mode: fanouts %s, message refresh every %d steps, hcl_negatives %s, sparse_embeddings %s, "
+                 "%d rank(s); held per rank: %s", self.model.sampler.fanouts, self.model.refresh_interval,
                  cfg.hcl_negatives, cfg.sparse_embeddings, self.world,
                  ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in mem.items()))
         triples = TripleSampler(ds.num_items, tu, ti, cfg.seed)

@@ -26,6 +26,18 @@ from lgmrec_dist.sampled.estimators import (NEG_ITEM_STREAM, NEG_USER_STREAM, cg
 from lgmrec_dist.sampling import BlockSampler, SampledBatch, inclusion_probability
 
 
+def refresh_interval(cfg: Config, num_pairs: int) -> int:
+    """Steps between two full message refreshes (docs/sampled.md, "Refreshes scheduled by catalogue size"):
+    ``hyper_refresh_steps`` r, stretched to ceil(steps per epoch / ``hyper_refreshes_per_epoch``) when that is
+    longer, so that a full O(|U| + |I|) pass happens a bounded number of times per epoch and its cost per
+    step stays flat as the catalogue (and with it the epoch) grows. 0 = every step, with gradient (exact)."""
+    r, per_epoch = cfg.hyper_refresh_steps, cfg.hyper_refreshes_per_epoch
+    if r == 0 or per_epoch == 0:
+        return r
+    steps_per_epoch = -(-num_pairs // cfg.train_batch_size)
+    return max(r, -(-steps_per_epoch // per_epoch))
+
+
 class SampledLGMRec:
     """The parameters of :class:`~lgmrec_dist.model.LGMRec` (same initial values) trained with sampled steps."""
 
@@ -60,6 +72,7 @@ class SampledLGMRec:
         self.user_deg, self.item_deg = deg[:num_users], deg[num_users:]
         self.num_pairs = len(graph.train_users)
         self.num_pool_items = len(np.unique(graph.train_items))    # the negatives' pool (batches.TripleSampler)
+        self.refresh_interval = refresh_interval(cfg, self.num_pairs)
         self.cache: dict | None = None   # {"step": s, "messages": [A × d per modality]} when r ≥ 1
         self._full = None                # this step's full-pass HyperEmbeddings (r = 0)
         self.leaves: list = []           # (table, rows, leaf) of this step's E^(0) rows (sparse_embeddings)
@@ -144,7 +157,7 @@ class SampledLGMRec:
 
     def _messages(self, step: int) -> list[torch.Tensor]:
         """M^m per modality: with gradient from a full pass (r = 0), else the cached full pass."""
-        m, r = self.model, self.cfg.hyper_refresh_steps
+        m, r = self.model, self.refresh_interval
         if r == 0:
             self._full = m.ghe(m.cge(), step, train=True)
             self.counts["full_pass"] = 1
