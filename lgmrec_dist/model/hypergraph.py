@@ -32,7 +32,7 @@ class HyperEmbedding:
     def nodes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Rows in node numbering (users first, then items); all nodes when ``rows`` is None."""
         h = torch.cat([self.h_user, self.h_item])
-        return (h if rows is None else h[rows]) @ self.message
+        return (h if rows is None else h.index_select(0, rows)) @ self.message  # backward: see LGMRec.fuse
 
 
 def dependencies(x: torch.Tensor, v: torch.Tensor, graph: Graph, tau: float, noise=None, masks=None,

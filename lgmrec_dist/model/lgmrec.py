@@ -217,7 +217,9 @@ class LGMRec(nn.Module):
         if self.cfg.use_mge:
             mge = [self.mge_all(m) if rows is None else self.mge_rows(m, rows) for m in self.modalities]
         g = sum(h.nodes(rows) for h in hyper) if self.cfg.use_ghe else None
-        return fuse(e_c if rows is None else e_c[rows], mge, g, self.cfg.alpha)
+        # index_select, not e_c[rows]: the same rows (distinct), but its backward is an index_add where
+        # advanced indexing's deterministic backward sorts the indices first (~2 ms a step at Baby size)
+        return fuse(e_c if rows is None else e_c.index_select(0, rows), mge, g, self.cfg.alpha)
 
     # ------------------------------------------------------------------ training / inference
     def batch_loss(self, users, pos, neg, step: int, batch_size: int | None = None) -> dict:
