@@ -20,7 +20,6 @@ their rows of the ID embeddings, of the precomputed MGE inputs Y_m and of the it
 """
 from __future__ import annotations
 
-import dgl
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -30,7 +29,7 @@ from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import features_tensor
 from lgmrec_dist.distributed.exchange import Ownership, RowExchange, all_gather, all_gather_rows
 from lgmrec_dist.distributed.reduce import all_reduce
-from lgmrec_dist.graph import csr, interaction_dgl_graph, spmm
+from lgmrec_dist.graph import csr, spmm
 from lgmrec_dist.model.cge import cge
 from lgmrec_dist.model.features import HELD_DTYPES, column_chunk, const_rows_matmul, held_matmul
 from lgmrec_dist.model.hypergraph import HyperEmbedding
@@ -44,36 +43,43 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class LocalGraph:
-    """The owned rows of Ĝ (and of R, P for owned users) as CSR blocks over [owned ; halo] columns."""
+    """The owned rows of Ĝ (and of R, P for owned users) as CSR blocks over [owned ; halo] columns.
+
+    Built from the training edges incident to the owned nodes (a partition's ``train_edges``; any superset,
+    such as every edge, gives the same graph), with no graph of the whole catalogue: the neighbourhood of an
+    owned node is complete in them, so its degree is exact, and the degrees of the halo nodes (Ĝ's weights
+    use full-graph degrees, never local ones) are fetched from their owners."""
 
     def __init__(self, own: Ownership, num_users: int, num_items: int, users: np.ndarray, items: np.ndarray,
-                 device: torch.device, graph=None):
-        """``graph``: the interaction DGL graph when the caller has it already (``interaction_dgl_graph``)."""
-        g = graph if graph is not None else interaction_dgl_graph(num_users, num_items, users, items)
-        deg = g.in_degrees().numpy().astype(np.float64)        # full-graph degrees, never sampled ones
-        owned = torch.from_numpy(own.owned)
-        block = dgl.to_block(dgl.sampling.sample_neighbors(g, owned, -1), dst_nodes=owned)
-        src_ids = block.srcdata[dgl.NID].numpy()
-        src, dst = (t.numpy() for t in block.edges())
-        n_own, n_src = len(own.owned), len(src_ids)
-        # DGL lists the halo in no fixed order; sort it so sums run in the same order in every run
-        order = np.concatenate([np.arange(n_own), n_own + np.argsort(src_ids[n_own:], kind="stable")])
-        remap = np.empty(n_src, dtype=np.int64)
-        remap[order] = np.arange(n_src)
-        src_ids, src = src_ids[order], remap[src]
+                 device: torch.device):
+        users = np.asarray(users, np.int64)
+        items = np.asarray(items, np.int64) + num_users
+        # both directions of each edge, kept where the destination is owned
+        dst, src = np.concatenate([users, items]), np.concatenate([items, users])
+        mine = own.part[dst] == own.rank
+        dst, src = dst[mine], src[mine]
+        n_own = len(own.owned)
+        halo_ids = np.unique(src[own.part[src] != own.rank])  # sorted: sums run in the same order every run
+        local_dst = own.local[dst]
+        is_halo = own.part[src] != own.rank
+        local_src = np.where(is_halo, n_own + np.searchsorted(halo_ids, src), own.local[src])
+        self.halo = RowExchange(own, halo_ids)
+        deg_own = np.bincount(local_dst, minlength=n_own).astype(np.float64)
+        deg = np.concatenate([deg_own, self.halo(torch.from_numpy(deg_own).to(device)).cpu().numpy()])
         d = 1.0 / np.sqrt(deg + 1e-7)
-        w = d[own.owned[dst]] * d[src_ids[src]]
-        self.norm_adj = csr(dst, src, w, (n_own, n_src)).to(device)
-        self.norm_adj_t = csr(src, dst, w, (n_src, n_own)).to(device)
-        is_user = own.owned[dst] < num_users                     # user rows: edges to items
-        ones, mean = np.ones(is_user.sum()), 1.0 / (deg[own.owned[dst[is_user]]] + 1e-7)
-        self.R = csr(dst[is_user], src[is_user], ones, (n_own, n_src)).to(device)
-        self.R_t = csr(src[is_user], dst[is_user], ones, (n_src, n_own)).to(device)
-        self.P = csr(dst[is_user], src[is_user], mean, (n_own, n_src)).to(device)
-        self.P_t = csr(src[is_user], dst[is_user], mean, (n_src, n_own)).to(device)
-        self.halo = RowExchange(own, src_ids[n_own:])
+        w = d[local_dst] * d[local_src]
+        n_src = n_own + len(halo_ids)
+        self.norm_adj = csr(local_dst, local_src, w, (n_own, n_src)).to(device)
+        self.norm_adj_t = csr(local_src, local_dst, w, (n_src, n_own)).to(device)
+        is_user = dst < num_users                                # user rows: edges to items
+        dst_u, src_u = local_dst[is_user], local_src[is_user]
+        ones, mean = np.ones(len(dst_u)), 1.0 / (deg_own[dst_u] + 1e-7)
+        self.R = csr(dst_u, src_u, ones, (n_own, n_src)).to(device)
+        self.R_t = csr(src_u, dst_u, ones, (n_src, n_own)).to(device)
+        self.P = csr(dst_u, src_u, mean, (n_own, n_src)).to(device)
+        self.P_t = csr(src_u, dst_u, mean, (n_src, n_own)).to(device)
         self.num_own_users = int((own.owned < num_users).sum())
-        self.num_halo = n_src - n_own
+        self.num_halo = len(halo_ids)
 
     def extend(self, x_owned: torch.Tensor) -> torch.Tensor:
         return torch.cat([x_owned, self.halo(x_owned)])

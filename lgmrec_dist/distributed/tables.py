@@ -34,10 +34,10 @@ class ShardedFeatureTables:
     """This rank's rows of E_U, E_I, X_m, Y_m and R·X_m, and the exchanges that serve other ranks' rows."""
 
     def __init__(self, cfg: Config, own: Ownership, graph: Graph, features: dict, device: torch.device,
-                 train_users: np.ndarray, train_items: np.ndarray, dgl_graph=None):
+                 train_users: np.ndarray, train_items: np.ndarray):
         self.cfg, self.own, self.num_users = cfg, own, graph.num_users
         # the owned rows of Ĝ with their halo (the exact mode's sharded CGE) for the message refreshes
-        self.graph = LocalGraph(own, graph.num_users, graph.num_items, train_users, train_items, device, dgl_graph)
+        self.graph = LocalGraph(own, graph.num_users, graph.num_items, train_users, train_items, device)
         owned = own.owned                                        # sorted global node ids of this rank
         self.owned_users = owned[owned < self.num_users]
         self.owned_items = owned[owned >= self.num_users]       # node ids (items follow the users)

@@ -42,6 +42,8 @@ TAU = 0.2  # hard-coded in the official code for both Gumbel-softmax and InfoNCE
 
 # random streams, per modality m: 4*m + kind
 GUMBEL_ITEM, GUMBEL_USER, KEEP_ITEM, KEEP_USER = range(4)
+# the initial embedding rows: their own streams at a step no training step takes
+INIT_STEP, INIT_USER, INIT_ITEM = -(1 << 30), 0, 1
 
 
 def keyed_draws(hp: ModelParams, step: int, k: int, train: bool, user_ids: torch.Tensor, item_ids: torch.Tensor):
@@ -78,17 +80,25 @@ def _xavier(rows: int, cols: int, gen: torch.Generator) -> nn.Parameter:
     return nn.Parameter(w)
 
 
+def _keyed_xavier(seed: int, stream: int, num_rows: int, ids: torch.Tensor, cols: int) -> nn.Parameter:
+    """Rows ``ids`` of a Xavier-uniform num_rows × cols table, each row drawn from its keyed stream
+    (``rng.keyed_uniform``): an owner draws its rows alone, and they equal the whole table's rows."""
+    bound = (6.0 / (num_rows + cols)) ** 0.5
+    u = rng.keyed_uniform(rng.stream_key(seed, INIT_STEP, stream), ids.to(torch.int64).cpu(), cols)
+    return nn.Parameter((2.0 * u - 1.0) * bound)
+
+
 def initial_parameters(hp: ModelParams, num_users: int, num_items: int, feature_dims: dict[str, int],
                        rows: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """(E_U, E_I, W_m, V_m) at initialisation: Xavier-uniform, drawn in this order from one generator seeded
-    by ``seed``, so every process draws the same values; ``rows`` = (user ids, item ids) keeps only those
-    rows of E_U and E_I (an owner's rows). The draw is sequential, so the tables are drawn whole and cut
-    (docs/distributed.md, "Initial values")."""
-    gen = torch.Generator().manual_seed(hp.seed)
+    """(E_U, E_I, W_m, V_m) at initialisation, Xavier-uniform (docs/distributed.md, "Initial values"): the
+    embedding rows from keyed streams (row id -> values), so ``rows`` = (user ids, item ids) draws only
+    those rows (an owner's) and every process agrees on them; W_m, V_m from one generator seeded by
+    ``seed``, in this order."""
     d, a = hp.embedding_size, hp.hyper_num
-    user, item = _xavier(num_users, d, gen), _xavier(num_items, d, gen)
-    if rows is not None:
-        user, item = nn.Parameter(user.data[rows[0]].clone()), nn.Parameter(item.data[rows[1]].clone())
+    user_ids, item_ids = rows if rows is not None else (torch.arange(num_users), torch.arange(num_items))
+    user = _keyed_xavier(hp.seed, INIT_USER, num_users, user_ids, d)
+    item = _keyed_xavier(hp.seed, INIT_ITEM, num_items, item_ids, d)
+    gen = torch.Generator().manual_seed(hp.seed)
     proj = nn.ParameterDict({m: _xavier(dm, d, gen) for m, dm in feature_dims.items()} if hp.use_mge else {})
     hyper = nn.ParameterDict({m: _xavier(dm, a, gen) for m, dm in feature_dims.items()} if hp.use_ghe else {})
     return user, item, proj, hyper

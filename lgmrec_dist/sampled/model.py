@@ -54,8 +54,7 @@ class SampledLGMRec:
         # the whole graph serves the start-up precomputation, the message refreshes and inference only
         self.tables = None               # row-sharded tables (``shard_tables``, P ranks)
         if own is not None:              # E_U, E_I, X_m, Y_m, R·X_m: this rank's rows only
-            self.tables = ShardedFeatureTables(cfg, own, graph, features, device, train_users, train_items,
-                                               dgl_graph=self.sampler.graph)
+            self.tables = ShardedFeatureTables(cfg, own, graph, features, device, train_users, train_items)
             rows = (torch.from_numpy(self.tables.owned_users), torch.from_numpy(self.tables.owned_items - num_users))
             self.model = LGMRec(self.hp, num_users, num_items, feature_dims, rows).to(device).attach(graph, self.tables)
         else:
