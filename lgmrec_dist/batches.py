@@ -18,20 +18,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from lgmrec_dist.rng import stream_key
+from lgmrec_dist.rng import keyed_hash64, mix32_np, stream_key
 
-_M32 = np.uint64(0xFFFFFFFF)
 PERMUTATION_STREAM, NEGATIVE_STREAM = 101, 102
 ROUNDS = 4
-
-
-def _mix32(x: np.ndarray) -> np.ndarray:
-    """``rng._mix32`` (lowbias32) on uint64 arrays holding 32-bit values."""
-    x = x ^ (x >> np.uint64(16))
-    x = (x * np.uint64(0x7FEB352D)) & _M32
-    x = x ^ (x >> np.uint64(15))
-    x = (x * np.uint64(0x846CA68B)) & _M32
-    return x ^ (x >> np.uint64(16))
 
 
 class KeyedPermutation:
@@ -48,9 +38,9 @@ class KeyedPermutation:
         left, right = x >> self.half, x & self.mask
         for k in (reversed(self.keys) if inverse else self.keys):
             if inverse:
-                left, right = right ^ (_mix32(left ^ k) & self.mask), left
+                left, right = right ^ (mix32_np(left ^ k) & self.mask), left
             else:
-                left, right = right, left ^ (_mix32(right ^ k) & self.mask)
+                left, right = right, left ^ (mix32_np(right ^ k) & self.mask)
         return (left << self.half) | right
 
     def _walk(self, x: np.ndarray, inverse: bool) -> np.ndarray:
@@ -66,13 +56,6 @@ class KeyedPermutation:
 
     def inverse(self, pairs: np.ndarray) -> np.ndarray:
         return self._walk(pairs, True)
-
-
-def _hash64(key: int, positions: np.ndarray, attempt: int) -> np.ndarray:
-    p = np.asarray(positions, dtype=np.uint64)
-    lo = _mix32((p & _M32) ^ np.uint64(stream_key(key, attempt, 0)))
-    hi = _mix32((p >> np.uint64(32)) ^ lo ^ np.uint64(stream_key(key, attempt, 1)))
-    return (hi << np.uint64(32)) | _mix32(lo ^ hi)
 
 
 class TripleSampler:
@@ -117,7 +100,7 @@ class TripleSampler:
         neg = np.empty(len(users), np.int64)
         bad, attempt = np.arange(len(users)), 0
         while len(bad):
-            neg[bad] = self.item_pool[(_hash64(key, positions[bad], attempt) % pool).astype(np.int64)]
+            neg[bad] = self.item_pool[(keyed_hash64(key, positions[bad], attempt) % pool).astype(np.int64)]
             bad = bad[self._is_positive(users[bad], neg[bad])]
             attempt += 1
         return neg
@@ -139,3 +122,20 @@ class TripleSampler:
         if len(self.keys) != self.total:
             raise ValueError("epoch(): this sampler holds a partition's pairs; use epoch_positions()")
         return self.epoch_positions(epoch)[1:]
+
+
+class EpochBatches:
+    """The global batches of one epoch: batch b is positions b·B .. (b+1)·B − 1. ``gather`` (a partition's
+    launch, ``distributed.partitioned.gather_batch``) puts a batch together from every rank's triples."""
+
+    def __init__(self, sampler: TripleSampler, epoch: int, device, gather=None):
+        import torch
+        self.positions, *triples = sampler.epoch_positions(epoch)
+        self.triples = [torch.from_numpy(t).to(device) for t in triples]
+        self.gather = gather
+
+    def __call__(self, b: int, batch_size: int) -> list:
+        """(users, positives, negatives) of batch ``b``."""
+        lo, hi = np.searchsorted(self.positions, [b * batch_size, (b + 1) * batch_size])
+        part = [t[lo:hi] for t in self.triples]
+        return part if self.gather is None else self.gather(self.positions[lo:hi], part)

@@ -269,6 +269,21 @@ def verify_files(path: Path, manifest: dict, checksums: bool = True) -> None:
             raise DatasetError(f"{path}: checksum mismatch for {rel} (the dataset was modified or truncated)")
 
 
+def read_manifest(path: str | Path) -> dict:
+    """The manifest of a prepared dataset (checked: present, JSON, this format version), nothing else read."""
+    path = Path(path)
+    mpath = path / MANIFEST
+    if not mpath.is_file():
+        raise DatasetError(f"{path}: not a prepared dataset (no {MANIFEST})")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, ValueError) as exc:
+        raise DatasetError(f"{mpath}: unreadable manifest ({exc})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DatasetError(f"{mpath}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+    return manifest
+
+
 @dataclass
 class PreparedDataset:
     """A loaded, verified prepared dataset. Features are memory-mapped float32 arrays."""
@@ -301,15 +316,7 @@ class PreparedDataset:
     @classmethod
     def load(cls, path: str | Path, verify: bool = True) -> "PreparedDataset":
         path = Path(path)
-        mpath = path / MANIFEST
-        if not mpath.is_file():
-            raise DatasetError(f"{path}: not a prepared dataset (no {MANIFEST})")
-        try:
-            manifest = json.loads(mpath.read_text())
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{mpath}: unreadable manifest ({exc})") from None
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise DatasetError(f"{mpath}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
+        manifest = read_manifest(path)
         verify_files(path, manifest, checksums=verify)
         table = pq.read_table(path / INTERACTIONS, columns=["user", "item", "split"])
         features = {}

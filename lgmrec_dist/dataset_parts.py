@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from lgmrec_dist.dataset import FORMAT_VERSION, MANIFEST, DatasetError, sha256_file
+from lgmrec_dist.dataset import DatasetError, read_manifest, sha256_file
 
 BOOK = "partitions/node_part.npy"
 BOOK_META = "partitions/partition.json"
@@ -69,25 +69,18 @@ class PartitionData:
     num_users: int
     num_items: int
 
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.manifest["modalities"])
+
     def pairs(self, label: int) -> tuple[np.ndarray, np.ndarray]:
-        """(users, items) of the owned users' valid (1) or test (2) rows; training (0): the local edges."""
+        """(users, items) of the owned users' training (0), valid (1) or test (2) rows (as
+        ``PreparedDataset.pairs`` restricted to them); every local training edge: ``train_users/items``."""
         if label == 0:
-            return self.train_users, self.train_items
+            mask = self.node_part[self.train_users] == self.part
+            return self.train_users[mask], self.train_items[mask]
         mask = self.eval_split == label
         return self.eval_users[mask], self.eval_items[mask]
-
-
-def _manifest(path: Path) -> dict:
-    mpath = path / MANIFEST
-    if not mpath.is_file():
-        raise DatasetError(f"{path}: not a prepared dataset (no {MANIFEST})")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (OSError, ValueError) as exc:
-        raise DatasetError(f"{mpath}: unreadable manifest ({exc})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DatasetError(f"{mpath}: format_version {manifest.get('format_version')!r}, expected {FORMAT_VERSION}")
-    return manifest
 
 
 def _verify(path: Path, manifest: dict, rel: str, part: int | None) -> Path:
@@ -114,7 +107,7 @@ def _load_ids(fpath: Path, path: Path, rel: str, k: int) -> np.ndarray:
 def open_partition(path: str | Path, k: int, world_size: int) -> PartitionData:
     """Partition ``k`` of a dataset prepared for ``world_size`` parts, reading nothing of other parts."""
     path = Path(path)
-    manifest = _manifest(path)
+    manifest = read_manifest(path)
     num_parts = int(manifest.get("partitions", 1))
     if num_parts != world_size:
         raise DatasetError(f"{path}: partitioned for P = {num_parts} (manifest 'partitions'), but opened by "

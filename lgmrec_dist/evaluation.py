@@ -24,7 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lgmrec_dist import rng
+
 MASK_SCORE = -1e10
+SAMPLE_STREAM = 103
 METRICS = ("recall", "ndcg", "precision", "map")
 
 
@@ -162,24 +165,44 @@ def finalize(sums: dict, count: int) -> dict:
     return {key: round(value / count, 4) for key, value in sums.items()}
 
 
+def keyed_user_sample(users: np.ndarray, m: int, seed: int, gather=None) -> np.ndarray:
+    """The ``m`` users (sorted) with the smallest keyed 64-bit hash of (seed, user id): a uniform sample
+    without replacement that does not depend on which process holds which users. ``gather`` (P processes,
+    each with some of the users) returns every process' candidate hashes put together, so each keeps its
+    users below the global m-th smallest."""
+    h = rng.keyed_hash64(rng.stream_key(seed, 0, SAMPLE_STREAM), users)
+    candidates = np.sort(h)[:m]
+    if gather is not None:
+        candidates = np.sort(gather(candidates))[:m]
+    if len(candidates) < m:
+        return users
+    return users[h <= candidates[-1]]
+
+
 class Evaluator:
     """Full-ranking evaluation of one held-out split (validation or test), built once from numpy pairs.
 
     Duplicate (user, item) pairs count once. Evaluated users: every distinct user of the held-out pairs,
     in ascending id order, processed ``batch_size`` users at a time — or, with ``max_users`` > 0, a fixed
-    uniform sample of that many of them (drawn once with ``seed``; every item is still ranked for each).
+    uniform sample of that many of them (:func:`keyed_user_sample`; every item is still ranked for each).
+    A process that holds only some users (a partition) passes ``gather`` (see :func:`keyed_user_sample`)
+    and gets its share of the same sample.
     """
 
     def __init__(self, num_users: int, num_items: int, train_users, train_items, heldout_users,
                  heldout_items, ks=(5, 10, 20, 50), batch_size: int = 4096, item_tile: int = 65536,
-                 max_users: int = 0, seed: int = 0):
+                 max_users: int = 0, seed: int = 0, gather=None):
         self.num_users, self.num_items = num_users, num_items
         self.ks, self.batch_size, self.item_tile = tuple(ks), batch_size, item_tile
         self.train_csr = _csr_from_pairs(num_users, num_items, train_users, train_items)
         self.heldout_csr = _csr_from_pairs(num_users, num_items, heldout_users, heldout_items)
         self.users = np.flatnonzero(np.diff(self.heldout_csr[0]) > 0)
-        if 0 < max_users < len(self.users):
-            self.users = np.sort(np.random.default_rng(seed).choice(self.users, max_users, replace=False))
+        if max_users > 0:
+            self.users = keyed_user_sample(self.users, max_users, seed, gather)
+
+    def _users(self, user_subset, user_rows) -> np.ndarray:
+        users = self.users if user_subset is None else np.intersect1d(self.users, user_subset)
+        return users if user_rows is None else np.intersect1d(users, user_rows)
 
     @torch.no_grad()
     def evaluate(self, user_emb: torch.Tensor, item_emb: torch.Tensor, user_subset=None, user_rows=None):
@@ -190,23 +213,55 @@ class Evaluator:
         ``user_rows`` (sorted user ids) says which user each row of ``user_emb`` holds when it is not the
         whole table (a rank's own users); it also restricts the evaluation to those users.
         """
-        users = self.users if user_subset is None else np.intersect1d(self.users, user_subset)
-        if user_rows is not None:
-            user_rows = np.asarray(user_rows)
-            users = np.intersect1d(users, user_rows)
+        users = self._users(user_subset, user_rows)
+        blocks = [(np.arange(item_emb.shape[0]), item_emb)]
+        sums = {}
+        for start in range(0, len(users), self.batch_size):   # one user batch at a time: O(batch) memory
+            part = self._ranked_sums(user_emb, [users[start:start + self.batch_size]], user_rows, blocks)
+            sums = {key: sums.get(key, 0.0) + value for key, value in part.items()}
+        return sums or self._ranked_sums(user_emb, [], user_rows, []), len(users)
+
+    @torch.no_grad()
+    def evaluate_blocks(self, user_emb: torch.Tensor, blocks, user_subset=None, user_rows=None):
+        """:meth:`evaluate` with the items arriving in ``blocks``, an iterable of (sorted item ids, their E*
+        rows) that together hold every item once (each rank's items passed round a ring,
+        ``distributed.ring_topk``): each user's running top-K is merged block by block, so no process holds
+        every item's row."""
+        users = self._users(user_subset, user_rows)
+        batches = [users[s:s + self.batch_size] for s in range(0, len(users), self.batch_size)]
+        return self._ranked_sums(user_emb, batches, user_rows, blocks), len(users)
+
+    def _ranked_sums(self, user_emb: torch.Tensor, batches: list, user_rows, blocks) -> dict:
+        """Metric sums of the user ``batches`` ranked against every item of ``blocks`` (consumed once)."""
+        device, k = user_emb.device, max(self.ks)
+        rows = [torch.from_numpy(b if user_rows is None else np.searchsorted(user_rows, b)).to(device) for b in batches]
+        best = [(user_emb.new_empty((len(b), 0)), torch.empty((len(b), 0), dtype=torch.long, device=device))
+                for b in batches]
+        for ids, emb in blocks:
+            if not len(ids):
+                continue
+            ids_t, emb = torch.from_numpy(ids).to(device), emb.to(device)
+            for j, batch in enumerate(batches):
+                s, i = streaming_topk(user_emb[rows[j]], emb, self._block_mask(batch, ids, device), k, self.item_tile)
+                scores, top = torch.cat([best[j][0], s], 1), torch.cat([best[j][1], ids_t[i]], 1)
+                scores, pos = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+                best[j] = (scores, torch.gather(top, 1, pos))
         sums = {f"{name}@{K}": 0.0 for K in self.ks for name in METRICS}
-        device = user_emb.device
-        item_emb = item_emb.to(device)
-        for start in range(0, len(users), self.batch_size):
-            batch = users[start:start + self.batch_size]
-            train = [torch.from_numpy(a).to(device) for a in _csr_rows(*self.train_csr, batch)]
-            rows = batch if user_rows is None else np.searchsorted(user_rows, batch)
-            _, top = streaming_topk(user_emb[torch.from_numpy(rows).to(device)], item_emb, train,
-                                    max(self.ks), self.item_tile)
+        for batch, (_, top) in zip(batches, best):
             held = [torch.from_numpy(a).to(device) for a in _csr_rows(*self.heldout_csr, batch)]
             for key, value in metric_sums(top, *held, self.ks).items():
                 sums[key] += value
-        return sums, len(users)
+        return sums
+
+    def _block_mask(self, batch: np.ndarray, ids: np.ndarray, device):
+        """The users' training items that lie in the block ``ids``, as a CSR over block positions."""
+        indptr, items = _csr_rows(*self.train_csr, batch)
+        at = np.minimum(np.searchsorted(ids, items), len(ids) - 1)
+        hit = ids[at] == items
+        row = np.repeat(np.arange(len(batch)), np.diff(indptr))
+        sub = np.zeros(len(batch) + 1, np.int64)
+        np.cumsum(np.bincount(row[hit], minlength=len(batch)), out=sub[1:])
+        return torch.from_numpy(sub).to(device), torch.from_numpy(at[hit]).to(device)
 
     def evaluate_metrics(self, user_emb: torch.Tensor, item_emb: torch.Tensor) -> dict:
         return finalize(*self.evaluate(user_emb, item_emb))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lgmrec_dist import native
@@ -71,3 +72,25 @@ def to_unit(h: torch.Tensor) -> torch.Tensor:
 def keyed_gumbel(key: int, ids: torch.Tensor, width: int) -> torch.Tensor:
     """Standard Gumbel noise -log(-log u) keyed like :func:`keyed_uniform`."""
     return -torch.log(-torch.log(keyed_uniform(key, ids, width)))
+
+
+# numpy forms of the same hash, for draws keyed by large integer ids outside torch (training triples,
+# evaluation samples): uint64 arrays holding 32-bit lanes
+_M32_NP = np.uint64(_M32)
+
+
+def mix32_np(x: np.ndarray) -> np.ndarray:
+    """:func:`_mix32` (lowbias32) on uint64 arrays of 32-bit values."""
+    x = x ^ (x >> np.uint64(16))
+    x = (x * np.uint64(0x7FEB352D)) & _M32_NP
+    x = x ^ (x >> np.uint64(15))
+    x = (x * np.uint64(0x846CA68B)) & _M32_NP
+    return x ^ (x >> np.uint64(16))
+
+
+def keyed_hash64(key: int, ids: np.ndarray, attempt: int = 0) -> np.ndarray:
+    """A 64-bit hash (uint64) of each id under ``key``; ``attempt`` gives independent re-draws."""
+    p = np.asarray(ids, dtype=np.uint64)
+    lo = mix32_np((p & _M32_NP) ^ np.uint64(stream_key(key, attempt, 0)))
+    hi = mix32_np((p >> np.uint64(32)) ^ lo ^ np.uint64(stream_key(key, attempt, 1)))
+    return (hi << np.uint64(32)) | mix32_np(lo ^ hi)

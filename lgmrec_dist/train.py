@@ -25,7 +25,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from lgmrec_dist.batches import TripleSampler
+from lgmrec_dist.batches import EpochBatches, TripleSampler
 from lgmrec_dist.checkpoint import Checkpointer, CheckpointError, RunLock, rng_state, set_rng_state
 from lgmrec_dist.config import Config, ConfigError, load_config
 from lgmrec_dist.dataset import TEST, TRAIN, VALID, PreparedDataset, atomic_write_json
@@ -90,12 +90,40 @@ def setup_logging(run_dir: Path) -> None:
     log.propagate = False
 
 
-def make_evaluators(ds: PreparedDataset, cfg: Config) -> tuple[Evaluator, Evaluator]:
+def load_dataset(data, cfg: Config, ctx=None):
+    """The whole prepared dataset, or on P ranks of a dataset partitioned for P only this rank's partition
+    (``distributed.partitioned``)."""
+    if ctx is not None:
+        from lgmrec_dist.distributed.partitioned import open_rank_partition, uses_partitions
+        if uses_partitions(data, cfg, ctx.world_size):
+            return open_rank_partition(data, ctx)
+    return PreparedDataset.load(data)
+
+
+def _partitioned(ds) -> bool:
+    from lgmrec_dist.dataset_parts import PartitionData
+    return isinstance(ds, PartitionData)
+
+
+def make_evaluators(ds, cfg: Config) -> tuple[Evaluator, Evaluator]:
+    """Validation and test evaluators of the users ``ds`` holds (every user, or a partition's)."""
+    gather = None
+    if _partitioned(ds):
+        from lgmrec_dist.distributed.partitioned import gather_hashes as gather
     tu, ti = ds.pairs(TRAIN)
     make = lambda label, users=0: Evaluator(ds.num_users, ds.num_items, tu, ti, *ds.pairs(label),  # noqa: E731
                                             ks=cfg.topk, batch_size=cfg.eval_batch_size,
-                                            item_tile=cfg.eval_item_tile, max_users=users, seed=cfg.seed)
+                                            item_tile=cfg.eval_item_tile, max_users=users, seed=cfg.seed,
+                                            gather=gather)
     return make(VALID, cfg.valid_users), make(TEST)
+
+
+def triple_sampler(ds, cfg: Config) -> tuple[TripleSampler, object]:
+    """The training triples of the pairs ``ds`` holds, and how a batch is put together (None: locally)."""
+    if _partitioned(ds):
+        from lgmrec_dist.distributed.partitioned import gather_batch, partition_triples
+        return partition_triples(ds, cfg.seed), gather_batch
+    return TripleSampler(ds.num_items, *ds.pairs(TRAIN), cfg.seed), None
 
 
 def summary_table(valid: dict, test: dict, ks: list[int]) -> str:
@@ -151,7 +179,7 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
         raise ConfigError(f"--out {run_dir} is a file, not a run directory")
     if (run_dir / "metrics.json").exists() and not overwrite:
         raise ConfigError(f"{run_dir} already holds a finished run (metrics.json); pass --overwrite to replace it")
-    ds = PreparedDataset.load(data)
+    ds = load_dataset(data, cfg, ctx)
     if ctx is None:
         device_for(cfg)
     ckpt = Checkpointer(run_dir, cfg, ds.manifest, ds.path)
@@ -232,8 +260,7 @@ def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt, cleanup, i
     n_params = engine.num_parameters()
     log.info("model: %d trainable parameters, device %s, %s, set-up %.2fs", n_params, device,
              f"{ctx.world_size} ranks ({ctx.backend})" if ctx else "1 process", time.perf_counter() - t0)
-    tu, ti = ds.pairs(TRAIN)
-    sampler = TripleSampler(ds.num_items, tu, ti, cfg.seed)
+    sampler, gather = triple_sampler(ds, cfg)
     valid_eval, test_eval = make_evaluators(ds, cfg)
     if len(valid_eval.users) < len(test_eval.users) and cfg.valid_users:
         log.info("validation on a fixed sample of %d users (valid_users); test on all %d", len(valid_eval.users),
@@ -264,19 +291,19 @@ def _train(ds, cfg, run_dir, overwrite, ctx, resume, main_rank, ckpt, cleanup, i
     while not done and loop["epoch"] < cfg.epochs:
         epoch = loop["epoch"]
         engine.train()
-        users, pos, neg = (torch.from_numpy(a).to(device) for a in sampler.epoch(epoch))
+        batches = EpochBatches(sampler, epoch, device, gather)
         t0 = time.perf_counter() - loop["epoch_elapsed"]
         bar = tqdm(range(loop["batch"], n_batches), desc=f"epoch {epoch}", leave=False, dynamic_ncols=True,
                    file=sys.stderr, mininterval=1.0, disable=not (main_rank and sys.stderr.isatty()))
         for b in bar:
-            sl = slice(b * cfg.train_batch_size, (b + 1) * cfg.train_batch_size)
-            terms = engine.step(users[sl], pos[sl], neg[sl], loop["step"])
+            users, pos, neg = batches(b, cfg.train_batch_size)
+            terms = engine.step(users, pos, neg, loop["step"])
             _check_finite(terms, loop["step"], ckpt)
             run_log.step(loop["step"], terms)
             loop["step"] += 1
             loop["batch"] = b + 1
             loop["epoch_steps"] += 1
-            loop["epoch_samples"] += len(users[sl])
+            loop["epoch_samples"] += len(users)
             loop["epoch_sums"] = {k: loop["epoch_sums"].get(k, 0.0) + v for k, v in terms.items()}
             loop["epoch_elapsed"] = time.perf_counter() - t0
             bar.set_postfix(loss=f"{terms['loss']:.4f}", refresh=False)

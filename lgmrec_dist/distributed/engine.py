@@ -6,11 +6,13 @@ import numpy as np
 import torch
 
 from lgmrec_dist.config import Config
-from lgmrec_dist.dataset import TRAIN, PreparedDataset
-from lgmrec_dist.distributed.exchange import Ownership, all_gather_rows
+from lgmrec_dist.dataset import TRAIN, PreparedDataset, features_tensor
+from lgmrec_dist.dataset_parts import PartitionData
+from lgmrec_dist.distributed.exchange import Ownership
 from lgmrec_dist.distributed.group import Context, LaunchError
 from lgmrec_dist.distributed.payload import model_payload
 from lgmrec_dist.distributed.reduce import all_reduce_, global_metrics, replicate
+from lgmrec_dist.distributed.ring_topk import ring_blocks
 from lgmrec_dist.distributed.sharded import ShardedLGMRec
 from lgmrec_dist.engine import EngineState
 from lgmrec_dist.evaluation import Evaluator
@@ -18,10 +20,13 @@ from lgmrec_dist.evaluation import Evaluator
 
 def ownership_for(ds: PreparedDataset, cfg: Config, rank: int, world: int,
                   partition: np.ndarray | None = None) -> Ownership:
-    """``partition`` (a node -> rank array) when given; else prep's partitions (partitions/node_part.npy)
-    when they were made for this many ranks, else contiguous ranges of users and items (``partitioning``)."""
+    """``partition`` (a node -> rank array) when given; a partition's book when ``ds`` is one partition
+    (``dataset_parts.PartitionData``); else prep's partitions (partitions/node_part.npy) when they were made
+    for this many ranks, else contiguous ranges of users and items (``partitioning``)."""
     if partition is not None:
         return Ownership(partition, rank, world)
+    if isinstance(ds, PartitionData):
+        return Ownership(ds.node_part, rank, world)
     parts = int(ds.manifest.get("partitions", 1) or 1)
     path = ds.path / "partitions" / "node_part.npy"
     have = path.exists() and parts > 1
@@ -44,9 +49,12 @@ class ShardedEngine(EngineState):
                  partition: np.ndarray | None = None):
         self.ctx = ctx
         self.own = ownership_for(ds, cfg, ctx.rank, ctx.world_size, partition)
-        tu, ti = ds.pairs(TRAIN)
         self.model = ShardedLGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"], self.own).to(device)
-        self.model.attach(tu, ti, ds.features)
+        if isinstance(ds, PartitionData):   # its own edges and feature rows only (docs/distributed.md)
+            edges, rows = (ds.train_users, ds.train_items), None
+        else:
+            edges, rows = ds.pairs(TRAIN), self.model.item_ids.numpy()
+        self.model.attach(*edges, {m: features_tensor(ds.features[m], rows, device) for m in self.model.modalities})
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate)
         self.module, self.optimizers = self.model, [self.optimizer]
         # W_m, V_m are replicated: DDP sums their gradients during backward; rows are updated by their owner
@@ -70,16 +78,14 @@ class ShardedEngine(EngineState):
         return model_payload(m.user_ids, m.user_embedding, m.item_ids, m.item_embedding, m.dense_parameters())
 
     def embeddings(self):
-        """This rank's users (ids, E*) and every item's E* (gathered from the owners)."""
+        """This rank's users and items: (user ids, their E*, item ids, their E*)."""
         self.model.eval()
         user_ids, user_emb, item_ids, item_emb = self.model.final_embeddings()
-        ids = torch.cat(all_gather_rows(item_ids.unsqueeze(1))).squeeze(1)
-        rows = torch.cat(all_gather_rows(item_emb))
-        items = torch.empty_like(rows)
-        items[ids] = rows
-        return user_ids.cpu().numpy(), user_emb, items
+        return user_ids.cpu().numpy(), user_emb, item_ids.cpu().numpy(), item_emb
 
     def evaluate(self, evaluator: Evaluator, emb) -> dict:
-        """Users sharded over ranks (each its own), sums and counts reduced: equal to one process."""
-        user_ids, user_emb, items = emb
-        return global_metrics(*evaluator.evaluate(user_emb, items, user_rows=user_ids), self.ctx.device)
+        """Each rank ranks its own users against the item blocks passed round the ring (``ring_topk``); sums
+        and counts reduced: equal to one process, and no rank holds every item's row."""
+        user_ids, user_emb, item_ids, item_emb = emb
+        sums = evaluator.evaluate_blocks(user_emb, ring_blocks(item_ids, item_emb), user_rows=user_ids)
+        return global_metrics(*sums, self.ctx.device)

@@ -26,7 +26,6 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from lgmrec_dist.config import Config
-from lgmrec_dist.dataset import features_tensor
 from lgmrec_dist.distributed.exchange import Ownership, RowExchange, all_gather, all_gather_rows
 from lgmrec_dist.distributed.reduce import all_reduce
 from lgmrec_dist.graph import csr, spmm
@@ -122,12 +121,13 @@ class ShardedLGMRec(nn.Module):
         self.eval_calls = 0
 
     # ------------------------------------------------------------------ set-up
-    def attach(self, train_users: np.ndarray, train_items: np.ndarray, features: dict[str, np.ndarray]):
+    def attach(self, train_users: np.ndarray, train_items: np.ndarray, features: dict[str, torch.Tensor]):
+        """The training edges incident to the owned nodes (or all of them) and the owned items' feature
+        rows X_m (tensors, in ``item_ids`` order)."""
         device = self.user_embedding.device
         self.user_ids, self.item_ids = self.user_ids.to(device), self.item_ids.to(device)
         self.graph = LocalGraph(self.own, self.num_users, self.num_items, train_users, train_items, device)
-        items = self.item_ids.cpu().numpy()
-        self.features = {m: features_tensor(features[m], items, device) for m in self.modalities}
+        self.features = features
         self.mge_y = {}
         if self.cfg.use_mge:
             self.mge_y = {m: self._mge_inputs(x) for m, x in self.features.items()}

@@ -1,0 +1,89 @@
+"""Training on a partitioned dataset (docs/distributed.md, "Training on partitions"): rank k of P opens only
+``part-k/`` and the global metadata (manifest, partition book), and builds from them what the loop needs
+with small collectives instead of whole-catalogue arrays:
+
+* :func:`uses_partitions`: whether a launch reads partitions (an exact-mode launch on P ranks of a dataset
+  prepared with ``--partitions P``, unless ``partitioning: contiguous``);
+* :func:`partition_triples`: the rank's :class:`~lgmrec_dist.batches.TripleSampler` over its users' pairs,
+  with their global pair numbers (per-user pair counts summed over ranks) and the global negative pool;
+* :func:`gather_batch`: a global batch put together from the ranks' triples by epoch position, so P ranks
+  train on the batches of one process;
+* :func:`gather_hashes`: the candidates of the evaluation's keyed user sample, from every rank.
+
+Per-node arrays (counts, the book) are allowed here; per-interaction arrays and feature rows are the rank's own.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from lgmrec_dist.batches import TripleSampler
+from lgmrec_dist.config import Config
+from lgmrec_dist.dataset import TRAIN, DatasetError, read_manifest
+from lgmrec_dist.dataset_parts import PartitionData, open_partition
+from lgmrec_dist.distributed.exchange import all_gather_rows, comm_device
+from lgmrec_dist.distributed.group import LaunchError
+
+
+def uses_partitions(data, cfg: Config, world_size: int) -> bool:
+    """A launch on P > 1 ranks of a dataset prepared for P partitions reads only its partition (exact mode);
+    ``partitioning: contiguous`` (or any other P) reads the whole dataset as before."""
+    if world_size < 2 or cfg.mode != "exact" or cfg.partitioning == "contiguous":
+        return False
+    return int(read_manifest(data).get("partitions", 1) or 1) == world_size
+
+
+def open_rank_partition(data, ctx) -> PartitionData:
+    """Rank k's partition (``dataset_parts.open_partition``: checked against the manifest and the book).
+    The ranks agree before anything else: if any rank cannot open its partition, that rank raises its
+    error (naming the partition and the file) and every other rank a LaunchError naming it, instead of
+    waiting for it at the first collective."""
+    error = None
+    try:
+        ds = open_partition(data, ctx.rank, ctx.world_size)
+    except (DatasetError, OSError) as exc:
+        error = exc
+    failed = torch.tensor([ctx.rank if error is not None else -1], device=comm_device())
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if int(failed) >= 0:
+        raise LaunchError(f"{data}: rank {int(failed)} could not open its partition (part-{int(failed)}, "
+                          f"its error names the file); no rank starts")
+    return ds
+
+
+def _all_sum(a: np.ndarray) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(comm_device())
+    dist.all_reduce(t)
+    return t.cpu().numpy()
+
+
+def partition_triples(ds: PartitionData, seed: int) -> TripleSampler:
+    """The sampler of rank k's users' training pairs, numbered as in one process (pairs in (user, item)
+    order): user u's pairs start at the number of distinct pairs of users < u, summed over ranks."""
+    users, items = ds.pairs(TRAIN)
+    keys = np.unique(users * ds.num_items + items)
+    u, i = keys // ds.num_items, keys % ds.num_items
+    counts = _all_sum(np.bincount(u, minlength=ds.num_users))      # distinct pairs per user, every rank's users
+    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    first = np.searchsorted(u, u)                                  # index of the user's first local pair
+    pair_index = start[u] + np.arange(len(u)) - first
+    pool = np.flatnonzero(_all_sum(np.bincount(i, minlength=ds.num_items)) > 0)
+    return TripleSampler(ds.num_items, u, i, seed, pair_index=pair_index, total=int(counts.sum()), item_pool=pool)
+
+
+def gather_batch(positions: np.ndarray, triples: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Every rank's triples of one batch (this rank's: ``triples`` at ``positions``), in position order."""
+    dev = triples[0].device
+    rows = torch.stack([torch.from_numpy(positions).to(dev), *triples], 1).to(comm_device())
+    every = torch.cat(all_gather_rows(rows))
+    every = every[torch.argsort(every[:, 0])].to(dev)
+    return [every[:, c] for c in range(1, every.shape[1])]
+
+
+def gather_hashes(candidates: np.ndarray) -> np.ndarray:
+    """uint64 hashes of every rank put together (the evaluation's keyed sample, ``evaluation.keyed_user_sample``)."""
+    t = torch.from_numpy(np.ascontiguousarray(candidates, np.uint64).view(np.int64)).to(comm_device())
+    return torch.cat(all_gather_rows(t.unsqueeze(1))).squeeze(1).cpu().numpy().view(np.uint64)
