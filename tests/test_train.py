@@ -103,8 +103,13 @@ def test_tampered_dataset_is_refused(tiny_dataset, tmp_path):
 
 
 def test_lgmrec_beats_id_only_ablation(signal_dataset, tmp_path):
-    """Modality features carry the planted cluster signal: reading them must pay off."""
+    """Modality features carry the planted cluster signal: reading them must pay off, by 5% of test
+    Recall@20 on the mean over three seeds. One seed's margin is a draw of the random streams: measured
+    2%-13% (1.13, 1.02, 1.10 for seeds 999, 1, 2 with one sampler; 1.05, 1.12, 1.06 with the keyed one)."""
     common = {"epochs": 10, "train_batch_size": 512, "embedding_size": 32, "num_threads": 2}
-    full = run(signal_dataset, tmp_path / "full", **common)
-    id_only = run(signal_dataset, tmp_path / "id", **common, use_mge=False, use_ghe=False)
-    assert full["test"]["recall@20"] > 1.05 * id_only["test"]["recall@20"], (full["test"], id_only["test"])
+    ratios = []
+    for seed in (999, 1, 2):
+        full = run(signal_dataset, tmp_path / f"full{seed}", **common, seed=seed)
+        id_only = run(signal_dataset, tmp_path / f"id{seed}", **common, seed=seed, use_mge=False, use_ghe=False)
+        ratios.append(full["test"]["recall@20"] / id_only["test"]["recall@20"])
+    assert sum(ratios) / len(ratios) > 1.05, ratios
