@@ -62,15 +62,17 @@ def _link_or_copy(src, dst) -> None:
         shutil.copy2(src, dst)
 
 
-def run_two_agents(node_data: list[Path], out: Path, train_args: list[str], timeout: float = 600) -> list:
-    """Start both agents, wait for them; returns [(returncode, output)] per agent."""
+def run_two_agents(node_data: list[Path], out: Path, train_args: list[str], timeout: float = 600,
+                   module: tuple = ("lgmrec_dist.train",)) -> list:
+    """Start both agents running ``python -m MODULE --data NODE_DATA --out OUT TRAIN_ARGS`` (``module``:
+    the module and any subcommand, e.g. ("lgmrec_dist", "export")); returns [(returncode, output)] per agent."""
     port, rdzv_id = _free_port(), f"lgmrec-check-{os.getpid()}"
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     procs = []
     for k, data in enumerate(node_data):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", rdzv_id,
-               "--local-addr", f"127.0.0.{k + 1}", "-m", "lgmrec_dist.train", "--data", str(data),
+               "--local-addr", f"127.0.0.{k + 1}", "-m", *module, "--data", str(data),
                "--out", str(out), *train_args]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))

@@ -213,6 +213,34 @@ def read_best_tables(run_dir: str | Path) -> tuple[dict, dict]:
     return meta, tables
 
 
+def read_best_rows(run_dir: str | Path, user_ids: np.ndarray, item_ids: np.ndarray) -> dict:
+    """The rows ``user_ids`` / ``item_ids`` (sorted) of RUNDIR/best/ and its dense parameters, without
+    putting whole tables together: each rank's file is read in turn and only the asked rows are kept
+    (a process that holds only its partition's rows, e.g. a partitioned export)."""
+    best = Path(run_dir) / "best"
+    if not (best / "meta.json").is_file():
+        raise CheckpointError(f"{run_dir}: no best model (RUNDIR/best/meta.json); has an epoch finished?")
+    meta = read_meta(best)
+    want = {"user": np.asarray(user_ids, np.int64), "item": np.asarray(item_ids, np.int64)}
+    out, found = {}, {kind: np.zeros(len(ids), bool) for kind, ids in want.items()}
+    for rank in range(meta["world_size"]):
+        part = read_sharded(best, rank)
+        out["dense"] = part["dense"]
+        for kind, ids in want.items():
+            have = part[f"{kind}_ids"].numpy()
+            rows = out.setdefault(f"{kind}_embedding",
+                                  torch.empty(len(ids), part[f"{kind}_embedding"].shape[1]))
+            at = np.searchsorted(ids, have)
+            hit = at < len(ids)
+            hit[hit] = ids[at[hit]] == have[hit]
+            rows[torch.from_numpy(at[hit])] = part[f"{kind}_embedding"][torch.from_numpy(np.flatnonzero(hit))]
+            found[kind][at[hit]] = True
+    for kind, ok in found.items():
+        if not ok.all():
+            raise CheckpointError(f"{best}: {int((~ok).sum())} {kind} rows are in none of its rank files")
+    return out
+
+
 class Checkpointer:
     """Writes step/epoch checkpoints and the best model, keeps the last K, finds the latest."""
 

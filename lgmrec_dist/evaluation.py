@@ -233,38 +233,51 @@ class Evaluator:
 
     def _ranked_sums(self, user_emb: torch.Tensor, batches: list, user_rows, blocks) -> dict:
         """Metric sums of the user ``batches`` ranked against every item of ``blocks`` (consumed once)."""
-        device, k = user_emb.device, max(self.ks)
-        rows = [torch.from_numpy(b if user_rows is None else np.searchsorted(user_rows, b)).to(device) for b in batches]
-        best = [(user_emb.new_empty((len(b), 0)), torch.empty((len(b), 0), dtype=torch.long, device=device))
-                for b in batches]
-        for ids, emb in blocks:
-            if not len(ids):
-                continue
-            ids_t, emb = torch.from_numpy(ids).to(device), emb.to(device)
-            for j, batch in enumerate(batches):
-                s, i = streaming_topk(user_emb[rows[j]], emb, self._block_mask(batch, ids, device), k, self.item_tile)
-                scores, top = torch.cat([best[j][0], s], 1), torch.cat([best[j][1], ids_t[i]], 1)
-                scores, pos = torch.topk(scores, min(k, scores.shape[1]), dim=1)
-                best[j] = (scores, torch.gather(top, 1, pos))
+        rows = [b if user_rows is None else np.searchsorted(user_rows, b) for b in batches]
+        tops = topk_over_blocks(user_emb, batches, rows, blocks, self.train_csr, max(self.ks), self.item_tile)
         sums = {f"{name}@{K}": 0.0 for K in self.ks for name in METRICS}
-        for batch, (_, top) in zip(batches, best):
-            held = [torch.from_numpy(a).to(device) for a in _csr_rows(*self.heldout_csr, batch)]
+        for batch, (_, top) in zip(batches, tops):
+            held = [torch.from_numpy(a).to(user_emb.device) for a in _csr_rows(*self.heldout_csr, batch)]
             for key, value in metric_sums(top, *held, self.ks).items():
                 sums[key] += value
         return sums
 
-    def _block_mask(self, batch: np.ndarray, ids: np.ndarray, device):
-        """The users' training items that lie in the block ``ids``, as a CSR over block positions."""
-        indptr, items = _csr_rows(*self.train_csr, batch)
-        at = np.minimum(np.searchsorted(ids, items), len(ids) - 1)
-        hit = ids[at] == items
-        row = np.repeat(np.arange(len(batch)), np.diff(indptr))
-        sub = np.zeros(len(batch) + 1, np.int64)
-        np.cumsum(np.bincount(row[hit], minlength=len(batch)), out=sub[1:])
-        return torch.from_numpy(sub).to(device), torch.from_numpy(at[hit]).to(device)
-
     def evaluate_metrics(self, user_emb: torch.Tensor, item_emb: torch.Tensor) -> dict:
         return finalize(*self.evaluate(user_emb, item_emb))
+
+
+def _block_mask(train_csr, batch: np.ndarray, ids: np.ndarray, device):
+    """The users' training items that lie in the block ``ids``, as a CSR over block positions."""
+    indptr, items = _csr_rows(*train_csr, batch)
+    at = np.minimum(np.searchsorted(ids, items), len(ids) - 1)
+    hit = ids[at] == items
+    row = np.repeat(np.arange(len(batch)), np.diff(indptr))
+    sub = np.zeros(len(batch) + 1, np.int64)
+    np.cumsum(np.bincount(row[hit], minlength=len(batch)), out=sub[1:])
+    return torch.from_numpy(sub).to(device), torch.from_numpy(at[hit]).to(device)
+
+
+@torch.no_grad()
+def topk_over_blocks(user_emb: torch.Tensor, batches: list, rows: list, blocks, train_csr, k: int,
+                     item_tile: int) -> list:
+    """Each user batch's top-k (scores, global item ids), training items masked (``train_csr`` over all
+    users and items), against every item of ``blocks`` — an iterable of (sorted item ids, E* rows) that
+    together hold every item once, consumed once (a ring of ranks' blocks, ``distributed.ring_topk``, or a
+    single block). ``rows[j]``: the rows of ``user_emb`` that hold batch j's users."""
+    device = user_emb.device
+    rows = [torch.from_numpy(np.asarray(r, np.int64)).to(device) for r in rows]
+    best = [(user_emb.new_empty((len(b), 0)), torch.empty((len(b), 0), dtype=torch.long, device=device))
+            for b in batches]
+    for ids, emb in blocks:
+        if not len(ids):
+            continue
+        ids_t, emb = torch.from_numpy(ids).to(device), emb.to(device)
+        for j, batch in enumerate(batches):
+            s, i = streaming_topk(user_emb[rows[j]], emb, _block_mask(train_csr, batch, ids, device), k, item_tile)
+            scores, top = torch.cat([best[j][0], s], 1), torch.cat([best[j][1], ids_t[i]], 1)
+            scores, pos = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+            best[j] = (scores, torch.gather(top, 1, pos))
+    return best
 
 
 class EarlyStopping:

@@ -10,7 +10,9 @@ exported recommendations are those whose test metrics metrics.json reports.
 
 Output (Parquet): DIR/users.parquet (raw_id, embedding), DIR/items.parquet (raw_id, embedding, cold),
 DIR/recommendations/part-<rank>.parquet (user, rank, item, score) with each user's training items
-excluded. Under torchrun the users are split over ranks, one part file each.
+excluded. Under torchrun the users are split over ranks, one part file each; on P ranks of a dataset
+partitioned for P each rank also holds only its partition, and users.parquet and items.parquet are
+directories of part files (:func:`export_partitioned`, docs/serving.md "Export on partitions").
 
 Cold-start items (docs/checkpoints.md): an item that was not in training has no ID embedding and no
 neighbours in Ĝ, so of E* = E_c + Σ_m rownorm(F^m) + α·rownorm(Σ_m G^m) only what its features decide
@@ -33,10 +35,20 @@ import torch.nn.functional as F
 
 from lgmrec_dist.checkpoint import CheckpointError, read_best_tables
 from lgmrec_dist.config import load_config
-from lgmrec_dist.dataset import TRAIN, DatasetError, PreparedDataset, atomic_directory, features_tensor, parse_named_paths
-from lgmrec_dist.evaluation import MASK_SCORE, _csr_from_pairs, _csr_rows, streaming_topk
+from lgmrec_dist.dataset import (ITEM_MAP, TRAIN, USER_MAP, DatasetError, PreparedDataset, atomic_directory,
+                                 features_tensor, parse_named_paths)
+from lgmrec_dist.evaluation import MASK_SCORE, _csr_from_pairs, _csr_rows, streaming_topk, topk_over_blocks
 from lgmrec_dist.graph import build_graph
 from lgmrec_dist.model import TAU, LGMRec, model_params
+
+
+def trained_dataset(run_dir: Path, data=None):
+    """The dataset a run trained on: ``data`` when given, else the path its best model records."""
+    from lgmrec_dist.checkpoint import read_meta
+    if data is not None:
+        return data
+    meta = read_meta(Path(run_dir) / "best") if (Path(run_dir) / "best" / "meta.json").is_file() else {}
+    return meta.get("dataset_path") or json.loads((Path(run_dir) / "metrics.json").read_text())["dataset"]
 
 
 def load_trained(run_dir: str | Path, data: str | Path | None = None, device="cpu"):
@@ -45,7 +57,7 @@ def load_trained(run_dir: str | Path, data: str | Path | None = None, device="cp
     best = run_dir / "best"
     meta, tables = read_best_tables(run_dir)
     cfg = load_config(run_dir / "config.yaml")
-    ds = PreparedDataset.load(data or meta.get("dataset_path") or json.loads((run_dir / "metrics.json").read_text())["dataset"])
+    ds = PreparedDataset.load(trained_dataset(run_dir, data))
     from lgmrec_dist.checkpoint import dataset_digest
     if meta.get("dataset_digest") != dataset_digest(ds.manifest):
         raise CheckpointError(f"{best} was trained on a different dataset than {ds.path}")
@@ -77,10 +89,19 @@ def recommend_users(users: np.ndarray, user_emb, item_emb, train_csr, k: int, ti
 
 def export(run_dir, out, top_k: int = 20, cold_items: str | Path | None = None, data=None, ctx=None,
            overwrite: bool = False, batch_size: int = 4096, ann: str | None = None) -> Path:
-    """Write DIR (module docstring); ``ann`` = an index kind of ``lgmrec_dist.ann``: DIR/ann/ as well."""
+    """Write DIR (module docstring); ``ann`` = an index kind of ``lgmrec_dist.ann``: DIR/ann/ as well. On P
+    ranks of a dataset partitioned for P, each rank holds only its partition (:func:`export_partitioned`)."""
     _check_k(top_k, "--top-k")
     if Path(out).exists() and not overwrite:
         raise DatasetError(f"{out} already exists (pass --overwrite to replace it)")
+    if ctx is not None:
+        from lgmrec_dist.distributed.partitioned import uses_partitions
+        path = trained_dataset(run_dir, data)
+        if uses_partitions(path, load_config(Path(run_dir) / "config.yaml"), ctx.world_size):
+            if cold_items is not None or ann is not None:
+                raise DatasetError(f"{path} is partitioned: --cold-items and --ann are not available in a "
+                                   f"partitioned export yet (run `lgmrec export` in one process for them)")
+            return export_partitioned(run_dir, out, top_k, path, ctx, overwrite, batch_size)
     model, ds = load_trained(run_dir, data)
     user_emb, item_emb = model.final_embeddings()
     item_raw = ds.raw_ids("item")
@@ -114,38 +135,96 @@ def export(run_dir, out, top_k: int = 20, cold_items: str | Path | None = None, 
         for start in range(0, len(mine), batch_size):
             users = mine[start:start + batch_size]
             scores, items = recommend_users(users, user_emb, item_emb, train_csr, top_k)
-            keep = (scores > MASK_SCORE / 2).numpy()            # training items never leave the run
-            u = np.repeat(users, items.shape[1]).reshape(items.shape)
-            r = np.tile(np.arange(1, items.shape[1] + 1), (len(users), 1))
-            parts.append(pa.table({"user": user_raw.take(pa.array(u[keep])), "rank": pa.array(r[keep], pa.int32()),
-                                   "item": item_raw.take(pa.array(items.numpy()[keep])),
-                                   "score": pa.array(scores.numpy()[keep], pa.float32())}))
+            parts.append(_recommendation_table(users, scores, items, user_raw, item_raw))
         (tmp / "recommendations").mkdir(exist_ok=True)
         pq.write_table(pa.concat_tables(parts) if parts else pa.table({}), tmp / "recommendations" / f"part-{rank}.parquet")
 
+    _write_on_ranks(out, overwrite, ctx, write)
+    return out
+
+
+def _write_on_ranks(out: Path, overwrite: bool, ctx, write) -> None:
+    """``write(tmp)`` on every rank into one temporary directory that replaces ``out`` when all are done
+    (one process: ``atomic_directory``)."""
     if ctx is None:
         with atomic_directory(out, overwrite) as tmp:
             write(tmp)
-    else:  # every rank writes its part into rank 0's temporary directory, rank 0 renames it
-        import torch.distributed as dist
-        from lgmrec_dist.checkpoint import _barrier
-        tmp = out.parent / f".{out.name}.tmp-export"
-        if rank == 0:
-            if out.exists() and not overwrite:
-                raise DatasetError(f"{out} already exists (pass --overwrite to replace it)")
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "recommendations").mkdir(parents=True)
-        _barrier()
-        write(tmp)
-        _barrier()
-        if rank == 0:
-            import os
-            import shutil
-            if out.exists():
-                shutil.rmtree(out)
-            os.replace(tmp, out)
-        dist.barrier()
+        return
+    import shutil
+
+    import torch.distributed as dist
+
+    from lgmrec_dist.checkpoint import _barrier
+    tmp = out.parent / f".{out.name}.tmp-export"
+    if ctx.rank == 0:
+        if out.exists() and not overwrite:
+            raise DatasetError(f"{out} already exists (pass --overwrite to replace it)")
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "recommendations").mkdir(parents=True)
+    _barrier()
+    write(tmp)
+    _barrier()
+    if ctx.rank == 0:
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    dist.barrier()
+
+
+def _recommendation_table(users: np.ndarray, scores: torch.Tensor, items: torch.Tensor, user_raw, item_raw) -> pa.Table:
+    """(user, rank, item, score) rows of the users' top lists; masked training items never leave the run."""
+    keep = (scores > MASK_SCORE / 2).cpu().numpy()
+    items, scores = items.cpu().numpy(), scores.cpu().numpy()
+    u = np.repeat(users, items.shape[1]).reshape(items.shape)
+    r = np.tile(np.arange(1, items.shape[1] + 1), (len(users), 1))
+    return pa.table({"user": user_raw.take(pa.array(u[keep])), "rank": pa.array(r[keep], pa.int32()),
+                     "item": item_raw.take(pa.array(items[keep])), "score": pa.array(scores[keep], pa.float32())})
+
+
+def export_partitioned(run_dir, out, top_k: int, data, ctx, overwrite: bool = False, batch_size: int = 4096) -> Path:
+    """The export of a run on a partitioned dataset, rank k of P holding only partition k (docs/serving.md,
+    "Export on partitions"): its rows of the best model, E* of its users and items, its users' top-K
+    against the item blocks passed round the ring. Writes DIR/users.parquet/part-k.parquet,
+    DIR/items.parquet/part-k.parquet (directories of parts: read them as one table) and
+    DIR/recommendations/part-k.parquet."""
+    from lgmrec_dist.checkpoint import dataset_digest, read_best_rows, read_meta
+    from lgmrec_dist.distributed.partitioned import open_rank_partition
+    from lgmrec_dist.distributed.ring_topk import ring_blocks
+    from lgmrec_dist.engines import build_engine
+
+    _check_k(top_k, "--top-k")
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = load_config(run_dir / "config.yaml")
+    ds = open_rank_partition(data, ctx)
+    if read_meta(run_dir / "best").get("dataset_digest") != dataset_digest(ds.manifest):
+        raise CheckpointError(f"{run_dir / 'best'} was trained on a different dataset than {ds.path}")
+    engine = build_engine(cfg, ds, ctx)
+    m = engine.model
+    best = read_best_rows(run_dir, m.user_ids.cpu().numpy(), m.item_ids.cpu().numpy())
+    with torch.no_grad():
+        params = dict(m.named_parameters())
+        m.user_embedding.copy_(best["user_embedding"])
+        m.item_embedding.copy_(best["item_embedding"])
+        for name, value in best["dense"].items():
+            params[f"dense.{name}"].copy_(value)
+    user_ids, user_emb, item_ids, item_emb = engine.embeddings()
+    train_csr = _csr_from_pairs(ds.num_users, ds.num_items, *ds.pairs(TRAIN))
+    batches = [user_ids[s:s + batch_size] for s in range(0, len(user_ids), batch_size)]
+    rows = [np.arange(s, s + len(b)) for s, b in zip(range(0, len(user_ids), batch_size), batches)]
+    tops = topk_over_blocks(user_emb, batches, rows, ring_blocks(item_ids, item_emb), train_csr, top_k,
+                            cfg.eval_item_tile)
+    user_raw, item_raw = (pq.read_table(ds.path / f, columns=["raw_id"])["raw_id"] for f in (USER_MAP, ITEM_MAP))
+
+    def write(tmp: Path) -> None:
+        k = ctx.rank
+        for name, raw, ids, emb in (("users", user_raw, user_ids, user_emb), ("items", item_raw, item_ids, item_emb)):
+            (tmp / f"{name}.parquet").mkdir(exist_ok=True)
+            extra = {"cold": np.zeros(len(ids), bool)} if name == "items" else None
+            pq.write_table(_embedding_table(raw.take(pa.array(ids)), emb, extra), tmp / f"{name}.parquet" / f"part-{k}.parquet")
+        parts = [_recommendation_table(b, s, i, user_raw, item_raw) for b, (s, i) in zip(batches, tops)]
+        pq.write_table(pa.concat_tables(parts) if parts else pa.table({}), tmp / "recommendations" / f"part-{k}.parquet")
+
+    _write_on_ranks(out, overwrite, ctx, write)
     return out
 
 

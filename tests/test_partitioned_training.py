@@ -11,6 +11,8 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ from data_prep.prep import prep
 from data_prep.synth_parquet import make_parquet_synthetic
 from lgmrec_dist.checkpoint import read_best_tables
 from lgmrec_dist.config import load_config
+from lgmrec_dist.export import export
 from lgmrec_dist.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,13 +45,24 @@ def _args(settings: dict) -> list[str]:
     return ["--config", str(ROOT / "configs" / "demo.yaml"), *(a for k, v in settings.items() for a in ("--set", f"{k}={v}"))]
 
 
-def test_two_nodes_on_their_partitions_equal_one_process(parted, tmp_path):
-    nodes = isolated_copies(parted, tmp_path / "nodes")
-    assert not (nodes[1] / "part-0").exists() and not (nodes[0] / "interactions.parquet").exists()
-    results = run_two_agents(nodes, tmp_path / "run2", _args(SETTINGS), timeout=300)
+def _assert_ok(results):
     assert all(rc == 0 for rc, _ in results), results[0][1][-3000:] + results[1][1][-3000:]
+
+
+@pytest.fixture(scope="module")
+def two_node_run(parted, tmp_path_factory):
+    """(node directories, run directory) of a 2-epoch run by two agents on isolated node copies."""
+    root = tmp_path_factory.mktemp("two-nodes")
+    nodes = isolated_copies(parted, root / "nodes")
+    assert not (nodes[1] / "part-0").exists() and not (nodes[0] / "interactions.parquet").exists()
+    _assert_ok(run_two_agents(nodes, root / "run2", _args(SETTINGS), timeout=300))
+    return nodes, root / "run2"
+
+
+def test_two_nodes_on_their_partitions_equal_one_process(parted, two_node_run, tmp_path):
+    run2 = two_node_run[1]
     one = train(parted, load_config("configs/demo.yaml", SETTINGS), tmp_path / "run1")
-    two = json.loads((tmp_path / "run2" / "metrics.json").read_text())
+    two = json.loads((run2 / "metrics.json").read_text())
     assert two["world_size"] == 2 and two["steps"] == one["steps"]
     assert two["train_loss"] == pytest.approx(one["train_loss"], rel=1e-5)
     for split in ("valid", "test"):
@@ -58,11 +72,41 @@ def test_two_nodes_on_their_partitions_equal_one_process(parted, tmp_path):
             # way after the ranks' partial sums (seen: precision@20 0.0312 / 0.0313), so one unit of the last
             assert abs(two[split][key] - value) <= 1e-4 + 1e-12, (split, key)
     _, t1 = read_best_tables(tmp_path / "run1")
-    _, t2 = read_best_tables(tmp_path / "run2")
+    _, t2 = read_best_tables(run2)
     for key in ("user_embedding", "item_embedding"):
         assert torch.allclose(t2[key], t1[key], rtol=1e-4, atol=1e-6), key
     for key, value in t1["dense"].items():
         assert torch.allclose(t2["dense"][key], value, rtol=1e-4, atol=1e-6), key
+
+
+def _by_raw_id(path):
+    t = pq.read_table(path).sort_by("raw_id")
+    return t["raw_id"].to_pylist(), torch.tensor(np.stack(t["embedding"].to_numpy(zero_copy_only=False)))
+
+
+def test_partitioned_export_equals_the_single_process_export(parted, two_node_run, tmp_path):
+    """Each rank exports its users and items and its users' top-K (items round the ring) from its partition
+    alone: the same embeddings and recommendations as one process exporting the same run."""
+    nodes, run2 = two_node_run
+    _assert_ok(run_two_agents(nodes, tmp_path / "exp2", ["--run-dir", str(run2), "--top-k", "10"], timeout=300,
+                              module=("lgmrec_dist", "export")))
+    export(run2, tmp_path / "exp1", top_k=10, data=parted)
+    assert sorted(p.name for p in (tmp_path / "exp2" / "users.parquet").iterdir()) == ["part-0.parquet", "part-1.parquet"]
+    for name in ("users", "items"):
+        ids1, emb1 = _by_raw_id(tmp_path / "exp1" / f"{name}.parquet")
+        ids2, emb2 = _by_raw_id(tmp_path / "exp2" / f"{name}.parquet")
+        assert ids1 == ids2 and torch.allclose(emb1, emb2, atol=1e-5), name
+    key = ["user", "rank"]
+    r1 = pq.read_table(tmp_path / "exp1" / "recommendations").sort_by([(k, "ascending") for k in key])
+    r2 = pq.read_table(tmp_path / "exp2" / "recommendations").sort_by([(k, "ascending") for k in key])
+    assert r1["user"].to_pylist() == r2["user"].to_pylist() and r1["rank"].to_pylist() == r2["rank"].to_pylist()
+    s1, s2 = r1["score"].to_numpy(), r2["score"].to_numpy()
+    assert np.allclose(s1, s2, atol=1e-4)
+    # the same item at each rank, except where two scores are within float noise of each other
+    gap = np.minimum(np.abs(np.diff(s1, prepend=np.inf)), np.abs(np.diff(s1, append=-np.inf)))
+    clear = gap > 1e-4
+    assert clear.mean() > 0.9
+    assert (np.array(r1["item"].to_pylist())[clear] == np.array(r2["item"].to_pylist())[clear]).all()
 
 
 @pytest.mark.parametrize("damage", ["missing part", "truncated file"])
