@@ -79,6 +79,9 @@ class LocalGraph:
         self.P_t = csr(src_u, dst_u, mean, (n_src, n_own)).to(device)
         self.num_own_users = int((own.owned < num_users).sum())
         self.num_halo = len(halo_ids)
+        # every rank must take the same number of column chunks (each one is a halo exchange): size them by
+        # the whole node count, not by the rank's own rows
+        self.chunk = column_chunk(num_users + num_items)
 
     def extend(self, x_owned: torch.Tensor) -> torch.Tensor:
         return torch.cat([x_owned, self.halo(x_owned)])
@@ -87,10 +90,33 @@ class LocalGraph:
         """Owned rows of Ĝ·x, with the halo rows fetched from their owners."""
         return spmm(self.norm_adj, self.norm_adj_t, self.extend(x_owned))
 
+    def _node_rows(self, x_items: torch.Tensor) -> torch.Tensor:
+        """Owned-node rows: zero for the users, ``x_items`` for the items."""
+        return torch.cat([x_items.new_zeros((self.num_own_users, *x_items.shape[1:])), x_items])
+
     def user_sums(self, x_items: torch.Tensor) -> torch.Tensor:
         """Owned users' rows of R·x from the owned items' rows ``x_items`` (halo items fetched)."""
-        x = torch.cat([x_items.new_zeros((self.num_own_users, *x_items.shape[1:])), x_items])
-        return spmm(self.R, self.R_t, self.extend(x))[:self.num_own_users]
+        return spmm(self.R, self.R_t, self.extend(self._node_rows(x_items)))[:self.num_own_users]
+
+    @torch.no_grad()
+    def mge_inputs(self, x_items: torch.Tensor, n_layers: int, dtype: torch.dtype) -> torch.Tensor:
+        """Owned rows of Y = Ĝ^K [P·X ; X] (as ``mge.mge_inputs``, with halo exchange), held in ``dtype``."""
+        out = torch.empty(self.norm_adj.shape[0], x_items.shape[1], device=x_items.device, dtype=dtype)
+        for c in range(0, x_items.shape[1], self.chunk):
+            x = self._node_rows(x_items[:, c:c + self.chunk].contiguous())
+            y = torch.sparse.mm(self.P, self.extend(x)) + x
+            for _ in range(n_layers):
+                y = torch.sparse.mm(self.norm_adj, self.extend(y))
+            out[:, c:c + self.chunk] = y
+        return out
+
+    @torch.no_grad()
+    def user_feature_sums(self, x_items: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Owned users' rows of R·X (as ``features.user_feature_sums``), in column chunks, held in ``dtype``."""
+        out = torch.empty(self.num_own_users, x_items.shape[1], device=x_items.device, dtype=dtype)
+        for c in range(0, x_items.shape[1], self.chunk):
+            out[:, c:c + self.chunk] = self.user_sums(x_items[:, c:c + self.chunk].contiguous())
+        return out
 
 
 class DenseParams(nn.Module):
@@ -105,7 +131,10 @@ class DenseParams(nn.Module):
 
 
 class ShardedLGMRec(nn.Module):
-    def __init__(self, cfg: Config, num_users: int, num_items: int, feature_dims: dict[str, int], own: Ownership):
+    def __init__(self, cfg: Config, num_users: int, num_items: int, feature_dims: dict[str, int], own: Ownership,
+                 params: tuple | None = None):
+        """``params`` = (E_U rows, E_I rows, W_m dict, V_m dict) to share another model's parameters (the
+        sampled mode's sharded tables run their inference through this model), else the initial values."""
         super().__init__()
         self.cfg, self.hp, self.own = cfg, model_params(cfg), own
         self.num_users, self.num_items = num_users, num_items
@@ -115,7 +144,7 @@ class ShardedLGMRec(nn.Module):
         self.item_ids = owned[owned >= num_users] - num_users
         self.n_own_users = len(self.user_ids)
         # the single-process model's initial values, this rank's rows of E_U and E_I
-        self.user_embedding, self.item_embedding, proj, hyper = initial_parameters(
+        self.user_embedding, self.item_embedding, proj, hyper = params or initial_parameters(
             self.hp, num_users, num_items, feature_dims, (self.user_ids, self.item_ids))
         self.dense = DenseParams(proj, hyper)
         self.eval_calls = 0
@@ -130,29 +159,16 @@ class ShardedLGMRec(nn.Module):
         self.features = features
         self.mge_y = {}
         if self.cfg.use_mge:
-            self.mge_y = {m: self._mge_inputs(x) for m, x in self.features.items()}
+            dtype = HELD_DTYPES[self.cfg.feature_dtype]
+            self.mge_y = {m: self.graph.mge_inputs(x, self.cfg.n_mm_layers, dtype) for m, x in self.features.items()}
         return self
 
-    def _node_rows(self, item_rows: torch.Tensor) -> torch.Tensor:
-        """Owned-node tensor with zero user rows and the given item rows."""
-        return torch.cat([item_rows.new_zeros((self.n_own_users, *item_rows.shape[1:])), item_rows])
-
-    @torch.no_grad()
-    def _mge_inputs(self, x_items: torch.Tensor) -> torch.Tensor:
-        """Owned rows of Y = Ĝ^K [P·X ; X] (as ``mge.mge_inputs``, row-sharded with halo exchange)."""
-        g = self.graph
-        out = torch.empty(self.n_own_users + len(self.item_ids), x_items.shape[1], device=x_items.device,
-                          dtype=HELD_DTYPES[self.cfg.feature_dtype])
-        # every rank must take the same number of chunks (each one is a halo exchange): size them by N, not by
-        # the rank's own rows
-        chunk = column_chunk(self.num_users + self.num_items)
-        for c in range(0, x_items.shape[1], chunk):
-            x = self._node_rows(x_items[:, c:c + chunk].contiguous())
-            y = torch.sparse.mm(g.P, g.extend(x)) + x
-            for _ in range(self.cfg.n_mm_layers):
-                y = torch.sparse.mm(g.norm_adj, g.extend(y))
-            out[:, c:c + chunk] = y
-        return out
+    def use(self, graph: LocalGraph, features: dict[str, torch.Tensor], mge_y: dict[str, torch.Tensor]):
+        """:meth:`attach` with the pieces already built elsewhere (the sampled mode's sharded tables)."""
+        device = self.user_embedding.device
+        self.user_ids, self.item_ids = self.user_ids.to(device), self.item_ids.to(device)
+        self.graph, self.features, self.mge_y = graph, features, mge_y
+        return self
 
     def state_bytes(self) -> dict:
         """Bytes this rank holds for graph, embeddings (with Adam's two moments) and features."""

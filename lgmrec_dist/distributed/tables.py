@@ -21,41 +21,32 @@ import numpy as np
 import torch
 
 from lgmrec_dist.config import Config
-from lgmrec_dist.dataset import features_tensor
 from lgmrec_dist.distributed.exchange import Ownership, RowExchange, all_gather_rows
 from lgmrec_dist.distributed.sharded import LocalGraph
-from lgmrec_dist.graph import Graph
 from lgmrec_dist.model.cge import cge
-from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul, held_matmul, user_feature_sums
-from lgmrec_dist.model.mge import mge_inputs
+from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul, held_matmul
 
 
 class ShardedFeatureTables:
     """This rank's rows of E_U, E_I, X_m, Y_m and R·X_m, and the exchanges that serve other ranks' rows."""
 
-    def __init__(self, cfg: Config, own: Ownership, graph: Graph, features: dict, device: torch.device,
-                 train_users: np.ndarray, train_items: np.ndarray):
-        self.cfg, self.own, self.num_users = cfg, own, graph.num_users
-        # the owned rows of Ĝ with their halo (the exact mode's sharded CGE) for the message refreshes
-        self.graph = LocalGraph(own, graph.num_users, graph.num_items, train_users, train_items, device)
+    def __init__(self, cfg: Config, own: Ownership, num_users: int, num_items: int, features: dict,
+                 device: torch.device, train_users: np.ndarray, train_items: np.ndarray):
+        """``features``: X_m rows of the owned items (tensors, in item id order); ``train_users/items``: the
+        training edges incident to the owned nodes (a partition's, or all of them)."""
+        self.cfg, self.own, self.num_users = cfg, own, num_users
+        # the owned rows of Ĝ with their halo (the exact mode's sharded CGE): the precomputation of Y_m and
+        # R·X_m from the owned X_m rows, and the message refreshes
+        self.graph = LocalGraph(own, num_users, num_items, train_users, train_items, device)
         owned = own.owned                                        # sorted global node ids of this rank
         self.owned_users = owned[owned < self.num_users]
         self.owned_items = owned[owned >= self.num_users]       # node ids (items follow the users)
-        item_rows = torch.from_numpy(self.owned_items - self.num_users)
         dtype = HELD_DTYPES[cfg.feature_dtype]
-        self.x, self.y, self.rx = {}, {}, {}
-        for m, arr in features.items():
-            # the whole X_m is needed once, to precompute this rank's rows of Y_m and R·X_m
-            full = features_tensor(arr, device=device)
-            self.x[m] = full[item_rows.to(device)].contiguous()
-            if cfg.use_mge:
-                self.y[m] = mge_inputs(graph, full, cfg.n_mm_layers, dtype=dtype,
-                                       rows=torch.from_numpy(owned).to(device))
-            if cfg.use_ghe and cfg.user_feature_table:
-                self.rx[m] = user_feature_sums(graph, full, dtype=dtype,
-                                               rows=torch.from_numpy(self.owned_users).to(device))
-            del full
-        self.owned_item_ids = item_rows.to(device)               # item numbering
+        self.x = dict(features)
+        self.y = {m: self.graph.mge_inputs(x, cfg.n_mm_layers, dtype) for m, x in self.x.items()} if cfg.use_mge else {}
+        self.rx = ({m: self.graph.user_feature_sums(x, dtype) for m, x in self.x.items()}
+                   if cfg.use_ghe and cfg.user_feature_table else {})
+        self.owned_item_ids = torch.from_numpy(self.owned_items - self.num_users).to(device)   # item numbering
 
     def _products(self, node_ids: torch.Tensor, source_ids: np.ndarray | None, table: torch.Tensor,
                   w: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,8 @@ A step of :class:`SampledLGMRec` reads only:
 With fanouts [-1], r = 0, "all" and dense Adam the step equals the exact model's (tests/test_sampled.py),
 in one process and on P ranks (:class:`SampledEngine`, data-parallel with replicated parameters; with
 ``shard_tables`` the tables are row-sharded instead, :mod:`lgmrec_dist.distributed.tables`).
-Evaluation uses the exact full-graph inference (``LGMRec.final_embeddings``) with the trained parameters.
+Evaluation uses the exact inference with the trained parameters: full-graph (``LGMRec.final_embeddings``),
+or with sharded tables the exact distributed model's, of each rank's own rows.
 
 Modules: ``model`` (the step, :class:`SampledLGMRec`), ``estimators`` (sampled CGE, contrastive
 denominators, straight-through message gradient), ``row_adam`` (lazy Adam), ``accounting`` (bytes held and

@@ -15,6 +15,7 @@ from lgmrec_dist.distributed.engine import ownership_for
 from lgmrec_dist.distributed.exchange import CommStats, all_gather_rows
 from lgmrec_dist.distributed.payload import model_payload
 from lgmrec_dist.distributed.reduce import global_metrics, global_terms, sync_gradients
+from lgmrec_dist.distributed.ring_topk import ring_blocks
 from lgmrec_dist.engine import EngineState
 from lgmrec_dist.evaluation import Evaluator
 from lgmrec_dist.sampled.model import SampledLGMRec
@@ -142,12 +143,21 @@ class SampledEngine(EngineState):
     # ------------------------------------------------------------------ inference, state
     def embeddings(self):
         self.model.model.eval()
-        return self.model.final_embeddings()
+        emb = self.model.final_embeddings()
+        if self.model.tables is not None:       # this rank's rows: (user ids, E*, item ids, E*)
+            user_ids, user_emb, item_ids, item_emb = emb
+            return user_ids.cpu().numpy(), user_emb, item_ids.cpu().numpy(), item_emb
+        return emb
 
     def evaluate(self, evaluator: Evaluator, emb) -> dict:
-        """Users sharded over ranks (every P-th), sums and counts reduced: equal to one process."""
+        """Users sharded over ranks (every P-th; with sharded tables each rank's own, items round the ring),
+        sums and counts reduced: equal to one process."""
         if self.world == 1:
             return evaluator.evaluate_metrics(*emb)
+        if self.model.tables is not None:
+            user_ids, user_emb, item_ids, item_emb = emb
+            sums = evaluator.evaluate_blocks(user_emb, ring_blocks(item_ids, item_emb), user_rows=user_ids)
+            return global_metrics(*sums, self.device)
         mine = np.arange(self.rank, self.model.num_users, self.world)
         return global_metrics(*evaluator.evaluate(*emb, user_subset=mine), self.device)
 

@@ -13,6 +13,7 @@ from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import features_tensor
 from lgmrec_dist.distributed.exchange import Ownership
 from lgmrec_dist.distributed.reduce import all_reduce, all_reduce_
+from lgmrec_dist.distributed.sharded import ShardedLGMRec
 from lgmrec_dist.distributed.tables import ShardedFeatureTables
 from lgmrec_dist.graph import build_graph
 from lgmrec_dist.model.features import HELD_DTYPES
@@ -54,9 +55,16 @@ class SampledLGMRec:
         # the whole graph serves the start-up precomputation, the message refreshes and inference only
         self.tables = None               # row-sharded tables (``shard_tables``, P ranks)
         if own is not None:              # E_U, E_I, X_m, Y_m, R·X_m: this rank's rows only
-            self.tables = ShardedFeatureTables(cfg, own, graph, features, device, train_users, train_items)
+            items = own.owned[own.owned >= num_users] - num_users
+            owned_x = {m: features_tensor(features[m], items, device) for m in feature_dims}
+            self.tables = ShardedFeatureTables(cfg, own, num_users, num_items, owned_x, device, train_users, train_items)
             rows = (torch.from_numpy(self.tables.owned_users), torch.from_numpy(self.tables.owned_items - num_users))
             self.model = LGMRec(self.hp, num_users, num_items, feature_dims, rows).to(device).attach(graph, self.tables)
+            # inference of the owned rows only, through the exact distributed model on the same parameters
+            m = self.model
+            self.owned = ShardedLGMRec(cfg, num_users, num_items, feature_dims, own,
+                                       params=(m.user_embedding, m.item_embedding, m.proj, m.hyper))
+            self.owned.use(self.tables.graph, self.tables.x, self.tables.y)
         else:
             self.model = LGMRec(self.hp, num_users, num_items, feature_dims).to(device)
             self.model.attach(graph, {m: features_tensor(features[m], device=device) for m in feature_dims})
@@ -206,10 +214,16 @@ class SampledLGMRec:
         return (messages, coupling) if with_coupling else messages
 
     @torch.no_grad()
-    def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """E* of every user and item at inference (``LGMRec.final_embeddings``; with sharded tables the
-        rows and feature products come from their owners, through the model's feature source)."""
-        return self.model.final_embeddings()
+    def final_embeddings(self) -> tuple:
+        """E* at inference (``LGMRec.final_embeddings``): of every user and item, or with sharded tables of
+        this rank's only, as (user ids, their E*, item ids, their E*) — computed by the exact distributed
+        model (halo CGE, partial messages all-reduced) on the same parameters, no table gathered."""
+        if self.tables is None:
+            return self.model.final_embeddings()
+        self.owned.eval_calls = self.model.eval_calls          # the keyed inference noise counts on
+        out = self.owned.final_embeddings()
+        self.model.eval_calls = self.owned.eval_calls
+        return out
 
     def full_ego(self) -> torch.Tensor | None:
         """[E_U ; E_I] gathered from the ranks with row-sharded tables; None = the model's own tables."""
