@@ -13,6 +13,7 @@ from lgmrec_dist.batches import TripleSampler
 from lgmrec_dist.config import load_config
 from lgmrec_dist.dataset import TRAIN, PreparedDataset
 from lgmrec_dist.distributed.group import init_process_group
+from lgmrec_dist.distributed.sharded import LocalGraph
 from lgmrec_dist.engines import build_engine
 from lgmrec_dist.train import make_evaluators
 
@@ -31,6 +32,11 @@ def main(data, out, ownership, steps, overrides):
     with torch.no_grad():
         cge0 = m.cge().clone()
     tu, ti = ds.pairs(TRAIN)
+    # interactions are a set: the same pairs logged twice (and in another order) make the same local graph
+    twice = LocalGraph(m.own, ds.num_users, ds.num_items, np.concatenate([tu, tu[::-1]]),
+                       np.concatenate([ti, ti[::-1]]), torch.device("cpu"))
+    same_graph = all(torch.equal(getattr(twice, k).to_dense(), getattr(m.graph, k).to_dense())
+                     for k in ("norm_adj", "R", "P"))
     users, pos, neg = (torch.from_numpy(a) for a in TripleSampler(ds.num_items, tu, ti, cfg.seed).epoch(0))
     losses = []
     for b in range(steps):
@@ -44,7 +50,7 @@ def main(data, out, ownership, steps, overrides):
                 "dense": {k: v.detach() for k, v in m.dense.state_dict().items()},
                 "dense_grad": {k: v.grad.clone() for k, v in m.dense_parameters().items()},   # of the last step
                 "valid": eng.evaluate(valid_eval, emb), "test": eng.evaluate(test_eval, emb),
-                "halo": m.graph.num_halo}, f"{out}/rank{ctx.rank}.pt")
+                "halo": m.graph.num_halo, "same_graph_with_duplicates": same_graph}, f"{out}/rank{ctx.rank}.pt")
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

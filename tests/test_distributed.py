@@ -74,6 +74,7 @@ def test_two_ranks_match_one_process(two_ranks, tiny_dataset):
     # sharded full-fanout CGE == full-graph CGE, row by row
     for r in two_ranks:
         assert r["halo"] > 0  # the partition really cuts the graph
+        assert r["same_graph_with_duplicates"]
         assert torch.allclose(r["cge0"], cge0[r["owned"]], atol=1e-6)
     assert sorted(torch.cat([r["owned"] for r in two_ranks]).tolist()) == list(range(ds.num_users + ds.num_items))
     # the same loss at every step (float reassociation across ranks only)

@@ -51,8 +51,9 @@ class LocalGraph:
 
     def __init__(self, own: Ownership, num_users: int, num_items: int, users: np.ndarray, items: np.ndarray,
                  device: torch.device):
-        users = np.asarray(users, np.int64)
-        items = np.asarray(items, np.int64) + num_users
+        # interactions are a set (docs/model.md §1.3): a pair logged twice is one edge
+        keys = np.unique(np.asarray(users, np.int64) * num_items + np.asarray(items, np.int64))
+        users, items = keys // num_items, keys % num_items + num_users
         # both directions of each edge, kept where the destination is owned
         dst, src = np.concatenate([users, items]), np.concatenate([items, users])
         mine = own.part[dst] == own.rank

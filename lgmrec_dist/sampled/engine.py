@@ -14,7 +14,8 @@ from lgmrec_dist.dataset import TRAIN, PreparedDataset
 from lgmrec_dist.distributed.engine import ownership_for
 from lgmrec_dist.distributed.exchange import CommStats, all_gather_rows
 from lgmrec_dist.distributed.payload import model_payload
-from lgmrec_dist.distributed.reduce import global_metrics, global_terms, sync_gradients
+from lgmrec_dist.distributed.reduce import global_metrics, global_terms, replicate, sync_gradients
+from lgmrec_dist.distributed.sharded import DenseParams
 from lgmrec_dist.distributed.ring_topk import ring_blocks
 from lgmrec_dist.engine import EngineState
 from lgmrec_dist.evaluation import Evaluator
@@ -52,6 +53,8 @@ class SampledEngine(EngineState):
         self.model.world = self.world
         params = self.module = self.model.model
         self.dense_params = list(params.dense_parameters().values())
+        # W_m, V_m are replicated on every rank: DDP sums their gradients during backward (bucketed, overlapped)
+        self.dense = replicate(DenseParams(params.proj, params.hyper)) if self.world > 1 and self.dense_params else None
         self.row_adam = None
         if cfg.sparse_embeddings:
             self.row_adam = RowAdam({"user_embedding": params.user_embedding.data,
@@ -86,6 +89,8 @@ class SampledEngine(EngineState):
         users, pos, neg = (rank_slice(t, self.rank, self.world) for t in (users, pos, neg))
         batch = self.prefetcher.get(users, pos, neg, step)
         t1 = time.perf_counter()
+        if self.dense is not None:
+            self.dense()        # starts DDP's reduction of this step (the model reads W_m, V_m itself)
         terms = self.model.batch_loss(users, pos, neg, step, batch, global_size)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -114,11 +119,12 @@ class SampledEngine(EngineState):
 
     # ------------------------------------------------------------------ P ranks
     def _sync_gradients(self) -> int:
-        """Sum the ranks' gradients: dense parameters by all-reduce; embedding rows by all-gathering the
-        (row, gradient) pairs each rank touched (``sparse_embeddings``) or all-reducing the whole tables.
-        Returns the payload bytes this rank sent, with the feature-table exchanges of the step."""
+        """Sum the ranks' embedding gradients (the dense ones were summed by DDP during backward): by
+        all-gathering the (row, gradient) pairs each rank touched (``sparse_embeddings``) or all-reducing the
+        whole tables. Returns the payload bytes this rank sent, with the feature-table exchanges of the step."""
         m = self.model.model
-        sync_gradients(self.dense_params + ([] if self.cfg.sparse_embeddings else [m.user_embedding, m.item_embedding]))
+        if not self.cfg.sparse_embeddings:
+            sync_gradients([m.user_embedding, m.item_embedding])
         if self.cfg.sparse_embeddings and self.model.tables is None:
             gathered = []
             for name, rows, leaf in self.model.leaves:
