@@ -183,7 +183,9 @@ def train(data: str | Path, cfg: Config, out: str | Path, overwrite: bool = Fals
     if ctx is None:
         device_for(cfg)
     ckpt = Checkpointer(run_dir, cfg, ds.manifest, ds.path)
-    _resumable(ckpt, run_dir, overwrite, resume, ctx.world_size if ctx else 1)
+    if _resumable(ckpt, run_dir, overwrite, resume, ctx.world_size if ctx else 1) is None and init_from is not None:
+        from lgmrec_dist.warmstart import check_warm_start
+        check_warm_start(init_from, cfg, ds)
     lock = RunLock(run_dir).acquire() if main_rank else None
     try:
         with contextlib.ExitStack() as cleanup:

@@ -23,8 +23,8 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn as nn
 
-from lgmrec_dist.checkpoint import CheckpointError, dataset_digest, read_best_tables
-from lgmrec_dist.dataset import ITEM_MAP, USER_MAP, PreparedDataset
+from lgmrec_dist.checkpoint import CheckpointError, dataset_digest, read_best_tables, read_meta, read_sharded
+from lgmrec_dist.dataset import ITEM_MAP, USER_MAP, PreparedDataset, read_manifest
 
 
 def _parameters(engine) -> dict[str, nn.Parameter]:
@@ -51,19 +51,37 @@ def carried_rows(old_raw: list, new_raw: list) -> tuple[np.ndarray, np.ndarray]:
     return new, old
 
 
-def _check_shapes(run_dir: Path, old_ds: PreparedDataset, ds: PreparedDataset, tables: dict, params: dict) -> None:
+def _check_shapes(run_dir: Path, old_manifest: dict, ds, d_old: int, dense_old: dict, d_new: int,
+                  dense_new: dict) -> None:
     where = f"--init-from {run_dir}"
-    if old_ds.manifest["modalities"] != ds.manifest["modalities"]:
-        raise CheckpointError(f"{where}: modalities {old_ds.manifest['modalities']} differ from those of "
+    if old_manifest["modalities"] != ds.manifest["modalities"]:
+        raise CheckpointError(f"{where}: modalities {old_manifest['modalities']} differ from those of "
                               f"{ds.path}: {ds.manifest['modalities']}")
-    d_old, d_new = tables["user_embedding"].shape[1], params["user_embedding"].shape[1]
     if d_old != d_new:
         raise CheckpointError(f"{where}: embedding_size {d_old}, this run has {d_new}")
-    dense_new = {k: tuple(p.shape) for k, p in params.items() if k.startswith(("proj.", "hyper."))}
-    dense_old = {k: tuple(v.shape) for k, v in tables["dense"].items()}
     if dense_old != dense_new:
         raise CheckpointError(f"{where}: dense parameters {dense_old} differ from this run's {dense_new} "
                               f"(use_mge, use_ghe, hyper_num or feature dimensions changed)")
+
+
+def check_warm_start(run_dir: str | Path, cfg, ds) -> None:
+    """Every refusal of :func:`warm_start` that the config and the dataset decide, made before the run
+    writes anything (docs/failures.md): RUN's best model exists and is whole, its dataset is there and
+    unchanged, and its shapes fit this run's. Reads one rank file of RUN/best, no whole table."""
+    run_dir = Path(run_dir)
+    best = run_dir / "best"
+    if not (best / "meta.json").is_file():
+        raise CheckpointError(f"{run_dir}: no best model (RUNDIR/best/meta.json); has an epoch finished?")
+    meta = read_meta(best)
+    old_manifest = read_manifest(old_dataset_path(run_dir, meta))
+    if meta.get("dataset_digest") != dataset_digest(old_manifest):
+        raise CheckpointError(f"--init-from {run_dir}: {old_dataset_path(run_dir, meta)} is not the dataset it trained on")
+    part = read_sharded(best, 0)
+    dims = ds.manifest["modalities"]
+    dense_new = {**({f"proj.{m}": (dm, cfg.embedding_size) for m, dm in dims.items()} if cfg.use_mge else {}),
+                 **({f"hyper.{m}": (dm, cfg.hyper_num) for m, dm in dims.items()} if cfg.use_ghe else {})}
+    _check_shapes(run_dir, old_manifest, ds, part["user_embedding"].shape[1],
+                  {k: tuple(v.shape) for k, v in part["dense"].items()}, cfg.embedding_size, dense_new)
 
 
 @torch.no_grad()
@@ -75,7 +93,9 @@ def warm_start(engine, ds: PreparedDataset, run_dir: str | Path) -> dict:
     if meta.get("dataset_digest") != dataset_digest(old_ds.manifest):
         raise CheckpointError(f"--init-from {run_dir}: {old_ds.path} is not the dataset it trained on")
     params = _parameters(engine)
-    _check_shapes(run_dir, old_ds, ds, tables, params)
+    _check_shapes(run_dir, old_ds.manifest, ds, tables["user_embedding"].shape[1],
+                  {k: tuple(v.shape) for k, v in tables["dense"].items()}, params["user_embedding"].shape[1],
+                  {k: tuple(p.shape) for k, p in params.items() if k.startswith(("proj.", "hyper."))})
     payload = engine.model_payload()          # which global rows this rank holds, in its row order
     counts = {}
     for kind, id_map in (("user", USER_MAP), ("item", ITEM_MAP)):

@@ -77,9 +77,10 @@ def test_a_shape_or_modality_mismatch_is_refused(preps, tmp_path, capsys, sets, 
     assert cli(args + [x for kv in sets for x in ("--set", kv)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]       # after the run's log lines
     assert err.startswith("error: --init-from") and words in err, err
-    assert not (tmp_path / "bad" / "metrics.json").exists()
+    assert not (tmp_path / "bad").exists()       # refused before the run wrote anything
 
 
 def test_init_from_a_run_without_a_best_model_is_refused(preps, tmp_path, capsys):
     assert cli(["train", "--data", str(preps["new"]), "--out", str(tmp_path / "x"), "--init-from", str(tmp_path)]) == 2
     assert "no best model" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
