@@ -24,6 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def sent_per_step(forward: float, model, ctx) -> float:
+    """Bytes a rank sends per step: its forward collectives (``CommStats``), their mirrors in backward, and
+    its share of the ring all-reduce of the dense gradients (DDP)."""
+    world = ctx.world_size if ctx is not None else 1
+    dense = sum(p.numel() * p.element_size() for p in model.dense.parameters())
+    return 2 * forward + (2 * (world - 1) * dense // world if world > 1 else 0)
+
+
 def worker(args) -> None:
     import torch
 
@@ -59,13 +67,11 @@ def worker(args) -> None:
     sync()
     step_s = (time.perf_counter() - t0) / args.steps
     sent = CommStats.take() / args.steps
-    dense = sum(p.numel() * p.element_size() for p in eng.model.dense.parameters())
     world = ctx.world_size
-    ddp = 2 * (world - 1) * dense // world if world > 1 else 0
     state = eng.model.state_bytes()
     row = {"P": world, "rank": ctx.rank, "threads": torch.get_num_threads(), "setup_s": round(setup, 2),
            "seconds_per_step": round(step_s, 4),
-           "sent_MB_per_step": round((2 * sent + ddp) / 1e6, 2),   # forward, its mirror in backward, DDP
+           "sent_MB_per_step": round(sent_per_step(sent, eng.model, ctx) / 1e6, 2),
            "peak_rss_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
            "state_MB": {k: (round(v / 1e6, 1) if k not in ("halo_rows", "owned_nodes") else v) for k, v in state.items()}}
     if ctx.device.type == "cuda":

@@ -1,0 +1,252 @@
+"""Benchmark: peak resident memory per rank of exact-mode training on a partitioned dataset, P = 1, 2, 4.
+
+    .venv/bin/python bench/bench_partitions.py                          # 1.6M interactions, P = 1, 2, 4
+    .venv/bin/python bench/bench_partitions.py --interactions 1e7       # 10M (about 1.2M users, 440k items)
+
+The catalogue has MMRec-Baby's user / item / interaction ratios (``bench_train.BABY``) scaled to
+``--interactions``, image 512-d and text 384-d features, and is written as a raw Parquet catalogue
+(``data_prep.synth_parquet``) once. It is then prepared once per P with ``lgmrec prep`` (``data_prep.prep``,
+a Ray job): P = 1 the whole layout, P > 1 with ``--partitions P`` and random partitioning. For each P the
+training runs as it would (docs/distributed.md, "Training on partitions"): P = 1 one process with the whole
+dataset (``LocalEngine``), P > 1 ``torchrun`` with P ranks, each of which reads only its ``part-k/``. Every
+process runs what ``train.train`` runs before and in its loop, but not the loop itself (its final test
+ranking of every user costs many minutes at 10M): ``train.load_dataset``, ``engines.build_engine``,
+``train.triple_sampler``, ``train.make_evaluators`` (validation on a keyed sample of ``valid_users``),
+``--steps`` training steps of the epoch's global batches (``batches.EpochBatches``), then
+``engine.embeddings()`` and one validation ranking. ``OMP_NUM_THREADS=1`` and one torch thread per process.
+
+Per process: VmHWM (peak resident set, /proc/self/status) after the imports, after start-up (engine,
+sampler, evaluators built) and at the end; the state terms of docs/distributed.md ("Memory per rank");
+the per-node and per-pair arrays a rank holds besides them; times and bytes sent per step. The table gives,
+per P, the largest rank's peak against the goal 1.2 × (P = 1 peak) / P + 0.6 GB. Memory figures do not
+depend on the machine's load; the times do (a shared 2-core machine: read them as rough).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.bench_train import BABY  # noqa: E402
+
+MODALITIES = {"image": 512, "text": 384}
+GB = 1e9
+
+
+def vm_status(key: str) -> int:
+    """A /proc/self/status figure (VmHWM, VmRSS) in bytes."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def shape(interactions: float) -> dict:
+    n = int(interactions)
+    return {k: int(round(v * n / BABY["num_interactions"])) for k, v in BABY.items()}
+
+
+def tag(interactions: float) -> str:
+    return f"{interactions / 1e6:g}m"
+
+
+def raw_catalogue(interactions: float, out_root: Path) -> Path:
+    """The raw Parquet catalogue, generated once (in this process: run it as a child of its own)."""
+    from data_prep.synth_parquet import make_parquet_synthetic
+    path = out_root / f"raw_{tag(interactions)}"
+    if not (path / "synth.json").exists():
+        s = shape(interactions)
+        make_parquet_synthetic(path, s["num_users"], s["num_items"], s["num_interactions"], MODALITIES, seed=10,
+                               overwrite=True)
+    return path
+
+
+def prepared(interactions: float, parts: int, out_root: Path) -> Path:
+    """``lgmrec prep`` of the raw catalogue for ``parts`` partitions (random); cached by prep's fingerprint."""
+    from data_prep.prep import prep
+    raw = raw_catalogue(interactions, out_root)
+    out = out_root / f"prepared_{tag(interactions)}_p{parts}"
+    prep(raw / "interactions", {m: raw / "features" / f"{m}.parquet" for m in MODALITIES}, out,
+         partitions=parts, partition_method="random", progress=False)
+    return out
+
+
+def _nbytes(*arrays) -> int:
+    return int(sum(a.nbytes if hasattr(a, "nbytes") else a.numel() * a.element_size() for a in arrays))
+
+
+def local_state_bytes(model) -> dict:
+    """The terms of ``ShardedLGMRec.state_bytes`` for the one-process model (``LocalEngine``)."""
+    from lgmrec_dist.distributed.sharded import _nbytes as tbytes
+    g = model.graph     # CSR matrices (graph.csr); Ĝ is symmetric, so it has no transpose of its own
+    mats = (g.norm_adj, g.R, g.R_t, g.P, g.P_t)
+    graph = sum(tbytes(m.values()) + tbytes(m.col_indices()) + tbytes(m.crow_indices()) for m in mats)
+    return {"graph": graph, "embeddings+adam": 3 * (tbytes(model.user_embedding) + tbytes(model.item_embedding)),
+            "features": sum(tbytes(x) for x in model.features.values()),
+            "mge_inputs": sum(tbytes(y) for y in model.mge_y.values()),
+            "halo_rows": 0, "owned_nodes": model.num_users + model.num_items}
+
+
+def per_node_bytes(ds, eng, sampler, batches, evaluators) -> dict:
+    """What a rank holds besides the state terms: the per-node arrays (partition book, ownership) and
+    the per-pair ones (its dataset rows, the sampler and its epoch arrays, the evaluators' CSRs)."""
+    out = {}
+    if hasattr(ds, "node_part"):
+        out["book"] = _nbytes(ds.node_part)
+        out["dataset_rows"] = _nbytes(ds.train_users, ds.train_items, ds.eval_users, ds.eval_items, ds.eval_split,
+                                      ds.owned_users, ds.owned_items, ds.halo_users, ds.halo_items)
+    own = getattr(eng, "own", None)
+    if own is not None:
+        out["ownership"] = _nbytes(own.part, own.local, own.owned)
+    out["sampler"] = _nbytes(sampler.keys, sampler.users, sampler.items, sampler.pair_index, sampler.item_pool)
+    out["epoch_arrays"] = _nbytes(batches.positions, *batches.triples)
+    out["evaluator_csrs"] = sum(_nbytes(*e.train_csr, *e.heldout_csr, e.users) for e in evaluators)
+    return out
+
+
+def worker(args) -> None:
+    import torch
+
+    mem = {"imports": vm_status("VmHWM")}
+    from lgmrec_dist import train as T
+    from lgmrec_dist.batches import EpochBatches
+    from lgmrec_dist.config import load_config
+    from lgmrec_dist.distributed.exchange import CommStats
+    from lgmrec_dist.engines import build_engine
+    from bench.bench_dist import sent_per_step
+
+    torch.set_num_threads(1)
+    ctx = None
+    if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from lgmrec_dist.distributed.group import init_process_group
+        ctx = init_process_group("cpu")
+    mem["imports"] = vm_status("VmHWM")
+    cfg = load_config(ROOT / "configs" / "baby.yaml", ["device=cpu", f"valid_users={args.valid_users}", *args.set])
+    T.set_determinism(cfg.deterministic)
+    T.seed_everything(cfg.seed)
+    t0 = time.perf_counter()
+    ds = T.load_dataset(args.data, cfg, ctx)
+    eng = build_engine(cfg, ds, ctx)
+    sampler, gather = T.triple_sampler(ds, cfg)
+    valid_eval, test_eval = T.make_evaluators(ds, cfg)
+    setup = time.perf_counter() - t0
+    mem["start-up"] = vm_status("VmHWM")
+
+    eng.train()
+    batches = EpochBatches(sampler, 0, torch.device("cpu"), gather)
+    bs, times, losses = cfg.train_batch_size, [], []
+    CommStats.take()
+    for b in range(args.steps):
+        t0 = time.perf_counter()
+        users, pos, neg = batches(b, bs)
+        losses.append(eng.step(users, pos, neg, b)["loss"])
+        times.append(time.perf_counter() - t0)
+    sent = CommStats.take() / args.steps
+    mem["steps"] = vm_status("VmHWM")
+    t0 = time.perf_counter()
+    emb = eng.embeddings()
+    valid = eng.evaluate(valid_eval, emb)
+    eval_s = time.perf_counter() - t0
+    mem["end"] = vm_status("VmHWM")
+    model = eng.model
+    state = model.state_bytes() if hasattr(model, "state_bytes") else local_state_bytes(model)
+    row = {"P": ctx.world_size if ctx else 1, "rank": ctx.rank if ctx else 0,
+           "users": ds.num_users, "items": ds.num_items, "train_pairs": int(ds.manifest["num_train"]),
+           "owned_users": int(getattr(model, "n_own_users", ds.num_users)), "owned_nodes": int(state["owned_nodes"]),
+           "halo_rows": int(state["halo_rows"]), "valid_users_ranked": int(len(valid_eval.users)),
+           "setup_s": round(setup, 1), "step_s": [round(t, 2) for t in times], "eval_s": round(eval_s, 1),
+           "loss": [round(x, 6) for x in losses], "recall@20": round(valid.get("recall@20", float("nan")), 5),
+           "sent_MB_per_step": round(sent_per_step(sent, model, ctx) / 1e6, 2) if ctx else 0.0,
+           "hwm_GB": {k: round(v / GB, 3) for k, v in mem.items()}, "rss_end_GB": round(vm_status("VmRSS") / GB, 3),
+           "state_MB": {k: round(v / 1e6, 1) for k, v in state.items() if k not in ("halo_rows", "owned_nodes")},
+           "arrays_MB": {k: round(v / 1e6, 1) for k, v in
+                         per_node_bytes(ds, eng, sampler, batches, (valid_eval, test_eval)).items()}}
+    print("BENCH " + json.dumps(row), flush=True)
+    eng.close()
+    if ctx is not None:
+        torch.distributed.destroy_process_group()
+
+
+def run_p(args, data: Path, parts: int) -> list[dict]:
+    """One training launch: P = 1 one process, P > 1 torchrun with P ranks; the ranks' records."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}
+    tail = [__file__, "--worker", "--data", str(data), "--steps", str(args.steps),
+            "--valid-users", str(args.valid_users), *sum((["--set", s] for s in args.set), [])]
+    cmd = ([sys.executable, *tail] if parts == 1 else
+           [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={parts}", *tail])
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    if res.returncode:
+        sys.exit(f"P={parts} failed:\n{res.stderr[-4000:]}")
+    decoder = json.JSONDecoder()   # ranks share one stdout: decode each record where it starts
+    return [decoder.raw_decode(part)[0] for part in res.stdout.split("BENCH ")[1:]]
+
+
+def table(rows: list[dict]) -> str:
+    one = max(r["hwm_GB"]["end"] for r in rows if r["P"] == 1)
+    lines = ["| P | largest rank peak GB | goal 1.2 × P1 / P + 0.6 GB | met | start-up peak GB | graph | emb+Adam | "
+             "features | MGE inputs | book+ownership | sampler+epoch | evaluator CSRs | dataset rows | halo rows | "
+             "s/step | MB sent/step |",
+             "|" + "---|" * 16]
+    for p in sorted({r["P"] for r in rows}):
+        rs = [r for r in rows if r["P"] == p]
+        top = max(rs, key=lambda r: r["hwm_GB"]["end"])
+        goal = 1.2 * one / p + 0.6
+        s, a = top["state_MB"], top["arrays_MB"]
+        mb = lambda *k: round(sum(a.get(x, 0.0) for x in k), 1)  # noqa: E731
+        lines.append(f"| {p} | {top['hwm_GB']['end']} | {goal:.2f} | {'yes' if top['hwm_GB']['end'] <= goal else 'no'} | "
+                     f"{top['hwm_GB']['start-up']} | {s['graph']} | {s['embeddings+adam']} | {s['features']} | "
+                     f"{s['mge_inputs']} | {mb('book', 'ownership')} | {mb('sampler', 'epoch_arrays')} | "
+                     f"{mb('evaluator_csrs')} | {mb('dataset_rows')} | {top['halo_rows']:,} | "
+                     f"{sorted(top['step_s'])[len(top['step_s']) // 2]} | {top['sent_MB_per_step']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--interactions", type=float, default=1.6e6, help="catalogue size (Baby's ratios; default 1.6e6)")
+    p.add_argument("--partitions", type=int, nargs="+", default=[1, 2, 4], help="P values (1 must be among them)")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--valid-users", type=int, default=2000)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for training")
+    p.add_argument("--out", default=str(ROOT / "bench" / "out" / "partitions"))
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--prep-only", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    out_root = Path(args.out)
+    if args.prep_only is not None:
+        print("PREPARED " + str(prepared(args.interactions, args.prep_only, out_root)), flush=True)
+        return
+    if 1 not in args.partitions:
+        sys.exit("error: --partitions must include 1 (the goal is relative to the one-process peak)")
+    out_root.mkdir(parents=True, exist_ok=True)
+    print(f"[bench] {shape(args.interactions)}, load average {os.getloadavg()[0]:.2f}", flush=True)
+    rows = []
+    for parts in args.partitions:
+        t0 = time.perf_counter()   # prep in a process of its own: its Ray session and memory end with it
+        res = subprocess.run([sys.executable, __file__, "--prep-only", str(parts), "--interactions",
+                              str(args.interactions), "--out", str(out_root)], capture_output=True, text=True, cwd=ROOT)
+        line = [ln for ln in res.stdout.splitlines() if ln.startswith("PREPARED ")]
+        if res.returncode or not line:
+            sys.exit(f"prep P={parts} failed:\n{res.stderr[-4000:]}")
+        print(f"[bench] prepared P={parts} in {time.perf_counter() - t0:.0f} s", flush=True)
+        for r in run_p(args, Path(line[0].split(" ", 1)[1]), parts):
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+        print(f"[bench] P={parts} done, load average {os.getloadavg()[0]:.2f}", flush=True)
+    print("\n" + table(rows))
+
+
+if __name__ == "__main__":
+    main()
