@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_partitions.py                          # 1.6M interactions, P = 1, 2, 4
     .venv/bin/python bench/bench_partitions.py --interactions 1e7       # 10M (about 1.2M users, 440k items)
+    .venv/bin/python bench/bench_partitions.py --plan --partitions 8 32 --valid-users 100000   # Amazon 2023
 
 The catalogue has MMRec-Baby's user / item / interaction ratios (``bench_train.BABY``) scaled to
 ``--interactions``, image 512-d and text 384-d features, and is written as a raw Parquet catalogue
@@ -15,10 +16,13 @@ ranking of every user costs many minutes at 10M): ``train.load_dataset``, ``engi
 ``--steps`` training steps of the epoch's global batches (``batches.EpochBatches``), then
 ``engine.embeddings()`` and one validation ranking. ``OMP_NUM_THREADS=1`` and one torch thread per process.
 
-Per process: VmHWM (peak resident set, /proc/self/status) after the imports, after start-up (engine,
-sampler, evaluators built) and at the end; the state terms of docs/distributed.md ("Memory per rank");
+Per process: VmHWM (peak resident set, /proc/self/status) after the imports, after the dataset is opened,
+after the engine is built, after start-up (sampler and evaluators built too), after the steps and at the
+end, and VmRSS after start-up and at the end; the state terms of docs/distributed.md ("Memory per rank");
 the per-node and per-pair arrays a rank holds besides them; times and bytes sent per step. The table gives,
-per P, the largest rank's peak against the goal 1.2 × (P = 1 peak) / P + 0.6 GB. Memory figures do not
+per P, the largest rank's peak, what the memory formula (``rank_bytes``, the one of docs/distributed.md)
+predicts for it, and the goal 1.2 × (P = 1 peak) / P + 0.6 GB. ``--plan`` prints the formula for
+Amazon Reviews 2023 instead. Memory figures do not
 depend on the machine's load; the times do (a shared 2-core machine: read them as rough).
 """
 from __future__ import annotations
@@ -95,6 +99,75 @@ def local_state_bytes(model) -> dict:
             "halo_rows": 0, "owned_nodes": model.num_users + model.num_items}
 
 
+RUNTIME = 0.27e9   # Python, torch, DGL, pyarrow and the process group, measured: VmHWM after the imports
+
+
+def halo_bound(num_nodes: int, pairs: int, parts: int) -> float:
+    """Halo nodes of one rank under random partitioning, at most: a node not owned is in the halo when one
+    of its deg neighbours is, probability 1 - (1 - 1/P)^deg <= 1 - (1 - 1/P)^mean deg (Jensen)."""
+    if parts == 1:
+        return 0.0
+    return (num_nodes - num_nodes / parts) * (1 - (1 - 1 / parts) ** (2 * pairs / num_nodes))
+
+
+def rank_bytes(U: float, I: float, E: float, H: float, S: int, P: int, halo: float, d: int = 64, A: int = 4,
+               L: int = 2, M: int = 2, y_bytes: int = 4, eval_users: int = 2000, eval_batch: int = 4096,
+               item_tile: int = 65536) -> dict:
+    """The memory of one rank, term by term (docs/distributed.md, "Memory per rank"): |U|, |I|, E training
+    pairs, H held-out pairs, S = Σ d_m, P ranks, ``halo`` nodes; E*, Adam and X_m in float32, Y_m in
+    ``y_bytes``. P = 1 is the one-process engine (whole graph, no book, no halo)."""
+    from lgmrec_dist.model.features import column_chunk
+    N = U + I
+    n, Er, Hr = N / P, E / P, H / P               # owned nodes; pairs and held-out pairs of owned users
+    nsrc = n + halo                               # rows of [owned ; halo]
+    if P == 1:
+        graph = 12 * 6 * E + 8 * 3 * N            # Ĝ (2E), R, Rᵀ, P, Pᵀ (E each); values + columns, row pointers
+    else:
+        graph = 12 * (2 * 2 * E / P + 4 * Er) + 8 * (3 * n + 3 * nsrc)   # Ĝ, Ĝᵀ blocks (2E/P), R, Rᵀ, P, Pᵀ (E/P)
+    incident = E * (2 / P - 1 / P ** 2)           # training edges with an owned end (part-k/train_edges)
+    t = {"embeddings+adam": 12 * n * d, "features": 4 * I / P * S, "mge_inputs": y_bytes * n * S, "graph": graph,
+         "replicated": 12 * S * (d + A),
+         "book+ownership": 0 if P == 1 else 4 * N + 16 * N + 8 * n,
+         "evaluator_csrs": 4 * 8 * U + 8 * (2 * Er + Hr),                  # indptr over every user, x 2 evaluators
+         "sampler+epoch": 32 * Er + 32 * Er,                               # keys, users, items, index; 4 epoch arrays
+         "dataset_rows": 0 if P == 1 else 16 * incident + 17 * Hr}
+    transient = {
+        "start-up (MGE column chunks)": 3 * 4 * nsrc * column_chunk(int(N)),
+        "start-up (graph blocks built)": 100 * 2 * E / P,
+        "step (halo rows of a layer)": 3 * 4 * d * halo,
+        # E* of the owned rows; the score tile, its masked copy and the top-K's work (≈ 3 tiles, fitted to the
+        # P = 1 run); the ring's two item blocks
+        "evaluation (E*, score tiles, ring)": 4 * n * d + 3 * 4 * min(eval_batch, eval_users / P) * min(item_tile, I / P)
+        + (2 * 4 * d * I / P if P > 1 else 0)}
+    held = sum(t.values())
+    peak = RUNTIME + held + max(transient.values())
+    sent = {"halo rows per CGE layer": 4 * d * halo, "step (forward + backward)": halo * (8 * L * d + 16 * A * M),
+            "ring evaluation": (P - 1) / P * I * (4 * d + 8)}
+    return {"terms": t, "held": held, "transient": transient, "peak": peak, "sent": sent}
+
+
+# Amazon Reviews 2023, all categories: 571M interactions, 54.5M users, 48.2M items; 8:1:1 per user gives the
+# training / held-out pairs (an upper bound: no k-core filtering assumed); text 384-d (MiniLM) + image 512-d
+AMAZON_2023 = dict(U=54.5e6, I=48.2e6, E=0.8 * 571e6, H=0.2 * 571e6, S=384 + 512)
+
+
+def plan(parts: list[int], eval_users: int) -> str:
+    """``rank_bytes`` for Amazon Reviews 2023 on P machines (one rank each), halo at its random-partition bound."""
+    a = AMAZON_2023
+    lines = [f"Amazon Reviews 2023: |U| = {a['U']:.3g}, |I| = {a['I']:.3g}, E = {a['E']:.3g} training pairs, "
+             f"H = {a['H']:.3g} held-out, Σd_m = {a['S']}, d = 64, A = 4, L = 2, valid_users = {eval_users}", ""]
+    for P in parts:
+        h = halo_bound(a["U"] + a["I"], a["E"], P)
+        for yb in (4, 2):
+            r = rank_bytes(a["U"], a["I"], a["E"], a["H"], a["S"], P, h, y_bytes=yb, eval_users=eval_users)
+            lines.append(f"P = {P}, Y_m in {'float32' if yb == 4 else 'bfloat16'}: halo ≤ {h / 1e6:.1f}M nodes; held "
+                         f"{r['held'] / GB:.1f} GB, peak ≈ {r['peak'] / GB:.1f} GB")
+            lines.append("  terms GB: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in r["terms"].items()))
+            lines.append("  transients GB: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in r["transient"].items()))
+            lines.append("  sent per rank GB: " + ", ".join(f"{k} {v / GB:.2f}" for k, v in r["sent"].items()))
+    return "\n".join(lines)
+
+
 def per_node_bytes(ds, eng, sampler, batches, evaluators) -> dict:
     """What a rank holds besides the state terms: the per-node arrays (partition book, ownership) and
     the per-pair ones (its dataset rows, the sampler and its epoch arrays, the evaluators' CSRs)."""
@@ -134,11 +207,13 @@ def worker(args) -> None:
     T.seed_everything(cfg.seed)
     t0 = time.perf_counter()
     ds = T.load_dataset(args.data, cfg, ctx)
+    mem["dataset"] = vm_status("VmHWM")
     eng = build_engine(cfg, ds, ctx)
+    mem["engine"] = vm_status("VmHWM")
     sampler, gather = T.triple_sampler(ds, cfg)
     valid_eval, test_eval = T.make_evaluators(ds, cfg)
     setup = time.perf_counter() - t0
-    mem["start-up"] = vm_status("VmHWM")
+    mem["start-up"], rss_startup = vm_status("VmHWM"), vm_status("VmRSS")
 
     eng.train()
     batches = EpochBatches(sampler, 0, torch.device("cpu"), gather)
@@ -160,12 +235,13 @@ def worker(args) -> None:
     state = model.state_bytes() if hasattr(model, "state_bytes") else local_state_bytes(model)
     row = {"P": ctx.world_size if ctx else 1, "rank": ctx.rank if ctx else 0,
            "users": ds.num_users, "items": ds.num_items, "train_pairs": int(ds.manifest["num_train"]),
+           "heldout_pairs": int(ds.manifest["num_valid"]) + int(ds.manifest["num_test"]),
            "owned_users": int(getattr(model, "n_own_users", ds.num_users)), "owned_nodes": int(state["owned_nodes"]),
            "halo_rows": int(state["halo_rows"]), "valid_users_ranked": int(len(valid_eval.users)),
            "setup_s": round(setup, 1), "step_s": [round(t, 2) for t in times], "eval_s": round(eval_s, 1),
            "loss": [round(x, 6) for x in losses], "recall@20": round(valid.get("recall@20", float("nan")), 5),
            "sent_MB_per_step": round(sent_per_step(sent, model, ctx) / 1e6, 2) if ctx else 0.0,
-           "hwm_GB": {k: round(v / GB, 3) for k, v in mem.items()}, "rss_end_GB": round(vm_status("VmRSS") / GB, 3),
+           "hwm_GB": {k: round(v / GB, 3) for k, v in mem.items()}, "rss_GB": {"start-up": round(rss_startup / GB, 3), "end": round(vm_status("VmRSS") / GB, 3)},
            "state_MB": {k: round(v / 1e6, 1) for k, v in state.items() if k not in ("halo_rows", "owned_nodes")},
            "arrays_MB": {k: round(v / 1e6, 1) for k, v in
                          per_node_bytes(ds, eng, sampler, batches, (valid_eval, test_eval)).items()}}
@@ -189,19 +265,25 @@ def run_p(args, data: Path, parts: int) -> list[dict]:
     return [decoder.raw_decode(part)[0] for part in res.stdout.split("BENCH ")[1:]]
 
 
+def predicted(top: dict) -> float:
+    """``rank_bytes``'s peak for a measured rank (its own halo), GB."""
+    return rank_bytes(top["users"], top["items"], top["train_pairs"], top["heldout_pairs"], sum(MODALITIES.values()),
+                      top["P"], top["halo_rows"], eval_users=top["valid_users_ranked"] * top["P"])["peak"] / GB
+
+
 def table(rows: list[dict]) -> str:
     one = max(r["hwm_GB"]["end"] for r in rows if r["P"] == 1)
-    lines = ["| P | largest rank peak GB | goal 1.2 × P1 / P + 0.6 GB | met | start-up peak GB | graph | emb+Adam | "
+    lines = ["| P | largest rank peak GB | formula GB | goal 1.2 × P1 / P + 0.6 GB | met | start-up peak GB | graph | emb+Adam | "
              "features | MGE inputs | book+ownership | sampler+epoch | evaluator CSRs | dataset rows | halo rows | "
              "s/step | MB sent/step |",
-             "|" + "---|" * 16]
+             "|" + "---|" * 17]
     for p in sorted({r["P"] for r in rows}):
         rs = [r for r in rows if r["P"] == p]
         top = max(rs, key=lambda r: r["hwm_GB"]["end"])
         goal = 1.2 * one / p + 0.6
         s, a = top["state_MB"], top["arrays_MB"]
         mb = lambda *k: round(sum(a.get(x, 0.0) for x in k), 1)  # noqa: E731
-        lines.append(f"| {p} | {top['hwm_GB']['end']} | {goal:.2f} | {'yes' if top['hwm_GB']['end'] <= goal else 'no'} | "
+        lines.append(f"| {p} | {top['hwm_GB']['end']} | {predicted(top):.2f} | {goal:.2f} | {'yes' if top['hwm_GB']['end'] <= goal else 'no'} | "
                      f"{top['hwm_GB']['start-up']} | {s['graph']} | {s['embeddings+adam']} | {s['features']} | "
                      f"{s['mge_inputs']} | {mb('book', 'ownership')} | {mb('sampler', 'epoch_arrays')} | "
                      f"{mb('evaluator_csrs')} | {mb('dataset_rows')} | {top['halo_rows']:,} | "
@@ -217,12 +299,18 @@ def main() -> None:
     p.add_argument("--valid-users", type=int, default=2000)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override for training")
     p.add_argument("--out", default=str(ROOT / "bench" / "out" / "partitions"))
+    p.add_argument("--rerun", action="store_true", help="measure every P again (default: reuse the saved records)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the formula's bytes per rank for Amazon Reviews 2023 at --partitions (e.g. 8 32); run nothing")
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--prep-only", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.plan:
+        print(plan(args.partitions, args.valid_users))
         return
     out_root = Path(args.out)
     if args.prep_only is not None:
@@ -232,8 +320,12 @@ def main() -> None:
         sys.exit("error: --partitions must include 1 (the goal is relative to the one-process peak)")
     out_root.mkdir(parents=True, exist_ok=True)
     print(f"[bench] {shape(args.interactions)}, load average {os.getloadavg()[0]:.2f}", flush=True)
-    rows = []
+    saved = out_root / f"rows_{tag(args.interactions)}.jsonl"   # each P's records, kept across invocations
+    rows = [json.loads(ln) for ln in saved.read_text().splitlines()] if saved.exists() and not args.rerun else []
     for parts in args.partitions:
+        if any(r["P"] == parts for r in rows):
+            print(f"[bench] P={parts}: records from {saved} (--rerun to measure again)", flush=True)
+            continue
         t0 = time.perf_counter()   # prep in a process of its own: its Ray session and memory end with it
         res = subprocess.run([sys.executable, __file__, "--prep-only", str(parts), "--interactions",
                               str(args.interactions), "--out", str(out_root)], capture_output=True, text=True, cwd=ROOT)
@@ -244,8 +336,9 @@ def main() -> None:
         for r in run_p(args, Path(line[0].split(" ", 1)[1]), parts):
             rows.append(r)
             print(json.dumps(r), flush=True)
+        saved.write_text("".join(json.dumps(r) + "\n" for r in rows))
         print(f"[bench] P={parts} done, load average {os.getloadavg()[0]:.2f}", flush=True)
-    print("\n" + table(rows))
+    print("\n" + table([r for r in rows if r["P"] in args.partitions]))
 
 
 if __name__ == "__main__":
