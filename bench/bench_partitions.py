@@ -128,13 +128,19 @@ def rank_bytes(U: float, I: float, E: float, H: float, S: int, P: int, halo: flo
     t = {"embeddings+adam": 12 * n * d, "features": 4 * I / P * S, "mge_inputs": y_bytes * n * S, "graph": graph,
          "replicated": 12 * S * (d + A),
          "book+ownership": 0 if P == 1 else 4 * N + 16 * N + 8 * n,
-         "evaluator_csrs": 4 * 8 * U + 8 * (2 * Er + Hr),                  # indptr over every user, x 2 evaluators
+         # indptr over every user (training and held-out CSR of 2 evaluators), columns, the test users
+         "evaluator_csrs": 4 * 8 * U + 8 * (2 * Er + Hr) + 8 * U / P,
          "sampler+epoch": 32 * Er + 32 * Er,                               # keys, users, items, index; 4 epoch arrays
-         "dataset_rows": 0 if P == 1 else 16 * incident + 17 * Hr}
+         # part-k: train edges with an owned end, held-out pairs, owned and halo ids
+         "dataset_rows": 0 if P == 1 else 16 * incident + 17 * Hr + 8 * nsrc}
     transient = {
         "start-up (MGE column chunks)": 3 * 4 * nsrc * column_chunk(int(N)),
-        "start-up (graph blocks built)": 100 * 2 * E / P,
-        "step (halo rows of a layer)": 3 * 4 * d * halo,
+        "start-up (graph blocks built)": 100 * 2 * E / P,     # estimated from LocalGraph's arrays, not measured
+        "start-up (per-node counts of the triples)": 24 * U + 16 * I,
+        # what a step keeps for its backward pass and the halo rows of its layers (received, sent, [owned ;
+        # halo], their gradients): 11 rows of d floats per owned node and 7 per halo node, fitted to the
+        # measured step peaks (P = 1 at 1.6M and 3.2M: 12.2 and 10.3 per node; P = 4 at 3.2M for the halo)
+        "step (activations, halo rows)": 11 * 4 * d * n + 7 * 4 * d * halo,
         # E* of the owned rows; the score tile, its masked copy and the top-K's work (≈ 3 tiles, fitted to the
         # P = 1 run); the ring's two item blocks
         "evaluation (E*, score tiles, ring)": 4 * n * d + 3 * 4 * min(eval_batch, eval_users / P) * min(item_tile, I / P)
