@@ -87,18 +87,6 @@ def _nbytes(*arrays) -> int:
     return int(sum(a.nbytes if hasattr(a, "nbytes") else a.numel() * a.element_size() for a in arrays))
 
 
-def local_state_bytes(model) -> dict:
-    """The terms of ``ShardedLGMRec.state_bytes`` for the one-process model (``LocalEngine``)."""
-    from lgmrec_dist.distributed.sharded import _nbytes as tbytes
-    g = model.graph     # CSR matrices (graph.csr); Ĝ is symmetric, so it has no transpose of its own
-    mats = (g.norm_adj, g.R, g.R_t, g.P, g.P_t)
-    graph = sum(tbytes(m.values()) + tbytes(m.col_indices()) + tbytes(m.crow_indices()) for m in mats)
-    return {"graph": graph, "embeddings+adam": 3 * (tbytes(model.user_embedding) + tbytes(model.item_embedding)),
-            "features": sum(tbytes(x) for x in model.features.values()),
-            "mge_inputs": sum(tbytes(y) for y in model.mge_y.values()),
-            "halo_rows": 0, "owned_nodes": model.num_users + model.num_items}
-
-
 RUNTIME = 0.27e9   # Python, torch, DGL, pyarrow and the process group, measured: VmHWM after the imports
 
 
@@ -200,7 +188,7 @@ def worker(args) -> None:
     from lgmrec_dist.config import load_config
     from lgmrec_dist.distributed.exchange import CommStats
     from lgmrec_dist.engines import build_engine
-    from bench.bench_dist import sent_per_step
+    from bench.bench_dist import sent_per_step, state_bytes
 
     torch.set_num_threads(1)
     ctx = None
@@ -238,7 +226,7 @@ def worker(args) -> None:
     eval_s = time.perf_counter() - t0
     mem["end"] = vm_status("VmHWM")
     model = eng.model
-    state = model.state_bytes() if hasattr(model, "state_bytes") else local_state_bytes(model)
+    state = state_bytes(model)
     row = {"P": ctx.world_size if ctx else 1, "rank": ctx.rank if ctx else 0,
            "users": ds.num_users, "items": ds.num_items, "train_pairs": int(ds.manifest["num_train"]),
            "heldout_pairs": int(ds.manifest["num_valid"]) + int(ds.manifest["num_test"]),
