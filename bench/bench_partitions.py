@@ -1,7 +1,7 @@
 """Benchmark: peak resident memory per rank of exact-mode training on a partitioned dataset, P = 1, 2, 4.
 
-    .venv/bin/python bench/bench_partitions.py                          # 1.6M interactions, P = 1, 2, 4
-    .venv/bin/python bench/bench_partitions.py --interactions 1e7       # 10M (about 1.2M users, 440k items)
+    flock /tmp/bench.lock .venv/bin/python bench/bench_partitions.py                # 1.6M interactions, P = 1, 2, 4
+    flock /tmp/bench.lock .venv/bin/python bench/bench_partitions.py --interactions 1e7 --partitions 1   # 10M
     .venv/bin/python bench/bench_partitions.py --plan --partitions 8 32 --valid-users 100000   # Amazon 2023
 
 The catalogue has MMRec-Baby's user / item / interaction ratios (``bench_train.BABY``) scaled to
@@ -21,9 +21,11 @@ after the engine is built, after start-up (sampler and evaluators built too), af
 end, and VmRSS after start-up and at the end; the state terms of docs/distributed.md ("Memory per rank");
 the per-node and per-pair arrays a rank holds besides them; times and bytes sent per step. The table gives,
 per P, the largest rank's peak, what the memory formula (``rank_bytes``, the one of docs/distributed.md)
-predicts for it, and the goal 1.2 × (P = 1 peak) / P + 0.6 GB. ``--plan`` prints the formula for
-Amazon Reviews 2023 instead. Memory figures do not
-depend on the machine's load; the times do (a shared 2-core machine: read them as rough).
+predicts for it, and the goal 1.2 × (P = 1 peak) / P + 0.6 GB. Each P's records are kept in
+``OUT/rows_<size>.jsonl`` and reused by later invocations (``--rerun`` measures again), so P values can be
+measured one at a time. ``--plan`` prints the formula for Amazon Reviews 2023 instead. Memory figures do
+not depend on the machine's load; the times do (a shared 2-core machine: read them as rough). At 10M
+interactions P = 1 peaks at 14 GB, and P = 2 / 4 need ~18 / ~24 GB for all ranks together (the formula).
 """
 from __future__ import annotations
 
