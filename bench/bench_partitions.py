@@ -137,7 +137,7 @@ def rank_bytes(U: float, I: float, E: float, H: float, S: int, P: int, halo: flo
         + (2 * 4 * d * I / P if P > 1 else 0)}
     held = sum(t.values())
     peak = RUNTIME + held + max(transient.values())
-    sent = {"halo rows per CGE layer": 4 * d * halo, "step (forward + backward)": halo * (8 * L * d + 16 * A * M),
+    sent = {"halo rows per CGE layer": 4 * d * halo, "step (forward + backward)": halo * (8 * L * d + 8 * A * M),
             "ring evaluation": (P - 1) / P * I * (4 * d + 8)}
     return {"terms": t, "held": held, "transient": transient, "peak": peak, "sent": sent}
 
