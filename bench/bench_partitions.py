@@ -124,7 +124,10 @@ def rank_bytes(U: float, I: float, E: float, H: float, S: int, P: int, halo: flo
          # part-k: train edges with an owned end, held-out pairs, owned and halo ids
          "dataset_rows": 0 if P == 1 else 16 * incident + 17 * Hr + 8 * nsrc}
     transient = {
-        "start-up (MGE column chunks)": 3 * 4 * nsrc * column_chunk(int(N)),
+        # Y_m precomputed in column chunks (c columns, sized by N so that every rank takes as many): the chunk
+        # over [owned ; halo], the halo rows received and sent, the products. Measured 0.70-1.18 GB at every P
+        # and size run (1.6M-10M, P = 1-8), not in proportion to n_src: modelled as 3.5 chunks of N rows
+        "start-up (MGE column chunks)": 3.5 * 4 * N * column_chunk(int(N)),
         "start-up (graph blocks built)": 100 * 2 * E / P,     # estimated from LocalGraph's arrays, not measured
         "start-up (per-node counts of the triples)": 24 * U + 16 * I,
         # what a step keeps for its backward pass and the halo rows of its layers (received, sent, [owned ;
