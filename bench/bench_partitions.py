@@ -282,7 +282,7 @@ def table(rows: list[dict]) -> str:
         goal = 1.2 * one / p + 0.6
         s, a = top["state_MB"], top["arrays_MB"]
         mb = lambda *k: round(sum(a.get(x, 0.0) for x in k), 1)  # noqa: E731
-        lines.append(f"| {p} | {top['hwm_GB']['end']} | {predicted(top):.2f} | {goal:.2f} | {'yes' if top['hwm_GB']['end'] <= goal else 'no'} | "
+        lines.append(f"| {p} | {top['hwm_GB']['end']} | {predicted(top):.2f} | {goal:.2f} | {'–' if p == 1 else 'yes' if top['hwm_GB']['end'] <= goal else 'no'} | "
                      f"{top['hwm_GB']['start-up']} | {s['graph']} | {s['embeddings+adam']} | {s['features']} | "
                      f"{s['mge_inputs']} | {mb('book', 'ownership')} | {mb('sampler', 'epoch_arrays')} | "
                      f"{mb('evaluator_csrs')} | {mb('dataset_rows')} | {top['halo_rows']:,} | "
