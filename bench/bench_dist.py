@@ -24,6 +24,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def state_bytes(model) -> dict:
+    """``ShardedLGMRec.state_bytes()`` of a rank's model; the same terms for the one-process model (``LocalEngine``)."""
+    if hasattr(model, "state_bytes"):
+        return model.state_bytes()
+    from lgmrec_dist.distributed.sharded import _nbytes as tbytes
+    g = model.graph     # CSR matrices (graph.csr); Ĝ is symmetric, so it has no transpose of its own
+    mats = (g.norm_adj, g.R, g.R_t, g.P, g.P_t)
+    graph = sum(tbytes(m.values()) + tbytes(m.col_indices()) + tbytes(m.crow_indices()) for m in mats)
+    return {"graph": graph, "embeddings+adam": 3 * (tbytes(model.user_embedding) + tbytes(model.item_embedding)),
+            "features": sum(tbytes(x) for x in model.features.values()),
+            "mge_inputs": sum(tbytes(y) for y in model.mge_y.values()),
+            "halo_rows": 0, "owned_nodes": model.num_users + model.num_items}
+
+
+def sent_per_step(forward: float, model, ctx) -> float:
+    """Bytes a rank sends per step: its forward collectives (``CommStats``), their mirrors in backward, and
+    its share of the ring all-reduce of the dense gradients (DDP)."""
+    world = ctx.world_size if ctx is not None else 1
+    if world == 1:
+        return 2 * forward
+    dense = sum(p.numel() * p.element_size() for p in model.dense.parameters())
+    return 2 * forward + 2 * (world - 1) * dense // world
+
+
 def worker(args) -> None:
     import torch
 
@@ -59,13 +83,11 @@ def worker(args) -> None:
     sync()
     step_s = (time.perf_counter() - t0) / args.steps
     sent = CommStats.take() / args.steps
-    dense = sum(p.numel() * p.element_size() for p in eng.model.dense.parameters())
     world = ctx.world_size
-    ddp = 2 * (world - 1) * dense // world if world > 1 else 0
-    state = eng.model.state_bytes()
+    state = state_bytes(eng.model)
     row = {"P": world, "rank": ctx.rank, "threads": torch.get_num_threads(), "setup_s": round(setup, 2),
            "seconds_per_step": round(step_s, 4),
-           "sent_MB_per_step": round((2 * sent + ddp) / 1e6, 2),   # forward, its mirror in backward, DDP
+           "sent_MB_per_step": round(sent_per_step(sent, eng.model, ctx) / 1e6, 2),
            "peak_rss_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
            "state_MB": {k: (round(v / 1e6, 1) if k not in ("halo_rows", "owned_nodes") else v) for k, v in state.items()}}
     if ctx.device.type == "cuda":
