@@ -106,6 +106,7 @@ def rank_bytes(U: float, I: float, E: float, H: float, S: int, P: int, halo: flo
     """The memory of one rank, term by term (docs/distributed.md, "Memory per rank"): |U|, |I|, E training
     pairs, H held-out pairs, S = Σ d_m, P ranks, ``halo`` nodes; E*, Adam and X_m in float32, Y_m in
     ``y_bytes``. P = 1 is the one-process engine (whole graph, no book, no halo)."""
+    from lgmrec_dist.distributed.sharded import SHARDED_CHUNK_BYTES
     from lgmrec_dist.model.features import column_chunk
     N = U + I
     n, Er, Hr = N / P, E / P, H / P               # owned nodes; pairs and held-out pairs of owned users
@@ -124,10 +125,12 @@ def rank_bytes(U: float, I: float, E: float, H: float, S: int, P: int, halo: flo
          # part-k: train edges with an owned end, held-out pairs, owned and halo ids
          "dataset_rows": 0 if P == 1 else 16 * incident + 17 * Hr + 8 * nsrc}
     transient = {
-        # Y_m precomputed in column chunks (c columns, sized by N so that every rank takes as many): the chunk
-        # over [owned ; halo], the halo rows received and sent, the products. Measured 0.70-1.18 GB at every P
-        # and size run (1.6M-10M, P = 1-8), not in proportion to n_src: modelled as 3.5 chunks of N rows
-        "start-up (MGE column chunks)": 3.5 * 4 * N * column_chunk(int(N)),
+        # Y_m precomputed in column chunks: the chunk over [owned ; halo], the halo rows received and sent, the
+        # products, modelled as 3.5 chunks. One process: c = column_chunk(N) (256 MiB); P ranks: c sized by the
+        # widest rank's rows to a 32 MiB budget (LocalGraph). With the 256 MiB budget sized by N the P > 1
+        # runs measured 0.70-1.18 GB at every P; with 32 MiB, 0.6 GB less at P = 8
+        "start-up (MGE column chunks)": (3.5 * 4 * N * column_chunk(int(N)) if P == 1 else
+                                         3.5 * 4 * nsrc * column_chunk(int(nsrc), SHARDED_CHUNK_BYTES, least=1)),
         "start-up (graph blocks built)": 100 * 2 * E / P,     # estimated from LocalGraph's arrays, not measured
         "start-up (per-node counts of the triples)": 24 * U + 16 * I,
         # what a step keeps for its backward pass and the halo rows of its layers (received, sent, [owned ;

@@ -37,6 +37,9 @@ from lgmrec_dist.model.losses import contrastive_sum, held_rows, key_rows, lowra
 from lgmrec_dist.model.params import model_params
 
 
+SHARDED_CHUNK_BYTES = 32 << 20   # one float32 column chunk of the start-up precomputation (LocalGraph)
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
@@ -80,9 +83,14 @@ class LocalGraph:
         self.P_t = csr(src_u, dst_u, mean, (n_src, n_own)).to(device)
         self.num_own_users = int((own.owned < num_users).sum())
         self.num_halo = len(halo_ids)
-        # every rank must take the same number of column chunks (each one is a halo exchange): size them by
-        # the whole node count, not by the rank's own rows
-        self.chunk = column_chunk(num_users + num_items)
+        # every rank must take the same number of column chunks (each one is a halo exchange): size them by the
+        # widest rank's [owned ; halo] rows. A chunk's temporaries (the chunk, the halo rows sent and received,
+        # the products: ~3.5 chunks) are a start-up peak on every rank that does not shrink with P, so the
+        # budget is small; more chunks cost more, smaller exchanges, not more arithmetic
+        widest = torch.tensor([n_src], dtype=torch.int64, device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(widest, op=dist.ReduceOp.MAX)
+        self.chunk = column_chunk(int(widest), budget=SHARDED_CHUNK_BYTES, least=1)
 
     def extend(self, x_owned: torch.Tensor) -> torch.Tensor:
         return torch.cat([x_owned, self.halo(x_owned)])

@@ -85,10 +85,11 @@ def rows_matmul(table: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, chunk:
     return _RowsMatmul.apply(table, rows, w, chunk)
 
 
-def column_chunk(rows: int, budget: int = 256 << 20) -> int:
-    """Columns per chunk so that one float32 chunk of ``rows`` rows stays near ``budget`` bytes: the
-    temporaries of a chunked precomputation then stay small next to the table being built."""
-    return max(16, min(512, budget // (4 * max(rows, 1))))
+def column_chunk(rows: int, budget: int = 256 << 20, least: int = 16) -> int:
+    """Columns per chunk so that one float32 chunk of ``rows`` rows stays near ``budget`` bytes (and at least
+    ``least`` columns): the temporaries of a chunked precomputation then stay small next to the table
+    being built."""
+    return max(least, min(512, budget // (4 * max(rows, 1))))
 
 
 @torch.no_grad()
