@@ -128,6 +128,10 @@ class BlockSampler:
         self.rescale = rescale      # False: plain Ĝ weights on the sampled edges (biased; for tests)
         self.sampler = NeighborSampler(self.fanouts, fused=False) if n_layers else None
 
+    def graph_bytes(self) -> int:
+        """Bytes of the DGL graph the sampler reads (both directions of every pair, two int64 ids an edge)."""
+        return 16 * self.graph.num_edges()
+
     def sample(self, users, pos, neg, step: int) -> SampledBatch:
         users, pos, neg = (torch.as_tensor(t).cpu() for t in (users, pos, neg))
         nodes = torch.cat([users, pos + self.num_users, neg + self.num_users])

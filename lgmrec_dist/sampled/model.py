@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from lgmrec_dist import rng
-from lgmrec_dist.config import Config
+from lgmrec_dist.config import Config, ConfigError
 from lgmrec_dist.dataset import features_tensor
 from lgmrec_dist.distributed.exchange import Ownership
 from lgmrec_dist.distributed.reduce import all_reduce, all_reduce_
@@ -44,18 +44,30 @@ class SampledLGMRec:
 
     def __init__(self, cfg: Config, num_users: int, num_items: int, feature_dims: dict[str, int],
                  train_users: np.ndarray, train_items: np.ndarray, features: dict, device: torch.device,
-                 own: Ownership | None = None):
+                 own: Ownership | None = None, partitioned: bool = False):
+        """``partitioned``: this rank holds one partition (``own`` its book): ``train_users/items`` are the
+        training edges incident to its nodes and ``features`` its items' rows; no whole graph is built and
+        the blocks are sampled across partitions (``distributed.block_sampling``)."""
         self.cfg, self.hp, self.device = cfg, model_params(cfg), device
         self.num_users, self.num_items = num_users, num_items
-        graph = build_graph(num_users, num_items, train_users, train_items).to(device)
         n_layers = cfg.n_ui_layers if cfg.cf_model == "lightgcn" else 0
         self.n_layers = n_layers
-        self.sampler = BlockSampler(num_users, num_items, graph.train_users, graph.train_items, cfg.fanouts,
-                                    n_layers, cfg.seed)
+        if partitioned:
+            if own is None or (cfg.use_ghe and not cfg.user_feature_table):
+                raise ConfigError("a partitioned dataset in mode sampled needs shard_tables: true and "
+                                  "user_feature_table: true (a rank holds only its users' item lists)")
+            from lgmrec_dist.distributed.block_sampling import PartitionBlockSampler
+            graph = None
+            self.sampler = PartitionBlockSampler(own, num_users, num_items, train_users, train_items, cfg.fanouts,
+                                                 n_layers, cfg.seed, device)
+        else:
+            graph = build_graph(num_users, num_items, train_users, train_items).to(device)
+            self.sampler = BlockSampler(num_users, num_items, graph.train_users, graph.train_items, cfg.fanouts,
+                                        n_layers, cfg.seed)
         # the whole graph serves the start-up precomputation, the message refreshes and inference only
         self.tables = None               # row-sharded tables (``shard_tables``, P ranks)
         if own is not None:              # E_U, E_I, X_m, Y_m, R·X_m: this rank's rows only
-            items = own.owned[own.owned >= num_users] - num_users
+            items = None if partitioned else own.owned[own.owned >= num_users] - num_users
             owned_x = {m: features_tensor(features[m], items, device) for m in feature_dims}
             self.tables = ShardedFeatureTables(cfg, own, num_users, num_items, owned_x, device, train_users, train_items)
             rows = (torch.from_numpy(self.tables.owned_users), torch.from_numpy(self.tables.owned_items - num_users))
@@ -73,12 +85,14 @@ class SampledLGMRec:
         self.source = self.model.source  # where the step's feature products come from
         self.rx = self.source.rx
         self.modalities = self.model.modalities
-        r = self.model.graph.R
-        self.r_csr = (r.crow_indices(), r.col_indices(), r.values())   # users' item lists (user_feature_table false)
-        deg = self.sampler.deg
+        self.r_csr = None               # users' item lists (user_feature_table false; not on partitions)
+        if graph is not None:
+            r = graph.R
+            self.r_csr = (r.crow_indices(), r.col_indices(), r.values())
+        deg = self.sampler.deg          # full-graph degrees (distinct neighbours) of every node
         self.user_deg, self.item_deg = deg[:num_users], deg[num_users:]
-        self.num_pairs = len(graph.train_users)
-        self.num_pool_items = len(np.unique(graph.train_items))    # the negatives' pool (batches.TripleSampler)
+        self.num_pairs = int(self.user_deg.sum())                  # distinct training pairs
+        self.num_pool_items = int((self.item_deg > 0).sum())       # the negatives' pool (batches.TripleSampler)
         self.refresh_interval = refresh_interval(cfg, self.num_pairs)
         self.cache: dict | None = None   # {"step": s, "messages": [A × d per modality]} when r ≥ 1
         self._full = None                # this step's full-pass HyperEmbeddings (r = 0)
