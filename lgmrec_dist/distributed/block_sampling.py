@@ -115,7 +115,8 @@ class PartitionBlockSampler:
         node, ascending within a node): all of them for fanout -1 or deg ≤ fanout, else the ``fanout`` with
         the smallest keyed hash."""
         rows = self.own.local[np.asarray(ids, np.int64)]
-        start, counts = self.indptr[rows], np.diff(self.indptr)[rows]
+        start = self.indptr[rows]
+        counts = self.indptr[rows + 1] - start
         node = np.repeat(np.arange(len(ids)), counts)
         offset = np.arange(len(node)) - np.repeat(np.cumsum(counts) - counts, counts)
         src = self.nbrs[np.repeat(start, counts) + offset]
