@@ -69,6 +69,10 @@ class PartitionBlockSampler:
         self.seed, self.rescale = seed, rescale
         self.sent_bytes = 0
 
+    def graph_bytes(self) -> int:
+        """Bytes of the local adjacency the sampler reads (the owned nodes' neighbour lists)."""
+        return self.indptr.nbytes + self.nbrs.nbytes
+
     def sample(self, users, pos, neg, step: int) -> SampledBatch:
         """This rank's :class:`SampledBatch` of its triples (users, pos, neg); a collective."""
         users, pos, neg, seeds, inverse = batch_seeds(users, pos, neg, self.num_users)

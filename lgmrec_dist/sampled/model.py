@@ -59,7 +59,7 @@ class SampledLGMRec:
             from lgmrec_dist.distributed.block_sampling import PartitionBlockSampler
             graph = None
             self.sampler = PartitionBlockSampler(own, num_users, num_items, train_users, train_items, cfg.fanouts,
-                                                 n_layers, cfg.seed, device)
+                                                 n_layers, cfg.seed)
         else:
             graph = build_graph(num_users, num_items, train_users, train_items).to(device)
             self.sampler = BlockSampler(num_users, num_items, graph.train_users, graph.train_items, cfg.fanouts,
@@ -243,8 +243,7 @@ class SampledLGMRec:
         """[E_U ; E_I] gathered from the ranks with row-sharded tables; None = the model's own tables."""
         return None if self.tables is None else self.tables.all_ego(self.model)
 
-    def _message_grad(self, messages, e_c: torch.Tensor, neg_rows: torch.Tensor, neg: torch.Tensor, step: int,
-                      global_size: int):
+    def _message_grad(self, messages, e_c: torch.Tensor, neg_rows: torch.Tensor, neg: torch.Tensor, step: int):
         """Held messages with a straight-through gradient (``hyper_message_grad``, r ≥ 1).
 
         Value: the refreshed M^m, unchanged. Gradient: that of M̂ = C^(H−1)·w·Σ_{i∈S} H̄_I[i]ᵀ·E_c[i] over the
@@ -252,7 +251,10 @@ class SampledLGMRec:
         over S is the exact message C^(H−1)·H̄_Iᵀ·E_c: the CGE rows and V_m get an unbiased (up to the
         negatives' rejection of the user's positives and to V_m's effect on C) estimate of the gradient the
         exact model sends through the messages, at O(B·A·d) cost."""
-        w = self.num_pool_items / global_size     # P ranks' slices together: B draws (gradients are summed)
+        # w = n / (this process' draws): on P ranks each rank's share of the loss takes its gradient through its
+        # own estimate, so each estimate must be unbiased alone (n / B would give the ranks' summed gradient
+        # 1/P of its expectation)
+        w = self.num_pool_items / max(len(neg), 1)
         ec = e_c[neg_rows]
         return [straight_through_message(msg, c, self.h_rows(k, False, neg, step), ec, w)
                 for k, (msg, c) in enumerate(zip(messages, self.cache["coupling"]))]
@@ -316,7 +318,7 @@ class SampledLGMRec:
             self._fill_hcache(step, torch.unique(torch.cat([s_users, extra.get(True, s_users[:0])])),
                               torch.unique(torch.cat([s_items, extra.get(False, s_items[:0])])))
         if cfg.use_ghe and cfg.hyper_refresh_steps and cfg.hyper_message_grad:
-            messages = self._message_grad(messages, e_c, inverse[2 * len(users):], neg, step, global_size)
+            messages = self._message_grad(messages, e_c, inverse[2 * len(users):], neg, step)
         g = None
         if cfg.use_ghe:
             g = sum(torch.cat([self.h_rows(k, True, s_users, step), self.h_rows(k, False, s_items, step)]) @ msg
