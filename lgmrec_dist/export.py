@@ -189,8 +189,8 @@ def export_partitioned(run_dir, out, top_k: int, data, ctx, overwrite: bool = Fa
     DIR/recommendations/part-k.parquet."""
     from lgmrec_dist.checkpoint import dataset_digest, read_best_rows, read_meta
     from lgmrec_dist.distributed.partitioned import open_rank_partition
+    from lgmrec_dist.distributed.engine import ShardedEngine
     from lgmrec_dist.distributed.ring_topk import ring_blocks
-    from lgmrec_dist.engines import build_engine
 
     _check_k(top_k, "--top-k")
     run_dir, out = Path(run_dir), Path(out)
@@ -198,7 +198,8 @@ def export_partitioned(run_dir, out, top_k: int, data, ctx, overwrite: bool = Fa
     ds = open_rank_partition(data, ctx)
     if read_meta(run_dir / "best").get("dataset_digest") != dataset_digest(ds.manifest):
         raise CheckpointError(f"{run_dir / 'best'} was trained on a different dataset than {ds.path}")
-    engine = build_engine(cfg, ds, ctx)
+    # the exact distributed model infers the owned rows of either mode (the sampled mode's inference is it)
+    engine = ShardedEngine(cfg, ds, ctx.device, ctx)
     m = engine.model
     best = read_best_rows(run_dir, m.user_ids.cpu().numpy(), m.item_ids.cpu().numpy())
     with torch.no_grad():

@@ -122,16 +122,18 @@ class BlockSampler:
         self.graph = interaction_dgl_graph(num_users, num_items, train_users, train_items)
         self.deg = self.graph.in_degrees().numpy().astype(np.float64)   # distinct neighbours, full graph
         self.d_inv_sqrt = 1.0 / np.sqrt(self.deg + 1e-7)                # as build_graph
-        self.fanouts = list(fanouts) * n_layers if len(fanouts) == 1 else list(fanouts)
+        self.fanouts = layer_fanouts(fanouts, n_layers)
         self.n_layers = n_layers
         self.seed = seed
         self.rescale = rescale      # False: plain Ĝ weights on the sampled edges (biased; for tests)
         self.sampler = NeighborSampler(self.fanouts, fused=False) if n_layers else None
 
+    def graph_bytes(self) -> int:
+        """Bytes of the DGL graph the sampler reads (both directions of every pair, two int64 ids an edge)."""
+        return 16 * self.graph.num_edges()
+
     def sample(self, users, pos, neg, step: int) -> SampledBatch:
-        users, pos, neg = (torch.as_tensor(t).cpu() for t in (users, pos, neg))
-        nodes = torch.cat([users, pos + self.num_users, neg + self.num_users])
-        seeds, inverse = torch.unique(nodes, return_inverse=True)
+        users, pos, neg, seeds, inverse = batch_seeds(users, pos, neg, self.num_users)
         layers = []
         input_ids = seeds
         if self.n_layers:
@@ -139,27 +141,54 @@ class BlockSampler:
                 dgl.seed(rng.stream_key(self.seed, step, SAMPLE_STREAM) & 0x7FFFFFFF)  # DGL takes an int32
                 input_ids, _, blocks = self.sampler.sample_blocks(self.graph, seeds)
             layers = [self._layer(b, f) for b, f in zip(blocks, self.fanouts)]
-        # rows are gathered from the tables in sorted order (memory touched in order: several times faster
-        # on big tables), then permuted into the blocks' order
-        order = torch.argsort(input_ids)
-        sorted_ids = input_ids[order]
-        n_users = int(torch.searchsorted(sorted_ids, self.num_users))
-        perm = torch.empty_like(order)
-        perm[order] = torch.arange(len(order))
-        return SampledBatch(step, users, pos, neg, seeds, inverse, input_ids, layers,
-                            sorted_ids[:n_users], sorted_ids[n_users:] - self.num_users, perm)
+        return make_batch(step, users, pos, neg, seeds, inverse, input_ids, layers, self.num_users)
 
     def _layer(self, block, fanout: int) -> Layer:
         src, dst = (t.numpy() for t in block.edges())
         ids = block.srcdata[dgl.NID].numpy()
-        n_dst, n_src = block.num_dst_nodes(), block.num_src_nodes()
-        g_dst, g_src = ids[dst], ids[src]
-        w = self.d_inv_sqrt[g_dst] * self.d_inv_sqrt[g_src]
-        if fanout != -1 and self.rescale:
-            k = np.bincount(dst, minlength=n_dst).astype(np.float64)
-            scale = self.deg[ids[:n_dst]] / np.maximum(k, 1.0)          # deg/k; exactly 1 when k = deg
-            w = w * scale[dst]
-        return Layer(n_dst, n_src, _csr_parts(dst, src, w, n_dst), _csr_parts(src, dst, w, n_src))
+        return weighted_layer(dst, src, block.num_dst_nodes(), block.num_src_nodes(), fanout, self.deg[ids],
+                              self.d_inv_sqrt[ids], self.rescale)
+
+
+def layer_fanouts(fanouts: list[int], n_layers: int) -> list[int]:
+    """The fanout of each CGE layer (``fanouts[l]`` for layer l+1); a single value applies to every layer."""
+    return list(fanouts) * n_layers if len(fanouts) == 1 else list(fanouts)
+
+
+def batch_seeds(users, pos, neg, num_users: int):
+    """The triples as CPU tensors, the batch's distinct nodes (sorted, users first) and the triple positions'
+    rows among them."""
+    users, pos, neg = (torch.as_tensor(t).cpu() for t in (users, pos, neg))
+    nodes = torch.cat([users, pos + num_users, neg + num_users])
+    seeds, inverse = torch.unique(nodes, return_inverse=True)
+    return users, pos, neg, seeds, inverse
+
+
+def weighted_layer(dst: np.ndarray, src: np.ndarray, n_dst: int, n_src: int, fanout: int, deg: np.ndarray,
+                   d_inv_sqrt: np.ndarray, rescale: bool) -> Layer:
+    """The :class:`Layer` of a block's edges (dst ← src, block-local indices) with Ĝ's weights, times deg/k
+    for a partial fanout; ``deg`` and ``d_inv_sqrt`` are the full-graph values of the block's source nodes
+    (its destination nodes first)."""
+    w = d_inv_sqrt[dst] * d_inv_sqrt[src]
+    if fanout != -1 and rescale:
+        k = np.bincount(dst, minlength=n_dst).astype(np.float64)
+        scale = deg[:n_dst] / np.maximum(k, 1.0)                        # deg/k; exactly 1 when k = deg
+        w = w * scale[dst]
+    return Layer(n_dst, n_src, _csr_parts(dst, src, w, n_dst), _csr_parts(src, dst, w, n_src))
+
+
+def make_batch(step: int, users, pos, neg, seeds, inverse, input_ids: torch.Tensor, layers: list,
+               num_users: int) -> SampledBatch:
+    """The :class:`SampledBatch`, with the sorted user and item ids of ``input_ids`` and their permutation."""
+    # rows are gathered from the tables in sorted order (memory touched in order: several times faster
+    # on big tables), then permuted into the blocks' order
+    order = torch.argsort(input_ids)
+    sorted_ids = input_ids[order]
+    n_users = int(torch.searchsorted(sorted_ids, num_users))
+    perm = torch.empty_like(order)
+    perm[order] = torch.arange(len(order))
+    return SampledBatch(step, users, pos, neg, seeds, inverse, input_ids, layers,
+                        sorted_ids[:n_users], sorted_ids[n_users:] - num_users, perm)
 
 
 def _csr_parts(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int) -> tuple:

@@ -44,3 +44,14 @@ def ray_cluster():
                  log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (tiny products: more threads only add synchronisation)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

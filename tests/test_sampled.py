@@ -40,14 +40,6 @@ APPROX = ["fanouts=[3,2]", "hyper_refresh_steps=2", "hcl_negatives=uniform", "hc
 Z_MAX = 5.0
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tiny(tiny_dataset):
     ds = PreparedDataset.load(tiny_dataset)

@@ -2,8 +2,8 @@
 ``part-k/`` and the global metadata (manifest, partition book), and builds from them what the loop needs
 with small collectives instead of whole-catalogue arrays:
 
-* :func:`uses_partitions`: whether a launch reads partitions (an exact-mode launch on P ranks of a dataset
-  prepared with ``--partitions P``, unless ``partitioning: contiguous``);
+* :func:`uses_partitions`: whether a launch reads partitions (an exact-mode or ``shard_tables`` sampled-mode
+  launch on P ranks of a dataset prepared with ``--partitions P``, unless ``partitioning: contiguous``);
 * :func:`partition_triples`: the rank's :class:`~lgmrec_dist.batches.TripleSampler` over its users' pairs,
   with their global pair numbers (per-user pair counts summed over ranks) and the global negative pool;
 * :func:`gather_batch`: a global batch put together from the ranks' triples by epoch position, so P ranks
@@ -27,9 +27,10 @@ from lgmrec_dist.distributed.group import LaunchError
 
 
 def uses_partitions(data, cfg: Config, world_size: int) -> bool:
-    """A launch on P > 1 ranks of a dataset prepared for P partitions reads only its partition (exact mode);
-    ``partitioning: contiguous`` (or any other P) reads the whole dataset as before."""
-    if world_size < 2 or cfg.mode != "exact" or cfg.partitioning == "contiguous":
+    """A launch on P > 1 ranks of a dataset prepared for P partitions reads only its partition (the exact
+    mode, and the sampled mode with ``shard_tables``); ``partitioning: contiguous`` (or any other P) reads
+    the whole dataset as before."""
+    if world_size < 2 or cfg.partitioning == "contiguous" or (cfg.mode == "sampled" and not cfg.shard_tables):
         return False
     return int(read_manifest(data).get("partitions", 1) or 1) == world_size
 

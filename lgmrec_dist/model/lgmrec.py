@@ -178,10 +178,11 @@ class LGMRec(nn.Module):
         self.eval_calls = 0
 
     # ------------------------------------------------------------------ set-up
-    def attach(self, graph: Graph, source) -> "LGMRec":
+    def attach(self, graph: Graph | None, source) -> "LGMRec":
         """The graph and the feature source: a ``FeatureTables``-like object, or the features X_m as float32
-        tensors on the training device (name -> |I| × d_m), whose tables are then built here."""
-        self.graph = graph.to(self.user_embedding.device)
+        tensors on the training device (name -> |I| × d_m), whose tables are then built here. ``graph`` None:
+        no whole graph (a partition's rank; its source then serves every row the model reads)."""
+        self.graph = graph.to(self.user_embedding.device) if graph is not None else None
         if isinstance(source, dict):
             hp = self.cfg
             source = FeatureTables(self.graph, {m: source[m] for m in self.modalities}, hp.n_mm_layers,

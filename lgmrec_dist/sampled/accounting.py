@@ -13,10 +13,10 @@ def memory_bytes(sm) -> dict:
     """Bytes a :class:`~lgmrec_dist.sampled.model.SampledLGMRec` holds for the run (fp32): what a step reads
     rows of, and what only full passes read."""
     m, g = sm.model, sm.model.graph
-    mats = (g.norm_adj, g.R, g.R_t, g.P, g.P_t)
+    mats = (g.norm_adj, g.R, g.R_t, g.P, g.P_t) if g is not None else ()   # none on a partition's rank
     return {"embeddings": _nb(m.user_embedding) + _nb(m.item_embedding), **sm.source.nbytes(),
             "full_graph": sum(_nb(a.values()) + _nb(a.col_indices()) + _nb(a.crow_indices()) for a in mats),
-            "dgl_graph": 16 * sm.sampler.graph.num_edges()}
+            "sampler_graph": sm.sampler.graph_bytes()}
 
 
 def step_bytes(sm, batch) -> dict:

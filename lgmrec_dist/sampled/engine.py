@@ -11,6 +11,7 @@ import torch
 from lgmrec_dist.batches import TripleSampler
 from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import TRAIN, PreparedDataset
+from lgmrec_dist.dataset_parts import PartitionData
 from lgmrec_dist.distributed.engine import ownership_for
 from lgmrec_dist.distributed.exchange import CommStats, all_gather_rows
 from lgmrec_dist.distributed.payload import model_payload
@@ -45,11 +46,13 @@ class SampledEngine(EngineState):
                  partition: np.ndarray | None = None):
         self.cfg, self.device, self.ctx = cfg, device, ctx
         self.rank, self.world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
-        tu, ti = ds.pairs(TRAIN)
+        # a partition's rank (``PartitionData``): its edges and feature rows only, blocks sampled across ranks
+        partitioned = isinstance(ds, PartitionData)
+        tu, ti = (ds.train_users, ds.train_items) if partitioned else ds.pairs(TRAIN)
         own = (ownership_for(ds, cfg, self.rank, self.world, partition) if cfg.shard_tables and self.world > 1
                else None)
         self.model = SampledLGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"], tu, ti,
-                                   ds.features, device, own)
+                                   ds.features, device, own, partitioned)
         self.model.world = self.world
         params = self.module = self.model.model
         self.dense_params = list(params.dense_parameters().values())
@@ -67,9 +70,10 @@ class SampledEngine(EngineState):
                  "%d rank(s); held per rank: %s", self.model.sampler.fanouts, self.model.refresh_interval,
                  cfg.hcl_negatives, cfg.sparse_embeddings, self.world,
                  ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in mem.items()))
-        triples = TripleSampler(ds.num_items, tu, ti, cfg.seed)
-        self.prefetcher = Prefetcher(self.model.sampler, triples, cfg.train_batch_size, cfg.sampler_workers,
-                                     rank=self.rank, world=self.world)
+        # a partition's sampler is a collective: it samples in the training process, not in workers
+        triples = None if partitioned else TripleSampler(ds.num_items, tu, ti, cfg.seed)
+        self.prefetcher = Prefetcher(self.model.sampler, triples, cfg.train_batch_size,
+                                     0 if partitioned else cfg.sampler_workers, rank=self.rank, world=self.world)
         self.last_stats: dict = {}
         self._logged = False
 

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from lgmrec_dist import rng
-from lgmrec_dist.config import Config
+from lgmrec_dist.config import Config, ConfigError
 from lgmrec_dist.dataset import features_tensor
 from lgmrec_dist.distributed.exchange import Ownership
 from lgmrec_dist.distributed.reduce import all_reduce, all_reduce_
@@ -44,18 +44,30 @@ class SampledLGMRec:
 
     def __init__(self, cfg: Config, num_users: int, num_items: int, feature_dims: dict[str, int],
                  train_users: np.ndarray, train_items: np.ndarray, features: dict, device: torch.device,
-                 own: Ownership | None = None):
+                 own: Ownership | None = None, partitioned: bool = False):
+        """``partitioned``: this rank holds one partition (``own`` its book): ``train_users/items`` are the
+        training edges incident to its nodes and ``features`` its items' rows; no whole graph is built and
+        the blocks are sampled across partitions (``distributed.block_sampling``)."""
         self.cfg, self.hp, self.device = cfg, model_params(cfg), device
         self.num_users, self.num_items = num_users, num_items
-        graph = build_graph(num_users, num_items, train_users, train_items).to(device)
         n_layers = cfg.n_ui_layers if cfg.cf_model == "lightgcn" else 0
         self.n_layers = n_layers
-        self.sampler = BlockSampler(num_users, num_items, graph.train_users, graph.train_items, cfg.fanouts,
-                                    n_layers, cfg.seed)
+        if partitioned:
+            if own is None or (cfg.use_ghe and not cfg.user_feature_table):
+                raise ConfigError("a partitioned dataset in mode sampled needs shard_tables: true and "
+                                  "user_feature_table: true (a rank holds only its users' item lists)")
+            from lgmrec_dist.distributed.block_sampling import PartitionBlockSampler
+            graph = None
+            self.sampler = PartitionBlockSampler(own, num_users, num_items, train_users, train_items, cfg.fanouts,
+                                                 n_layers, cfg.seed)
+        else:
+            graph = build_graph(num_users, num_items, train_users, train_items).to(device)
+            self.sampler = BlockSampler(num_users, num_items, graph.train_users, graph.train_items, cfg.fanouts,
+                                        n_layers, cfg.seed)
         # the whole graph serves the start-up precomputation, the message refreshes and inference only
         self.tables = None               # row-sharded tables (``shard_tables``, P ranks)
         if own is not None:              # E_U, E_I, X_m, Y_m, R·X_m: this rank's rows only
-            items = own.owned[own.owned >= num_users] - num_users
+            items = None if partitioned else own.owned[own.owned >= num_users] - num_users
             owned_x = {m: features_tensor(features[m], items, device) for m in feature_dims}
             self.tables = ShardedFeatureTables(cfg, own, num_users, num_items, owned_x, device, train_users, train_items)
             rows = (torch.from_numpy(self.tables.owned_users), torch.from_numpy(self.tables.owned_items - num_users))
@@ -73,12 +85,14 @@ class SampledLGMRec:
         self.source = self.model.source  # where the step's feature products come from
         self.rx = self.source.rx
         self.modalities = self.model.modalities
-        r = self.model.graph.R
-        self.r_csr = (r.crow_indices(), r.col_indices(), r.values())   # users' item lists (user_feature_table false)
-        deg = self.sampler.deg
+        self.r_csr = None               # users' item lists (user_feature_table false; not on partitions)
+        if graph is not None:
+            r = graph.R
+            self.r_csr = (r.crow_indices(), r.col_indices(), r.values())
+        deg = self.sampler.deg          # full-graph degrees (distinct neighbours) of every node
         self.user_deg, self.item_deg = deg[:num_users], deg[num_users:]
-        self.num_pairs = len(graph.train_users)
-        self.num_pool_items = len(np.unique(graph.train_items))    # the negatives' pool (batches.TripleSampler)
+        self.num_pairs = int(self.user_deg.sum())                  # distinct training pairs
+        self.num_pool_items = int((self.item_deg > 0).sum())       # the negatives' pool (batches.TripleSampler)
         self.refresh_interval = refresh_interval(cfg, self.num_pairs)
         self.cache: dict | None = None   # {"step": s, "messages": [A × d per modality]} when r ≥ 1
         self._full = None                # this step's full-pass HyperEmbeddings (r = 0)
@@ -229,8 +243,7 @@ class SampledLGMRec:
         """[E_U ; E_I] gathered from the ranks with row-sharded tables; None = the model's own tables."""
         return None if self.tables is None else self.tables.all_ego(self.model)
 
-    def _message_grad(self, messages, e_c: torch.Tensor, neg_rows: torch.Tensor, neg: torch.Tensor, step: int,
-                      global_size: int):
+    def _message_grad(self, messages, e_c: torch.Tensor, neg_rows: torch.Tensor, neg: torch.Tensor, step: int):
         """Held messages with a straight-through gradient (``hyper_message_grad``, r ≥ 1).
 
         Value: the refreshed M^m, unchanged. Gradient: that of M̂ = C^(H−1)·w·Σ_{i∈S} H̄_I[i]ᵀ·E_c[i] over the
@@ -238,7 +251,10 @@ class SampledLGMRec:
         over S is the exact message C^(H−1)·H̄_Iᵀ·E_c: the CGE rows and V_m get an unbiased (up to the
         negatives' rejection of the user's positives and to V_m's effect on C) estimate of the gradient the
         exact model sends through the messages, at O(B·A·d) cost."""
-        w = self.num_pool_items / global_size     # P ranks' slices together: B draws (gradients are summed)
+        # w = n / (this process' draws): on P ranks each rank's share of the loss takes its gradient through its
+        # own estimate, so each estimate must be unbiased alone (n / B would give the ranks' summed gradient
+        # 1/P of its expectation)
+        w = self.num_pool_items / max(len(neg), 1)
         ec = e_c[neg_rows]
         return [straight_through_message(msg, c, self.h_rows(k, False, neg, step), ec, w)
                 for k, (msg, c) in enumerate(zip(messages, self.cache["coupling"]))]
@@ -302,7 +318,7 @@ class SampledLGMRec:
             self._fill_hcache(step, torch.unique(torch.cat([s_users, extra.get(True, s_users[:0])])),
                               torch.unique(torch.cat([s_items, extra.get(False, s_items[:0])])))
         if cfg.use_ghe and cfg.hyper_refresh_steps and cfg.hyper_message_grad:
-            messages = self._message_grad(messages, e_c, inverse[2 * len(users):], neg, step, global_size)
+            messages = self._message_grad(messages, e_c, inverse[2 * len(users):], neg, step)
         g = None
         if cfg.use_ghe:
             g = sum(torch.cat([self.h_rows(k, True, s_users, step), self.h_rows(k, False, s_items, step)]) @ msg
