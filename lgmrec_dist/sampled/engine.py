@@ -16,8 +16,8 @@ from lgmrec_dist.distributed.engine import ownership_for
 from lgmrec_dist.distributed.exchange import CommStats, all_gather_rows
 from lgmrec_dist.distributed.payload import model_payload
 from lgmrec_dist.distributed.reduce import global_metrics, global_terms, replicate, sync_gradients
-from lgmrec_dist.distributed.sharded import DenseParams
 from lgmrec_dist.distributed.ring_topk import ring_blocks
+from lgmrec_dist.distributed.sharded import DenseParams
 from lgmrec_dist.engine import EngineState
 from lgmrec_dist.evaluation import Evaluator
 from lgmrec_dist.sampled.model import SampledLGMRec
