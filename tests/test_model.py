@@ -257,33 +257,3 @@ def test_weight_gradients_flush_subnormal_entries_only():
     const_rows_matmul(x, w).backward(g)
     assert torch.equal(w.grad, x.t() @ flush_subnormals(g))
 
-
-@pytest.mark.parametrize("n, d, a", [(1, 1, 1), (9, 37, 3), (130, 512, 4), (70, 200, 6), (50, 64, 16)])
-def test_narrow_kernel_matches_torch_product(n, d, a):
-    from lgmrec_dist.model.features import _narrow_kernel, narrow_matmul
-    assert _narrow_kernel() is not None  # the image has a C compiler: a silent fallback must not pass this test
-    gen = torch.Generator().manual_seed(n)
-    x, w = torch.randn(n, d, generator=gen), torch.randn(d, a, generator=gen)
-    want = x @ w
-    got = narrow_matmul(x, w)
-    assert got.shape == want.shape
-    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item()), (got - want).abs().max()
-    assert torch.equal(narrow_matmul(x, w, fused=False), want)
-    assert torch.equal(narrow_matmul(x.t().contiguous().t(), w), got)  # a column-major table: the same bits
-
-
-def test_narrow_kernel_is_bit_identical_across_thread_counts_and_falls_back_for_wide_weights():
-    from lgmrec_dist.model.features import NARROW, narrow_matmul
-    x, w = torch.randn(3001, 300), torch.randn(300, 4)
-    threads = torch.get_num_threads()
-    try:
-        outs = []
-        for n in (1, 2, 1, 2):
-            torch.set_num_threads(n)
-            outs.append(narrow_matmul(x, w))
-    finally:
-        torch.set_num_threads(threads)
-    assert all(torch.equal(o, outs[0]) for o in outs[1:])
-    wide = torch.randn(300, NARROW + 1)
-    assert torch.equal(narrow_matmul(x, wide), x @ wide)
-    assert torch.equal(narrow_matmul(x.double(), w.double()), x.double() @ w.double())
