@@ -1,13 +1,15 @@
-"""The C kernels of the step's products (docs/model.md §7.2): the CSR product (rewrite 6) and the narrow
-frozen-table product X·V (rewrite 7) equal torch's products in value (and, through ``graph.spmm``, in gradient),
-are bit-identical with any thread count, and fall back to torch's form where they do not apply."""
+"""The C kernels of the step (docs/model.md §7.2): the CSR product (rewrite 6), the narrow frozen-table product
+X·V (rewrite 7) and the hyperedge Gumbel-softmax with dropout (rewrite 10) equal their torch forms in value and
+gradient, are bit-identical with any thread count, and fall back to the torch form where they do not apply."""
 import numpy as np
 import pytest
 import torch
 
-from lgmrec_dist import graph
+from lgmrec_dist import graph, rng
 from lgmrec_dist.graph import csr, csr_mm, spmm
+from lgmrec_dist.model import hypergraph
 from lgmrec_dist.model.features import NARROW, _narrow_kernel, narrow_matmul
+from lgmrec_dist.model.hypergraph import assign
 
 
 def with_thread_counts(fn, counts=(1, 2, 1, 2)):
@@ -92,3 +94,39 @@ def test_narrow_kernel_is_bit_identical_across_thread_counts_and_falls_back_for_
     wide = torch.randn(300, NARROW + 1)
     assert torch.equal(narrow_matmul(x, wide), x @ wide)
     assert torch.equal(narrow_matmul(x.double(), w.double()), x.double() @ w.double())
+
+
+def assign_value_and_grad(z, noise, mask, fused):
+    z = z.clone().requires_grad_()
+    h = assign(z, 0.2, noise, mask, 0.5 if mask is not None else 1.0, fused=fused)
+    h.backward(torch.linspace(-1, 1, h.numel()).reshape(h.shape))
+    return h.detach(), z.grad
+
+
+# rows off the kernel's block (256); with and without noise and dropout; logits spread enough that some
+# assignments fall below the smallest normal float (the kernel writes them as 0)
+@pytest.mark.parametrize("n, a", [(1, 1), (300, 4), (1000, 3), (257, 7)])
+@pytest.mark.parametrize("with_noise, with_mask", [(True, True), (False, False), (True, False), (False, True)])
+def test_assign_kernel_matches_torch_form(n, a, with_noise, with_mask):
+    assert hypergraph._kernel() is not None  # the image has a C compiler: a silent fallback must not pass this test
+    gen = torch.Generator().manual_seed(n + a)
+    z = 4.0 * torch.randn(n, a, generator=gen)
+    noise = rng.keyed_gumbel(3, torch.arange(n), a) if with_noise else None
+    mask = rng.keyed_uniform(4, torch.arange(n), a) < 0.5 if with_mask else None
+    got, want = assign_value_and_grad(z, noise, mask, True), assign_value_and_grad(z, noise, mask, False)
+    # the gradient p·(g - Σ p·g)/τ cancels where p ≈ 1: its rounding is that of the incoming gradient (|g| ≤ 1)/τ
+    assert torch.allclose(got[0], want[0], rtol=1e-5, atol=1e-6), (got[0] - want[0]).abs().max()
+    assert torch.allclose(got[1], want[1], rtol=1e-5, atol=1e-6 / 0.2), (got[1] - want[1]).abs().max()
+    tiny = torch.finfo(torch.float32).tiny
+    assert not ((got[0] != 0) & (got[0].abs() < tiny)).any()  # no subnormal assignment is written
+    # zeros: the dropped entries, and softmax values (h·keep_rate) that are subnormal or below exp(-87)
+    p = (want[0] * (0.5 if with_mask else 1.0)).abs()
+    assert (got[0][p < tiny] == 0).all() and (p[got[0] == 0] < 1.7e-38).all()
+
+
+def test_assign_kernel_is_bit_identical_across_thread_counts():
+    z = 3.0 * torch.randn(20_000, 4)
+    noise = rng.keyed_gumbel(1, torch.arange(20_000), 4)
+    mask = rng.keyed_uniform(2, torch.arange(20_000), 4) < 0.5
+    outs = with_thread_counts(lambda: assign_value_and_grad(z, noise, mask, True))
+    assert all(torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1]) for o in outs[1:])
