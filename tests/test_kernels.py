@@ -130,3 +130,12 @@ def test_assign_kernel_is_bit_identical_across_thread_counts():
     mask = rng.keyed_uniform(2, torch.arange(20_000), 4) < 0.5
     outs = with_thread_counts(lambda: assign_value_and_grad(z, noise, mask, True))
     assert all(torch.equal(o[0], outs[0][0]) and torch.equal(o[1], outs[0][1]) for o in outs[1:])
+
+
+def test_kernel_cache_key_covers_the_local_headers(tmp_path):
+    from lgmrec_dist import native
+    (tmp_path / "k.h").write_text("#define K 1\n")
+    (tmp_path / "k.c").write_text('#include <stdint.h>\n#include "k.h"\nint k(void) { return K; }\n')
+    before = native._source_text(tmp_path / "k.c")
+    (tmp_path / "k.h").write_text("#define K 2\n")
+    assert native._source_text(tmp_path / "k.c") != before  # a changed header is a new library, not a stale one
