@@ -5,7 +5,8 @@ takes a minute), and the library links the OpenMP runtime torch has already load
 regions share torch's thread pool instead of competing with it. The library is cached under
 ``$LGMREC_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/lgmrec_dist`` or ``~/.cache/lgmrec_dist``), keyed by
 the source (with the headers next to it that it includes with quotes), the flags, the compiler's version
-and the CPU's feature flags, so a cache shared between machines never hands one CPU code built for another. The compiler is ``$CC`` (default ``cc``).
+and the CPU's feature flags, so a cache shared between machines never hands one CPU code built for another.
+The compiler is ``$CC`` (default ``cc``).
 
 Where no compiler runs (or the build fails), :func:`load` returns None and the caller falls back to its
 pure-torch form; the reason is logged once.

@@ -139,3 +139,20 @@ def test_kernel_cache_key_covers_the_local_headers(tmp_path):
     before = native._source_text(tmp_path / "k.c")
     (tmp_path / "k.h").write_text("#define K 2\n")
     assert native._source_text(tmp_path / "k.c") != before  # a changed header is a new library, not a stale one
+
+
+def test_without_a_compiler_the_torch_forms_run(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("LGMREC_KERNEL_CACHE", str(tmp_path / "cache"))
+    a, x = random_csr(300, 200, 2000), dense_x(200, 64)
+    w = torch.randn(64, 4)
+    z = 3.0 * torch.randn(300, 4)
+    noise, mask = rng.keyed_gumbel(1, torch.arange(300), 4), rng.keyed_uniform(2, torch.arange(300), 4) < 0.5
+    with caplog.at_level("WARNING", logger="lgmrec"):
+        assert graph._kernel() is None and _narrow_kernel() is None and hypergraph._kernel() is None
+        got = csr_mm(a, x), narrow_matmul(x, w), assign_value_and_grad(z, noise, mask, True)
+    assert "no-such-cc" in caplog.text
+    assert torch.equal(got[0], csr_mm(a, x, fused=False)) and torch.equal(got[1], narrow_matmul(x, w, fused=False))
+    want = assign_value_and_grad(z, noise, mask, False)
+    assert torch.equal(got[2][0], want[0]) and torch.equal(got[2][1], want[1])
+    assert not list((tmp_path / "cache").glob("*.so"))

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 
 from lgmrec_dist import native
-
 from lgmrec_dist.graph import Graph
 from lgmrec_dist.model.features import const_rows_matmul
 
