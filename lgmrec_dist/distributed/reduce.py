@@ -58,21 +58,28 @@ def sync_gradients(params) -> None:
         offset += p.numel()
 
 
-def _sum_hook(state, bucket):
-    """DDP communication hook: the bucket's gradients summed over ranks (DDP's default divides by P)."""
-    _count_ring(bucket.buffer())
-    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
-
-
 def replicate(module: torch.nn.Module) -> torch.nn.Module:
     """``module``'s parameters held by every rank, their gradients summed during backward by DDP (bucketed,
     overlapped with the backward pass); call the returned module once per step, before the loss, to start
-    the step's reduction. With one process, ``module`` itself."""
-    if world_size() == 1:
+    the step's reduction. With one process, ``module`` itself.
+
+    Each rank's loss is its share of the global loss, so the global gradient is the sum over ranks, while
+    DDP's C++ reduction takes the mean: each rank's gradient is scaled by P on its way into DDP (a tensor
+    hook on the backward thread). Not a Python communication hook: its future callbacks run on gloo's
+    threads, and one waiting for the GIL while the reducer was destroyed at exit deadlocked a rank
+    (docs/distributed.md, "Gradients")."""
+    world = world_size()
+    if world == 1:
         return module
     from torch.nn.parallel import DistributedDataParallel
     ddp = DistributedDataParallel(module, broadcast_buffers=False)
-    ddp.register_comm_hook(None, _sum_hook)
+
+    def to_sum(grad: torch.Tensor) -> torch.Tensor:
+        _count_ring(grad)
+        return grad * world
+
+    for p in module.parameters():
+        p.register_hook(to_sum)
     return ddp
 
 
