@@ -1,6 +1,7 @@
 """Row-sharded tables of the sampled mode on P ranks (``shard_tables``, docs/sampled.md): the feature
-source interface of ``model.feature_tables`` (``all_ego``, ``mge_rows``, ``all_mge``, ``item_logits``,
-``user_logits``, ``all_item_logits``) over rows held by their owners.
+source interface of ``model.feature_tables`` a step reads (``mge_rows``, ``item_logits``, ``user_logits``,
+``lookup``; ``all_ego`` to gather E) over rows held by their owners. Whole-table products are not served:
+inference of sharded tables is the exact distributed model's over the owned rows (``sampled.model``).
 
 Rank r holds the rows of E_U, E_I (trained, with owner-side RowAdam) of the users and items it owns, X_m
 of its items, Y_m = Ĝ^K [P·X_m ; X_m] of its nodes and, with ``user_feature_table``, R·X_m of its users:
@@ -77,17 +78,6 @@ class ShardedFeatureTables:
         for rows, idx in zip(parts, where):
             out[idx] = rows
         return out
-
-    @torch.no_grad()
-    def all_item_logits(self, m: str, v: torch.Tensor) -> torch.Tensor:
-        """X_m·V_m of every item (|I| × A)."""
-        return self._assemble(self.owned_item_logits(m, v), self.owned_items - self.num_users,
-                              self.own.part.size - self.num_users)
-
-    @torch.no_grad()
-    def all_mge(self, m: str, w: torch.Tensor) -> torch.Tensor:
-        """F^m = Y_m·W_m of every node (N × d)."""
-        return self._assemble(held_matmul(self.y[m], w), self.own.owned, self.own.part.size)
 
     # ------------------------------------------------------------------ embedding tables
     def lookup(self, model, user_ids: torch.Tensor, item_ids: torch.Tensor, leaves: list) -> tuple:
