@@ -200,6 +200,9 @@ class Evaluator:
         if max_users > 0:
             self.users = keyed_user_sample(self.users, max_users, seed, gather)
 
+    def _zero_sums(self) -> dict:
+        return {f"{name}@{K}": 0.0 for K in self.ks for name in METRICS}
+
     def _users(self, user_subset, user_rows) -> np.ndarray:
         users = self.users if user_subset is None else np.intersect1d(self.users, user_subset)
         return users if user_rows is None else np.intersect1d(users, user_rows)
@@ -214,12 +217,12 @@ class Evaluator:
         whole table (a rank's own users); it also restricts the evaluation to those users.
         """
         users = self._users(user_subset, user_rows)
-        blocks = [(np.arange(item_emb.shape[0]), item_emb)]
-        sums = {}
+        blocks = [(np.arange(item_emb.shape[0]), item_emb.to(user_emb.device))]   # moved once, not per batch
+        sums = self._zero_sums()
         for start in range(0, len(users), self.batch_size):   # one user batch at a time: O(batch) memory
             part = self._ranked_sums(user_emb, [users[start:start + self.batch_size]], user_rows, blocks)
-            sums = {key: sums.get(key, 0.0) + value for key, value in part.items()}
-        return sums or self._ranked_sums(user_emb, [], user_rows, []), len(users)
+            sums = {key: sums[key] + value for key, value in part.items()}
+        return sums, len(users)
 
     @torch.no_grad()
     def evaluate_blocks(self, user_emb: torch.Tensor, blocks, user_subset=None, user_rows=None):
@@ -235,7 +238,7 @@ class Evaluator:
         """Metric sums of the user ``batches`` ranked against every item of ``blocks`` (consumed once)."""
         rows = [b if user_rows is None else np.searchsorted(user_rows, b) for b in batches]
         tops = topk_over_blocks(user_emb, batches, rows, blocks, self.train_csr, max(self.ks), self.item_tile)
-        sums = {f"{name}@{K}": 0.0 for K in self.ks for name in METRICS}
+        sums = self._zero_sums()
         for batch, (_, top) in zip(batches, tops):
             held = [torch.from_numpy(a).to(user_emb.device) for a in _csr_rows(*self.heldout_csr, batch)]
             for key, value in metric_sums(top, *held, self.ks).items():
