@@ -5,11 +5,15 @@ Node numbering: users 0..|U|-1, items |U|..|U|+|I|-1 (N = |U| + |I|). Interactio
 """
 from __future__ import annotations
 
+import ctypes
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+
+from lgmrec_dist import native
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -32,6 +36,37 @@ def csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape) -> torch.Te
                                    torch.from_numpy(vals.astype(np.float32)), size=shape, check_invariants=False)
 
 
+def _kernel() -> ctypes.CDLL | None:
+    lib = native.load(Path(__file__).with_name("csr_spmm.c"))
+    if lib is not None and lib.csr_spmm.argtypes is None:
+        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+        lib.csr_spmm.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int]
+        lib.csr_spmm.restype = None
+    return lib
+
+
+def csr_mm(a: torch.Tensor, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
+    """``a @ x`` for a CSR matrix ``a`` and a dense ``x`` (docs/model.md §7.2, rewrite 6).
+
+    On CPU in float32 with int64 indices (how :func:`csr` builds them) the C kernel ``csr_spmm.c``
+    writes each output row once, summing the row's entries in their stored order (bit-identical with any
+    thread count); elsewhere, or with ``fused=False`` or no C compiler, ``torch.sparse.mm``."""
+    lib = None
+    if (fused and a.layout == torch.sparse_csr and a.device.type == x.device.type == "cpu"
+            and a.dtype == x.dtype == torch.float32 and x.dim() == 2 and a.crow_indices().dtype == torch.int64):
+        lib = _kernel()
+    if lib is None:
+        return torch.sparse.mm(a, x)
+    if x.shape[0] != a.shape[1]:
+        raise ValueError(f"csr_mm: a is {tuple(a.shape)} but x has {x.shape[0]} rows")
+    x = x.contiguous()
+    indptr, indices, values = a.crow_indices(), a.col_indices(), a.values()
+    out = x.new_empty(a.shape[0], x.shape[1])
+    lib.csr_spmm(indptr.data_ptr(), indices.data_ptr(), values.data_ptr(), a.shape[0], x.data_ptr(), x.shape[1],
+                 out.data_ptr(), torch.get_num_threads())
+    return out
+
+
 class _SpMM(torch.autograd.Function):
     """``A @ X`` for a constant sparse A whose transpose is given, so backward is one more CSR product
     (deterministic, unlike the scatter-add backward of COO products)."""
@@ -39,11 +74,11 @@ class _SpMM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, a_t, x):
         ctx.a_t = a_t
-        return torch.sparse.mm(a, x)
+        return csr_mm(a, x)
 
     @staticmethod
     def backward(ctx, grad):
-        return None, None, torch.sparse.mm(ctx.a_t, grad)
+        return None, None, csr_mm(ctx.a_t, grad)
 
 
 def spmm(a: torch.Tensor, a_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -4,8 +4,9 @@ No torch headers are involved (a plain C file compiles in about a second, where 
 takes a minute), and the library links the OpenMP runtime torch has already loaded, so its parallel
 regions share torch's thread pool instead of competing with it. The library is cached under
 ``$LGMREC_KERNEL_CACHE`` (default ``$XDG_CACHE_HOME/lgmrec_dist`` or ``~/.cache/lgmrec_dist``), keyed by
-the source, the flags, the compiler's version and the CPU's feature flags, so a cache shared between
-machines never hands one CPU code built for another. The compiler is ``$CC`` (default ``cc``).
+the source (with the headers next to it that it includes with quotes), the flags, the compiler's version
+and the CPU's feature flags, so a cache shared between machines never hands one CPU code built for another.
+The compiler is ``$CC`` (default ``cc``).
 
 Where no compiler runs (or the build fails), :func:`load` returns None and the caller falls back to its
 pure-torch form; the reason is logged once.
@@ -17,6 +18,7 @@ import hashlib
 import logging
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -47,6 +49,13 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _source_text(source: Path) -> bytes:
+    """The source's bytes followed by those of the local headers it includes (``#include "name.h"``)."""
+    text = source.read_bytes()
+    headers = re.findall(rb'^\s*#\s*include\s+"([^"]+)"', text, flags=re.M)
+    return b"\0".join([text] + [(source.parent / h.decode()).read_bytes() for h in headers])
+
+
 def _compile(cc: str, source: Path, flags: list[str], out: Path) -> None:
     """Build into a temporary file, then rename: concurrent processes never load a half-written library."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -75,7 +84,7 @@ def load(source: Path) -> ctypes.CDLL | None:
         if exe is None:
             raise RuntimeError(f"no C compiler {cc!r} on PATH (set CC)")
         version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=30).stdout
-        text = source.read_bytes()
+        text = _source_text(source)
         digest = hashlib.sha256(b"\0".join([text, " ".join(FLAGS).encode(), version.encode(),
                                             _cpu_flags().encode()])).hexdigest()[:16]
         out = cache_dir() / f"{source.stem}-{digest}.so"

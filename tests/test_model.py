@@ -246,3 +246,14 @@ def test_keyed_draws_kernel_gives_the_torch_forms_bits():
     for key in (rng.stream_key(999, 5, 3), rng.stream_key(1, -2, 7), 0xFFFFFFFF):
         for width in (1, 4):
             assert torch.equal(rng.keyed_uniform(key, ids, width), rng.keyed_uniform(key, ids, width, fused=False))
+
+
+def test_weight_gradients_flush_subnormal_entries_only():
+    from lgmrec_dist.model.features import const_rows_matmul, flush_subnormals
+    g = torch.tensor([[1e-39, -3e-40, 1.2e-38, -5.0], [0.0, 2.0, -1e-45, 7e-30]])
+    assert torch.equal(flush_subnormals(g), torch.tensor([[0.0, 0.0, 1.2e-38, -5.0], [0.0, 2.0, 0.0, 7e-30]]))
+    x = torch.randn(2, 3)
+    w = torch.randn(3, 4, requires_grad=True)
+    const_rows_matmul(x, w).backward(g)
+    assert torch.equal(w.grad, x.t() @ flush_subnormals(g))
+

@@ -8,10 +8,13 @@ the factors (:class:`HyperEmbedding`) instead of the |U|×d and |I|×d products.
 """
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from lgmrec_dist import native
 from lgmrec_dist.graph import Graph
 from lgmrec_dist.model.features import const_rows_matmul
 
@@ -47,9 +50,56 @@ def dependencies_from_logits(z_item: torch.Tensor, graph: Graph, tau: float, noi
     return assignments(z_item, graph.user_sums(z_item), tau, noise, masks, keep_rate)
 
 
-def assign(z: torch.Tensor, tau: float, noise=None, mask=None, keep_rate: float = 1.0) -> torch.Tensor:
+def _kernel() -> ctypes.CDLL | None:
+    lib = native.load(Path(__file__).with_name("assign.c"))
+    if lib is not None and lib.assign_forward.argtypes is None:
+        ptr, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+        lib.assign_forward.argtypes = [ptr, ptr, ptr, i64, i64, f32, f32, ptr, ptr, c_int]
+        lib.assign_forward.restype = None
+        lib.assign_backward.argtypes = [ptr, ptr, ptr, i64, i64, f32, f32, ptr, c_int]
+        lib.assign_backward.restype = None
+    return lib
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+class _Assign(torch.autograd.Function):
+    """:func:`assign` in the C kernel ``assign.c``: one pass forward, one backward (gradient for z only)."""
+
+    @staticmethod
+    def forward(ctx, z, tau, noise, mask, keep_rate):
+        z = z.contiguous()
+        noise = None if noise is None else noise.contiguous()
+        keep = None if mask is None else mask.contiguous().view(torch.uint8)
+        p, h = torch.empty_like(z), torch.empty_like(z)
+        _kernel().assign_forward(z.data_ptr(), _ptr(noise), _ptr(keep), z.shape[0], z.shape[1], tau, keep_rate,
+                                 p.data_ptr(), h.data_ptr(), torch.get_num_threads())
+        ctx.save_for_backward(p, keep)
+        ctx.tau, ctx.keep_rate = tau, keep_rate
+        return h
+
+    @staticmethod
+    def backward(ctx, grad):
+        p, keep = ctx.saved_tensors
+        grad, gz = grad.contiguous(), torch.empty_like(p)
+        _kernel().assign_backward(p.data_ptr(), _ptr(keep), grad.data_ptr(), p.shape[0], p.shape[1], ctx.tau,
+                                  ctx.keep_rate, gz.data_ptr(), torch.get_num_threads())
+        return gz, None, None, None, None
+
+
+def assign(z: torch.Tensor, tau: float, noise=None, mask=None, keep_rate: float = 1.0,
+           fused: bool = True) -> torch.Tensor:
     """Gumbel-softmax and dropout of one side's logits (§1.6 items 2-3): ``noise`` the Gumbel noise or None
-    for a deterministic softmax, ``mask`` the boolean keep mask or None for no dropout."""
+    for a deterministic softmax, ``mask`` the boolean keep mask or None for no dropout.
+
+    On CPU in float32 the C kernel ``assign.c`` (one pass each way, subnormal assignments written as 0);
+    elsewhere, or with ``fused=False`` or no C compiler, the torch form below."""
+    if (fused and z.device.type == "cpu" and z.dtype == torch.float32 and z.dim() == 2 and z.shape[1] > 0
+            and (noise is None or noise.dtype == torch.float32) and (mask is None or mask.dtype == torch.bool)
+            and _kernel() is not None):
+        return _Assign.apply(z, tau, noise, mask, keep_rate)
     if noise is not None:
         z = z + noise
     h = torch.softmax(z / tau, dim=1)

@@ -15,45 +15,12 @@
 #include <stdint.h>
 #include <string.h>
 
-/* Denormal inputs and products are flushed to zero while the kernel runs (each thread's MXCSR, restored
- * after): the hyperedge assignments hold values below 1e-38 (a Gumbel-softmax at tau = 0.2), and one
- * denormal operand costs the CPU a microcode assist of ~100 cycles; flushed, a 1e-38 term changes no
- * sum of terms >= exp(0) = 1 that this kernel forms. */
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#define FLUSH_DENORMALS_BEGIN const unsigned int saved_csr = _mm_getcsr(); _mm_setcsr(saved_csr | 0x8040);
-#define FLUSH_DENORMALS_END _mm_setcsr(saved_csr);
-#else
-#define FLUSH_DENORMALS_BEGIN
-#define FLUSH_DENORMALS_END
-#endif
+#include "fastmath.h"
 
 #define TILE 512
 #define SEGMENT 8192
 
 int64_t lse_segment(void) { return SEGMENT; }
-
-/* exp(x) to about 1 ulp for x in [-87, 88] (clamped outside: exp(-87) = 1.6e-38 is no longer
- * relevant next to the row maximum's exp(0) = 1, and no denormal is ever produced). */
-static inline float vexp(float x) {
-    const float shifter = 12582912.0f; /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
-    const float n = (x * 1.44269504088896341f + shifter) - shifter;
-    float r = x - n * 0.693359375f;
-    r = r + n * 2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
-    const int32_t e = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &e, sizeof scale);
-    return p * scale;
-}
 
 /* buf[s] = q_r . k_{s0+s} for s < t */
 static inline void logits_tile(const float *qr, const float *kt, int64_t n, int64_t a_dim, int64_t t,
@@ -69,32 +36,67 @@ static inline void logits_tile(const float *qr, const float *kt, int64_t n, int6
     }
 }
 
+/* logits_tile for two rows at once: each load of k serves both (the same operations per row) */
+static inline void logits_tile2(const float *q0, const float *q1, const float *kt, int64_t n, int64_t a_dim,
+                                int64_t t, float *buf0, float *buf1) {
+    const float q00 = q0[0], q10 = q1[0];
+    #pragma omp simd
+    for (int64_t s = 0; s < t; ++s) {
+        buf0[s] = q00 * kt[s];
+        buf1[s] = q10 * kt[s];
+    }
+    for (int64_t a = 1; a < a_dim; ++a) {
+        const float q0a = q0[a], q1a = q1[a];
+        const float *ka = kt + a * n;
+        #pragma omp simd
+        for (int64_t s = 0; s < t; ++s) {
+            buf0[s] += q0a * ka[s];
+            buf1[s] += q1a * ka[s];
+        }
+    }
+}
+
+/* one tile of logits into the running (maximum, sum) of a row */
+static inline void online_tile(const float *buf, int64_t t, float *m, float *sum) {
+    float tile_max = -INFINITY;
+    #pragma omp simd reduction(max : tile_max)
+    for (int64_t s = 0; s < t; ++s) tile_max = buf[s] > tile_max ? buf[s] : tile_max;
+    if (tile_max > *m) { /* online rescaling: the running sum follows the running maximum */
+        *sum *= expf(*m - tile_max);
+        *m = tile_max;
+    }
+    const float shift = *m;
+    float tile_sum = 0.0f;
+    #pragma omp simd reduction(+ : tile_sum)
+    for (int64_t s = 0; s < t; ++s) tile_sum += vexp(buf[s] - shift);
+    *sum += tile_sum;
+}
+
+/* rows in pairs (logits_tile2: each load of k serves both); a row's result is the same either way */
 void lse_forward(const float *q, const float *kt, int64_t b, int64_t n, int64_t a_dim, float *lse,
                  int threads) {
+    const int64_t pairs = (b + 1) / 2;
     #pragma omp parallel num_threads(threads)
     {
     FLUSH_DENORMALS_BEGIN
     #pragma omp for schedule(static)
-    for (int64_t r = 0; r < b; ++r) {
-        float buf[TILE];
+    for (int64_t pr = 0; pr < pairs; ++pr) {
+        float buf[TILE], buf1[TILE];
+        const int64_t r = 2 * pr;
         const float *qr = q + r * a_dim;
-        float m = -INFINITY, sum = 0.0f;
+        float m = -INFINITY, sum = 0.0f, m1 = -INFINITY, sum1 = 0.0f;
         for (int64_t s0 = 0; s0 < n; s0 += TILE) {
             const int64_t t = n - s0 < TILE ? n - s0 : TILE;
-            logits_tile(qr, kt + s0, n, a_dim, t, buf);
-            float tile_max = -INFINITY;
-            #pragma omp simd reduction(max : tile_max)
-            for (int64_t s = 0; s < t; ++s) tile_max = buf[s] > tile_max ? buf[s] : tile_max;
-            if (tile_max > m) { /* online rescaling: the running sum follows the running maximum */
-                sum *= expf(m - tile_max);
-                m = tile_max;
+            if (r + 1 < b) {
+                logits_tile2(qr, qr + a_dim, kt + s0, n, a_dim, t, buf, buf1);
+                online_tile(buf1, t, &m1, &sum1);
+            } else {
+                logits_tile(qr, kt + s0, n, a_dim, t, buf);
             }
-            float tile_sum = 0.0f;
-            #pragma omp simd reduction(+ : tile_sum)
-            for (int64_t s = 0; s < t; ++s) tile_sum += vexp(buf[s] - m);
-            sum += tile_sum;
+            online_tile(buf, t, &m, &sum);
         }
         lse[r] = m + logf(sum);
+        if (r + 1 < b) lse[r + 1] = m1 + logf(sum1);
     }
     FLUSH_DENORMALS_END
     }
@@ -111,7 +113,7 @@ void lse_backward(const float *q, const float *kt, const float *lse, const float
     #pragma omp parallel num_threads(threads)
     {
         FLUSH_DENORMALS_BEGIN
-        float buf[TILE];
+        float buf[TILE], buf1[TILE];
         #pragma omp for schedule(static) collapse(2)
         for (int64_t blk = 0; blk < blocks; ++blk) {
             for (int64_t seg = 0; seg < segments; ++seg) {
@@ -127,6 +129,35 @@ void lse_backward(const float *q, const float *kt, const float *lse, const float
                     for (int64_t r = r0; r < r1; ++r) {
                         const float gr = g[r], shift = lse[r];
                         if (gr == 0.0f) continue;
+                        if (r + 1 < r1 && g[r + 1] != 0.0f) {
+                            /* rows r and r + 1 together: each load of k and each load and store of the
+                             * partial gk serve both; the partial still adds row r's term, then row r + 1's */
+                            const float g1 = g[r + 1], shift1 = lse[r + 1];
+                            const float *q0r = q + r * a_dim, *q1r = q0r + a_dim;
+                            logits_tile2(q0r, q1r, kt + s0, n, a_dim, t, buf, buf1);
+                            #pragma omp simd
+                            for (int64_t s = 0; s < t; ++s) {
+                                buf[s] = gr * vexp(buf[s] - shift);
+                                buf1[s] = g1 * vexp(buf1[s] - shift1);
+                            }
+                            for (int64_t a = 0; a < a_dim; ++a) {
+                                const float *ka = kt + a * n + s0;
+                                float *pa = pk + a * n + s0;
+                                const float q0a = q0r[a], q1a = q1r[a];
+                                float acc0 = 0.0f, acc1 = 0.0f;
+                                #pragma omp simd reduction(+ : acc0, acc1)
+                                for (int64_t s = 0; s < t; ++s) {
+                                    acc0 += buf[s] * ka[s];
+                                    acc1 += buf1[s] * ka[s];
+                                    const float v = pa[s] + q0a * buf[s];
+                                    pa[s] = v + q1a * buf1[s];
+                                }
+                                pq[r * a_dim + a] += acc0;
+                                pq[(r + 1) * a_dim + a] += acc1;
+                            }
+                            ++r;
+                            continue;
+                        }
                         const float *qr = q + r * a_dim;
                         logits_tile(qr, kt + s0, n, a_dim, t, buf);
                         #pragma omp simd
