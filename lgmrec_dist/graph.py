@@ -27,8 +27,12 @@ def interaction_dgl_graph(num_users: int, num_items: int, users: np.ndarray, ite
     return dgl.graph((np.concatenate([u, i]), np.concatenate([i, u])), num_nodes=num_users + num_items)
 
 
-def csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape) -> torch.Tensor:
-    order = np.lexsort((cols, rows))
+def csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape, col_ids: np.ndarray | None = None
+        ) -> torch.Tensor:
+    """A CSR matrix whose entries within a row are ordered by column, or by ``col_ids`` (the columns' node
+    ids) where the columns are local indices: a row then sums its terms in node-id order wherever it is
+    computed (whole graph, DGL block, a rank's local graph), so equal rows are equal bit for bit."""
+    order = np.lexsort((cols if col_ids is None else col_ids, rows))
     rows, cols, vals = rows[order], cols[order], vals[order]
     indptr = np.zeros(shape[0] + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])

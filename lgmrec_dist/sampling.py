@@ -146,8 +146,8 @@ class BlockSampler:
     def _layer(self, block, fanout: int) -> Layer:
         src, dst = (t.numpy() for t in block.edges())
         ids = block.srcdata[dgl.NID].numpy()
-        return weighted_layer(dst, src, block.num_dst_nodes(), block.num_src_nodes(), fanout, self.deg[ids],
-                              self.d_inv_sqrt[ids], self.rescale)
+        return weighted_layer(dst, src, ids, block.num_dst_nodes(), fanout, self.deg[ids], self.d_inv_sqrt[ids],
+                              self.rescale)
 
 
 def layer_fanouts(fanouts: list[int], n_layers: int) -> list[int]:
@@ -164,17 +164,18 @@ def batch_seeds(users, pos, neg, num_users: int):
     return users, pos, neg, seeds, inverse
 
 
-def weighted_layer(dst: np.ndarray, src: np.ndarray, n_dst: int, n_src: int, fanout: int, deg: np.ndarray,
+def weighted_layer(dst: np.ndarray, src: np.ndarray, ids: np.ndarray, n_dst: int, fanout: int, deg: np.ndarray,
                    d_inv_sqrt: np.ndarray, rescale: bool) -> Layer:
     """The :class:`Layer` of a block's edges (dst ← src, block-local indices) with Ĝ's weights, times deg/k
-    for a partial fanout; ``deg`` and ``d_inv_sqrt`` are the full-graph values of the block's source nodes
-    (its destination nodes first)."""
+    for a partial fanout; ``ids`` are the node ids of the block's source nodes (its destination nodes first),
+    ``deg`` and ``d_inv_sqrt`` their full-graph values."""
     w = d_inv_sqrt[dst] * d_inv_sqrt[src]
     if fanout != -1 and rescale:
         k = np.bincount(dst, minlength=n_dst).astype(np.float64)
         scale = deg[:n_dst] / np.maximum(k, 1.0)                        # deg/k; exactly 1 when k = deg
         w = w * scale[dst]
-    return Layer(n_dst, n_src, _csr_parts(dst, src, w, n_dst), _csr_parts(src, dst, w, n_src))
+    n_src = len(ids)
+    return Layer(n_dst, n_src, _csr_parts(dst, src, w, n_dst, ids), _csr_parts(src, dst, w, n_src, ids))
 
 
 def make_batch(step: int, users, pos, neg, seeds, inverse, input_ids: torch.Tensor, layers: list,
@@ -191,10 +192,11 @@ def make_batch(step: int, users, pos, neg, seeds, inverse, input_ids: torch.Tens
                         sorted_ids[:n_users], sorted_ids[n_users:] - num_users, perm)
 
 
-def _csr_parts(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int) -> tuple:
-    """(crow, col, val) tensors of a CSR matrix; within a row, entries keep their given order (a stable
-    sort on the row alone: DGL lists a node's sampled in-edges together, so this is close to linear)."""
-    order = np.argsort(rows, kind="stable")
+def _csr_parts(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int, col_ids: np.ndarray) -> tuple:
+    """(crow, col, val) tensors of a CSR matrix whose entries within a row are ordered by the columns' node
+    ids ``col_ids[cols]``, as in the full graph's Ĝ (:func:`lgmrec_dist.graph.csr`): a full-fanout block
+    row then sums the same terms in the same order as Ĝ's row, so the two products agree bit for bit."""
+    order = np.lexsort((col_ids[cols], rows))
     crow = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=crow[1:])
     return (torch.from_numpy(crow), torch.from_numpy(cols[order].astype(np.int64)),

@@ -86,7 +86,7 @@ class PartitionBlockSampler:
             order = np.argsort(ids, kind="stable")
             src_local = order[np.searchsorted(ids[order], src)]
             deg = self.deg[ids]
-            layers.insert(0, weighted_layer(dst, src_local, len(nodes), len(ids), fanout, deg,
+            layers.insert(0, weighted_layer(dst, src_local, ids, len(nodes), fanout, deg,
                                             1.0 / np.sqrt(deg + 1e-7), self.rescale))   # as build_graph
             nodes = ids
         return make_batch(step, users, pos, neg, seeds, inverse, torch.from_numpy(nodes), layers, self.num_users)

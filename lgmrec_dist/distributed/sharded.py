@@ -72,15 +72,16 @@ class LocalGraph:
         d = 1.0 / np.sqrt(deg + 1e-7)
         w = d[local_dst] * d[local_src]
         n_src = n_own + len(halo_ids)
-        self.norm_adj = csr(local_dst, local_src, w, (n_own, n_src)).to(device)
-        self.norm_adj_t = csr(local_src, local_dst, w, (n_src, n_own)).to(device)
+        # rows ordered by global node id (the columns are local indices): the same sums as the whole graph's
+        self.norm_adj = csr(local_dst, local_src, w, (n_own, n_src), col_ids=src).to(device)
+        self.norm_adj_t = csr(local_src, local_dst, w, (n_src, n_own), col_ids=dst).to(device)
         is_user = dst < num_users                                # user rows: edges to items
-        dst_u, src_u = local_dst[is_user], local_src[is_user]
+        dst_u, src_u, gsrc_u, gdst_u = local_dst[is_user], local_src[is_user], src[is_user], dst[is_user]
         ones, mean = np.ones(len(dst_u)), 1.0 / (deg_own[dst_u] + 1e-7)
-        self.R = csr(dst_u, src_u, ones, (n_own, n_src)).to(device)
-        self.R_t = csr(src_u, dst_u, ones, (n_src, n_own)).to(device)
-        self.P = csr(dst_u, src_u, mean, (n_own, n_src)).to(device)
-        self.P_t = csr(src_u, dst_u, mean, (n_src, n_own)).to(device)
+        self.R = csr(dst_u, src_u, ones, (n_own, n_src), col_ids=gsrc_u).to(device)
+        self.R_t = csr(src_u, dst_u, ones, (n_src, n_own), col_ids=gdst_u).to(device)
+        self.P = csr(dst_u, src_u, mean, (n_own, n_src), col_ids=gsrc_u).to(device)
+        self.P_t = csr(src_u, dst_u, mean, (n_src, n_own), col_ids=gdst_u).to(device)
         self.num_own_users = int((own.owned < num_users).sum())
         self.num_halo = len(halo_ids)
         # every rank must take the same number of column chunks (each one is a halo exchange): size them by the
