@@ -27,12 +27,21 @@ def interaction_dgl_graph(num_users: int, num_items: int, users: np.ndarray, ite
     return dgl.graph((np.concatenate([u, i]), np.concatenate([i, u])), num_nodes=num_users + num_items)
 
 
+def row_major_order(rows: np.ndarray, col_keys: np.ndarray) -> np.ndarray:
+    """The permutation that sorts entries by row, then by ``col_keys`` (non-negative integers), as one
+    argsort of a combined int64 key (several times faster than ``np.lexsort`` on two keys)."""
+    span = int(col_keys.max()) + 1 if len(col_keys) else 1
+    if len(rows) and int(rows.max()) >= np.iinfo(np.int64).max // span:
+        raise OverflowError(f"row_major_order: {int(rows.max())} rows × {span} column keys overflow int64")
+    return np.argsort(np.asarray(rows, np.int64) * span + np.asarray(col_keys, np.int64))
+
+
 def csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape, col_ids: np.ndarray | None = None
         ) -> torch.Tensor:
     """A CSR matrix whose entries within a row are ordered by column, or by ``col_ids`` (the columns' node
     ids) where the columns are local indices: a row then sums its terms in node-id order wherever it is
     computed (whole graph, DGL block, a rank's local graph), so equal rows are equal bit for bit."""
-    order = np.lexsort((cols if col_ids is None else col_ids, rows))
+    order = row_major_order(rows, cols if col_ids is None else col_ids)
     rows, cols, vals = rows[order], cols[order], vals[order]
     indptr = np.zeros(shape[0] + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])

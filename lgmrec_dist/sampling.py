@@ -36,7 +36,7 @@ from dgl.dataloading import NeighborSampler
 
 from lgmrec_dist import rng
 from lgmrec_dist.batches import TripleSampler
-from lgmrec_dist.graph import interaction_dgl_graph
+from lgmrec_dist.graph import interaction_dgl_graph, row_major_order
 
 log = logging.getLogger("lgmrec")
 
@@ -196,7 +196,7 @@ def _csr_parts(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int
     """(crow, col, val) tensors of a CSR matrix whose entries within a row are ordered by the columns' node
     ids ``col_ids[cols]``, as in the full graph's Ĝ (:func:`lgmrec_dist.graph.csr`): a full-fanout block
     row then sums the same terms in the same order as Ĝ's row, so the two products agree bit for bit."""
-    order = np.lexsort((col_ids[cols], rows))
+    order = row_major_order(rows, col_ids[cols])
     crow = np.zeros(n_rows + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows, minlength=n_rows), out=crow[1:])
     return (torch.from_numpy(crow), torch.from_numpy(cols[order].astype(np.int64)),

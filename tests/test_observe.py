@@ -1,7 +1,6 @@
 """Run observability: TensorBoard event files read back with TensorBoard's own event reader,
 RUNDIR/report.md with non-empty PNG plots, and `lgmrec report` comparing runs side by side."""
 import json
-import time
 
 import pytest
 import yaml
@@ -74,14 +73,14 @@ def test_runlog_writes_tensorboard_scalars_and_report(tmp_path):
     assert_png(run / "plots" / "valid.png")
 
 
-def test_runlog_step_is_cheap_and_rank_nonzero_is_noop(tmp_path):
+def test_runlog_step_is_buffered_and_rank_nonzero_is_noop(tmp_path):
+    """A step only appends to a buffer (what keeps it at ~1 µs: bench/bench_runlog.py); the events are
+    written at the flush, every one of them."""
     rl = RunLog(tmp_path, report=False, flush_every=10**9)
     terms = {"loss": 0.5, "bpr": 0.4, "hcl": 0.1, "reg": 0.0}
-    t0 = time.perf_counter()
     for s in range(5000):
         rl.step(s, terms)
-    per_step = (time.perf_counter() - t0) / 5000
-    assert per_step < 1e-4, f"RunLog.step costs {per_step * 1e6:.1f} us"  # buffered: ~1 us, events written per epoch
+    assert not list(tmp_path.glob("tb/events.out.tfevents.*"))     # no writer, no file touched per step
     rl.finish({})
     assert len(scalars(tmp_path / "tb")["loss_step/bpr"]) == 5000
     quiet = RunLog(None)  # ranks other than 0
