@@ -1,8 +1,15 @@
-"""Benchmark: peak resident memory per rank of exact-mode training on a partitioned dataset, P = 1, 2, 4.
+"""Benchmark: peak resident memory per rank of training on a partitioned dataset, P = 1, 2, 4.
 
     flock /tmp/bench.lock .venv/bin/python bench/bench_partitions.py                # 1.6M interactions, P = 1, 2, 4
     flock /tmp/bench.lock .venv/bin/python bench/bench_partitions.py --interactions 1e7 --partitions 1   # 10M
     .venv/bin/python bench/bench_partitions.py --plan --partitions 8 32 --valid-users 100000   # Amazon 2023
+    .venv/bin/python bench/bench_partitions.py --interactions 1e7 --set mode=sampled --set shard_tables=true
+
+The exact mode by default; ``--set mode=sampled --set shard_tables=true`` measures the sampled mode
+(``configs/baby.yaml`` with its sampled-mode defaults; ``user_feature_table: true``, which a partitioned
+sampled launch needs, is the default), whose records are kept apart (``rows_<size>_sampled.jsonl``) and
+whose table lists the sampled engine's held tables (``SampledLGMRec.memory_bytes``) instead of the
+exact-mode formula.
 
 The catalogue has MMRec-Baby's user / item / interaction ratios (``bench_train.BABY``) scaled to
 ``--interactions``, image 512-d and text 384-d features, and is written as a raw Parquet catalogue
@@ -187,6 +194,16 @@ def per_node_bytes(ds, eng, sampler, batches, evaluators) -> dict:
     return out
 
 
+def sampled_state(sm) -> dict:
+    """The held tables of a :class:`~lgmrec_dist.sampled.model.SampledLGMRec` (bytes), its halo and owned
+    nodes (all nodes in one process)."""
+    t = sm.tables
+    users = len(t.owned_users) if t is not None else sm.num_users
+    nodes = users + len(t.owned_items) if t is not None else sm.num_users + sm.num_items
+    return {**sm.memory_bytes(), "halo_rows": t.graph.num_halo if t is not None else 0,
+            "owned_nodes": nodes, "owned_users": users}
+
+
 def worker(args) -> None:
     import torch
 
@@ -234,15 +251,19 @@ def worker(args) -> None:
     eval_s = time.perf_counter() - t0
     mem["end"] = vm_status("VmHWM")
     model = eng.model
-    state = state_bytes(model)
-    row = {"P": ctx.world_size if ctx else 1, "rank": ctx.rank if ctx else 0,
+    if cfg.mode == "sampled":
+        state, dense = sampled_state(model), model.model.dense_parameters().values()
+    else:
+        state, dense = state_bytes(model), model.dense.parameters() if ctx else ()
+        state["owned_users"] = getattr(model, "n_own_users", ds.num_users)
+    row = {"P": ctx.world_size if ctx else 1, "rank": ctx.rank if ctx else 0, "mode": cfg.mode,
            "users": ds.num_users, "items": ds.num_items, "train_pairs": int(ds.manifest["num_train"]),
            "heldout_pairs": int(ds.manifest["num_valid"]) + int(ds.manifest["num_test"]),
-           "owned_users": int(getattr(model, "n_own_users", ds.num_users)), "owned_nodes": int(state["owned_nodes"]),
+           "owned_users": int(state.pop("owned_users")), "owned_nodes": int(state["owned_nodes"]),
            "halo_rows": int(state["halo_rows"]), "valid_users_ranked": int(len(valid_eval.users)),
            "setup_s": round(setup, 1), "step_s": [round(t, 2) for t in times], "eval_s": round(eval_s, 1),
            "loss": [round(x, 6) for x in losses], "recall@20": round(valid.get("recall@20", float("nan")), 5),
-           "sent_MB_per_step": round(sent_per_step(sent, model, ctx) / 1e6, 2) if ctx else 0.0,
+           "sent_MB_per_step": round(sent_per_step(sent, dense, ctx) / 1e6, 2) if ctx else 0.0,
            "hwm_GB": {k: round(v / GB, 3) for k, v in mem.items()}, "rss_GB": {"start-up": round(rss_startup / GB, 3), "end": round(vm_status("VmRSS") / GB, 3)},
            "state_MB": {k: round(v / 1e6, 1) for k, v in state.items() if k not in ("halo_rows", "owned_nodes")},
            "arrays_MB": {k: round(v / 1e6, 1) for k, v in
@@ -273,7 +294,26 @@ def predicted(top: dict) -> float:
                       top["P"], top["halo_rows"], eval_users=top["valid_users_ranked"] * top["P"])["peak"] / GB
 
 
+def sampled_table(rows: list[dict]) -> str:
+    """The sampled mode's rows: the largest rank's peak against the goal, and its held tables (MB)."""
+    one = max(r["hwm_GB"]["end"] for r in rows if r["P"] == 1)
+    keys = ["embeddings", "features_X", "mge_inputs_Y", "user_feature_sums_RX", "full_graph", "sampler_graph"]
+    lines = ["| P | largest rank peak GB | goal 1.2 × P1 / P + 0.6 GB | met | start-up peak GB | " + " | ".join(keys)
+             + " | book+ownership | evaluator CSRs | halo rows | s/step | MB sent/step |", "|" + "---|" * (len(keys) + 10)]
+    for p in sorted({r["P"] for r in rows}):
+        top = max((r for r in rows if r["P"] == p), key=lambda r: r["hwm_GB"]["end"])
+        goal, a = 1.2 * one / p + 0.6, top["arrays_MB"]
+        lines.append(f"| {p} | {top['hwm_GB']['end']} | {goal:.2f} | "
+                     f"{'–' if p == 1 else 'yes' if top['hwm_GB']['end'] <= goal else 'no'} | {top['hwm_GB']['start-up']} | "
+                     + " | ".join(str(top["state_MB"].get(k, 0.0)) for k in keys)
+                     + f" | {round(a.get('book', 0.0) + a.get('ownership', 0.0), 1)} | {a.get('evaluator_csrs', 0.0)} | "
+                     f"{top['halo_rows']:,} | {sorted(top['step_s'])[len(top['step_s']) // 2]} | {top['sent_MB_per_step']} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[dict]) -> str:
+    if rows and rows[0].get("mode") == "sampled":
+        return sampled_table(rows)
     one = max(r["hwm_GB"]["end"] for r in rows if r["P"] == 1)
     lines = ["| P | largest rank peak GB | formula GB | goal 1.2 × P1 / P + 0.6 GB | met | start-up peak GB | graph | emb+Adam | "
              "features | MGE inputs | book+ownership | sampler+epoch | evaluator CSRs | dataset rows | halo rows | "
@@ -322,7 +362,10 @@ def main() -> None:
         sys.exit("error: --partitions must include 1 (the goal is relative to the one-process peak)")
     out_root.mkdir(parents=True, exist_ok=True)
     print(f"[bench] {shape(args.interactions)}, load average {os.getloadavg()[0]:.2f}", flush=True)
-    saved = out_root / f"rows_{tag(args.interactions)}.jsonl"   # each P's records, kept across invocations
+    from lgmrec_dist.config import load_config
+    mode = load_config(ROOT / "configs" / "baby.yaml", args.set).mode
+    # each P's records, kept across invocations (one file per catalogue and mode)
+    saved = out_root / f"rows_{tag(args.interactions)}{'_sampled' if mode == 'sampled' else ''}.jsonl"
     rows = [json.loads(ln) for ln in saved.read_text().splitlines()] if saved.exists() and not args.rerun else []
     for parts in args.partitions:
         if any(r["P"] == parts for r in rows):
