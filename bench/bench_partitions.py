@@ -125,9 +125,10 @@ def rank_bytes(U: float, I: float, E: float, H: float, S: int, P: int, halo: flo
     incident = E * (2 / P - 1 / P ** 2)           # training edges with an owned end (part-k/train_edges)
     t = {"embeddings+adam": 12 * n * d, "features": 4 * I / P * S, "mge_inputs": y_bytes * n * S, "graph": graph,
          "replicated": 12 * S * (d + A),
-         "book+ownership": 0 if P == 1 else 4 * N + 16 * N + 8 * n,
-         # indptr over every user (training and held-out CSR of 2 evaluators), columns, the test users
-         "evaluator_csrs": 4 * 8 * U + 8 * (2 * Er + Hr) + 8 * U / P,
+         "book+ownership": 0 if P == 1 else 4 * N + 8 * n,                # the int32 book; the owned ids
+         # validation (a sample of eval_users) and test (every user): a row pointer and an id per evaluated
+         # owned user in each of the training and held-out CSRs, a column per pair of theirs (half of H each)
+         "evaluator_csrs": (24 * U / P + 8 * (Er + Hr / 2)) * (1 + min(1.0, eval_users / U)),
          "sampler+epoch": 32 * Er + 32 * Er,                               # keys, users, items, index; 4 epoch arrays
          # part-k: train edges with an owned end, held-out pairs, owned and halo ids
          "dataset_rows": 0 if P == 1 else 16 * incident + 17 * Hr + 8 * nsrc}
@@ -187,7 +188,7 @@ def per_node_bytes(ds, eng, sampler, batches, evaluators) -> dict:
                                       ds.owned_users, ds.owned_items, ds.halo_users, ds.halo_items)
     own = getattr(eng, "own", None)
     if own is not None:
-        out["ownership"] = _nbytes(own.part, own.local, own.owned)
+        out["ownership"] = _nbytes(own.owned)  # its part is the book (above)
     out["sampler"] = _nbytes(sampler.keys, sampler.users, sampler.items, sampler.pair_index, sampler.item_pool)
     out["epoch_arrays"] = _nbytes(batches.positions, *batches.triples)
     out["evaluator_csrs"] = sum(_nbytes(*e.train_csr, *e.heldout_csr, e.users) for e in evaluators)

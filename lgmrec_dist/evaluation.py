@@ -40,6 +40,17 @@ def _csr_from_pairs(num_rows: int, num_cols: int, rows: np.ndarray, cols: np.nda
     return indptr, c
 
 
+def _csr_over(row_ids: np.ndarray, num_cols: int, rows: np.ndarray, cols: np.ndarray):
+    """:func:`_csr_from_pairs` over the sorted ``row_ids`` only (row p holds the pairs of row_ids[p]; pairs
+    of other rows are dropped): its size follows the rows kept, not the id range."""
+    rows = np.asarray(rows, np.int64)
+    if not len(row_ids):
+        return _csr_from_pairs(0, num_cols, rows[:0], np.asarray(cols)[:0])
+    pos = np.minimum(np.searchsorted(row_ids, rows), len(row_ids) - 1)
+    keep = row_ids[pos] == rows
+    return _csr_from_pairs(len(row_ids), num_cols, pos[keep], np.asarray(cols)[keep])
+
+
 def _csr_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray):
     """Sub-CSR of the given rows (in that order), renumbered 0..len(rows)-1."""
     starts, lens = indptr[rows], indptr[rows + 1] - indptr[rows]
@@ -194,11 +205,12 @@ class Evaluator:
                  max_users: int = 0, seed: int = 0, gather=None):
         self.num_users, self.num_items = num_users, num_items
         self.ks, self.batch_size, self.item_tile = tuple(ks), batch_size, item_tile
-        self.train_csr = _csr_from_pairs(num_users, num_items, train_users, train_items)
-        self.heldout_csr = _csr_from_pairs(num_users, num_items, heldout_users, heldout_items)
-        self.users = np.flatnonzero(np.diff(self.heldout_csr[0]) > 0)
+        self.users = np.unique(np.asarray(heldout_users, np.int64))
         if max_users > 0:
             self.users = keyed_user_sample(self.users, max_users, seed, gather)
+        # CSRs over the evaluated users only (row p: users[p]), nothing per user of the whole catalogue
+        self.train_csr = _csr_over(self.users, num_items, train_users, train_items)
+        self.heldout_csr = _csr_over(self.users, num_items, heldout_users, heldout_items)
 
     def _zero_sums(self) -> dict:
         return {f"{name}@{K}": 0.0 for K in self.ks for name in METRICS}
@@ -237,9 +249,10 @@ class Evaluator:
     def _ranked_sums(self, user_emb: torch.Tensor, batches: list, user_rows, blocks) -> dict:
         """Metric sums of the user ``batches`` ranked against every item of ``blocks`` (consumed once)."""
         rows = [b if user_rows is None else np.searchsorted(user_rows, b) for b in batches]
-        tops = topk_over_blocks(user_emb, batches, rows, blocks, self.train_csr, max(self.ks), self.item_tile)
+        at = [np.searchsorted(self.users, b) for b in batches]       # the batches' rows of the CSRs
+        tops = topk_over_blocks(user_emb, at, rows, blocks, self.train_csr, max(self.ks), self.item_tile)
         sums = self._zero_sums()
-        for batch, (_, top) in zip(batches, tops):
+        for batch, (_, top) in zip(at, tops):
             held = [torch.from_numpy(a).to(user_emb.device) for a in _csr_rows(*self.heldout_csr, batch)]
             for key, value in metric_sums(top, *held, self.ks).items():
                 sums[key] += value
@@ -263,10 +276,10 @@ def _block_mask(train_csr, batch: np.ndarray, ids: np.ndarray, device):
 @torch.no_grad()
 def topk_over_blocks(user_emb: torch.Tensor, batches: list, rows: list, blocks, train_csr, k: int,
                      item_tile: int) -> list:
-    """Each user batch's top-k (scores, global item ids), training items masked (``train_csr`` over all
-    users and items), against every item of ``blocks`` — an iterable of (sorted item ids, E* rows) that
-    together hold every item once, consumed once (a ring of ranks' blocks, ``distributed.ring_topk``, or a
-    single block). ``rows[j]``: the rows of ``user_emb`` that hold batch j's users."""
+    """Each user batch's top-k (scores, global item ids), training items masked, against every item of
+    ``blocks`` — an iterable of (sorted item ids, E* rows) that together hold every item once, consumed once
+    (a ring of ranks' blocks, ``distributed.ring_topk``, or a single block). ``batches[j]``: batch j's rows
+    of ``train_csr`` (whose columns are item ids); ``rows[j]``: the rows of ``user_emb`` that hold them."""
     device = user_emb.device
     rows = [torch.from_numpy(np.asarray(r, np.int64)).to(device) for r in rows]
     best = [(user_emb.new_empty((len(b), 0)), torch.empty((len(b), 0), dtype=torch.long, device=device))

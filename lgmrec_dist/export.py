@@ -37,7 +37,7 @@ from lgmrec_dist.checkpoint import CheckpointError, read_best_tables
 from lgmrec_dist.config import load_config
 from lgmrec_dist.dataset import (ITEM_MAP, TRAIN, USER_MAP, DatasetError, PreparedDataset, atomic_directory,
                                  features_tensor, parse_named_paths)
-from lgmrec_dist.evaluation import MASK_SCORE, _csr_from_pairs, _csr_rows, streaming_topk, topk_over_blocks
+from lgmrec_dist.evaluation import MASK_SCORE, _csr_from_pairs, _csr_over, _csr_rows, streaming_topk, topk_over_blocks
 from lgmrec_dist.graph import build_graph
 from lgmrec_dist.model import TAU, LGMRec, model_params
 
@@ -209,10 +209,10 @@ def export_partitioned(run_dir, out, top_k: int, data, ctx, overwrite: bool = Fa
         for name, value in best["dense"].items():
             params[f"dense.{name}"].copy_(value)
     user_ids, user_emb, item_ids, item_emb = engine.embeddings()
-    train_csr = _csr_from_pairs(ds.num_users, ds.num_items, *ds.pairs(TRAIN))
+    train_csr = _csr_over(np.asarray(user_ids), ds.num_items, *ds.pairs(TRAIN))   # rows: the owned users
     batches = [user_ids[s:s + batch_size] for s in range(0, len(user_ids), batch_size)]
     rows = [np.arange(s, s + len(b)) for s, b in zip(range(0, len(user_ids), batch_size), batches)]
-    tops = topk_over_blocks(user_emb, batches, rows, ring_blocks(item_ids, item_emb), train_csr, top_k,
+    tops = topk_over_blocks(user_emb, rows, rows, ring_blocks(item_ids, item_emb), train_csr, top_k,
                             cfg.eval_item_tile)
     user_raw, item_raw = (pq.read_table(ds.path / f, columns=["raw_id"])["raw_id"] for f in (USER_MAP, ITEM_MAP))
 

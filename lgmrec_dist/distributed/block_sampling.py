@@ -57,7 +57,7 @@ class PartitionBlockSampler:
         u, i = keys // num_items, keys % num_items + num_users
         dst, src = np.concatenate([u, i]), np.concatenate([i, u])
         mine = own.part[dst] == own.rank
-        adj = csr(own.local[dst[mine]], src[mine], np.ones(int(mine.sum())), (len(own.owned), self.num_nodes))
+        adj = csr(own.local(dst[mine]), src[mine], np.ones(int(mine.sum())), (len(own.owned), self.num_nodes))
         self.indptr = adj.crow_indices().numpy()       # rows: owned nodes (local index)
         self.nbrs = adj.col_indices().numpy()          # global ids, ascending within a row
         deg = torch.zeros(self.num_nodes, dtype=torch.int64)
@@ -118,7 +118,7 @@ class PartitionBlockSampler:
         """For owned nodes ``ids``: the number of neighbours each keeps, and their global ids (grouped by
         node, ascending within a node): all of them for fanout -1 or deg ≤ fanout, else the ``fanout`` with
         the smallest keyed hash."""
-        rows = self.own.local[np.asarray(ids, np.int64)]
+        rows = self.own.local(ids)
         start = self.indptr[rows]
         counts = self.indptr[rows + 1] - start
         node = np.repeat(np.arange(len(ids)), counts)

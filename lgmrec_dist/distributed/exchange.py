@@ -28,18 +28,22 @@ class CommStats:
 
 
 class Ownership:
-    """Owner rank and local row index of every node (users 0..U-1, then items U..U+I-1)."""
+    """Owner rank of every node (users 0..U-1, then items U..U+I-1) and the local rows of this rank's nodes.
+
+    The only per-node array is ``part``, the partition book itself (int32, not copied when it is one: 4 bytes
+    a node on every rank); a node's local row at its owner is its position among that rank's sorted node
+    ids, so this rank computes it for its own nodes only (:meth:`local`), which is all any caller asks."""
 
     def __init__(self, node_part: np.ndarray, rank: int, world_size: int):
-        self.part = np.asarray(node_part, dtype=np.int64)
+        self.part = np.asarray(node_part, dtype=np.int32)
         if len(self.part) and (self.part.min() < 0 or self.part.max() >= world_size):
             raise ValueError(f"node partition has parts outside 0..{world_size - 1}")
         self.rank, self.world_size = rank, world_size
-        self.local = np.empty(len(self.part), dtype=np.int64)
-        for r in range(world_size):
-            nodes = np.flatnonzero(self.part == r)
-            self.local[nodes] = np.arange(len(nodes))
         self.owned = np.flatnonzero(self.part == rank)   # sorted global ids of this rank's nodes
+
+    def local(self, ids) -> np.ndarray:
+        """Local rows of nodes this rank owns (positions in ``owned``); other ids get meaningless rows."""
+        return np.searchsorted(self.owned, np.asarray(ids, np.int64))
 
     @classmethod
     def contiguous(cls, num_users: int, num_items: int, rank: int, world_size: int) -> "Ownership":
@@ -86,7 +90,7 @@ class RowExchange:
         asked_by = _exchange_ids(requests)                   # ids each rank needs from me
         self.send_splits = [len(a) for a in asked_by]
         asked = torch.cat(asked_by).numpy()
-        rows = own.local[asked] if source_ids is None else np.searchsorted(source_ids, asked)
+        rows = own.local(asked) if source_ids is None else np.searchsorted(source_ids, asked)
         if source_ids is not None and len(asked) and not np.array_equal(source_ids[np.minimum(rows, len(source_ids) - 1)], asked):
             raise ValueError("RowExchange: a rank asked for a row this rank does not hold")
         self.send_rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))

@@ -63,9 +63,9 @@ class LocalGraph:
         dst, src = dst[mine], src[mine]
         n_own = len(own.owned)
         halo_ids = np.unique(src[own.part[src] != own.rank])  # sorted: sums run in the same order every run
-        local_dst = own.local[dst]
+        local_dst = own.local(dst)
         is_halo = own.part[src] != own.rank
-        local_src = np.where(is_halo, n_own + np.searchsorted(halo_ids, src), own.local[src])
+        local_src = np.where(is_halo, n_own + np.searchsorted(halo_ids, src), own.local(src))
         self.halo = RowExchange(own, halo_ids)
         deg_own = np.bincount(local_dst, minlength=n_own).astype(np.float64)
         deg = np.concatenate([deg_own, self.halo(torch.from_numpy(deg_own).to(device)).cpu().numpy()])
@@ -225,7 +225,7 @@ class ShardedLGMRec(nn.Module):
 
         nodes = torch.cat([users, pos + n_u, neg + n_u]).cpu().numpy()
         mine = np.unique(nodes[self.own.part[nodes] == rank])           # batch nodes I own
-        fused = self.fuse(e_c, hyper, torch.from_numpy(self.own.local[mine]).to(e_c.device))
+        fused = self.fuse(e_c, hyper, torch.from_numpy(self.own.local(mine)).to(e_c.device))
         lo, hi = rank * batch_size // world, (rank + 1) * batch_size // world
         part = np.concatenate([users[lo:hi].cpu().numpy(), pos[lo:hi].cpu().numpy() + n_u,
                                neg[lo:hi].cpu().numpy() + n_u])
@@ -243,7 +243,7 @@ class ShardedLGMRec(nn.Module):
         for ids, offset, is_user in ((users, 0, True), (pos, self.num_users, False)):
             rows, counts = np.unique(ids, return_counts=True)
             mine = self.own.part[rows + offset] == self.own.rank
-            local = self.own.local[rows[mine] + offset] - (0 if is_user else self.n_own_users)
+            local = self.own.local(rows[mine] + offset) - (0 if is_user else self.n_own_users)
             out.append((is_user, torch.from_numpy(local).to(self.user_embedding.device),
                         torch.from_numpy(counts[mine]).float()))
         return out
