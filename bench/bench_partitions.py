@@ -189,7 +189,7 @@ def per_node_bytes(ds, eng, sampler, batches, evaluators) -> dict:
     own = getattr(eng, "own", None)
     if own is not None:
         out["ownership"] = _nbytes(own.owned)  # its part is the book (above)
-    out["sampler"] = _nbytes(sampler.keys, sampler.users, sampler.items, sampler.pair_index, sampler.item_pool)
+    out["sampler"] = _nbytes(sampler.keys, sampler.users, sampler.items, sampler.pair_index, sampler.item_pool.excluded)
     out["epoch_arrays"] = _nbytes(batches.positions, *batches.triples)
     out["evaluator_csrs"] = sum(_nbytes(*e.train_csr, *e.heldout_csr, e.users) for e in evaluators)
     return out

@@ -58,22 +58,48 @@ class KeyedPermutation:
         return self._walk(pairs, True)
 
 
+class ItemPool:
+    """The items negatives are drawn from (those with a training pair), held as the sorted items left out —
+    usually few — so that no process holds an array per item: ``pool[j]`` is the j-th item not left out."""
+
+    def __init__(self, num_items: int, excluded: np.ndarray):
+        self.num_items = num_items
+        self.excluded = np.asarray(excluded, np.int64)                         # sorted
+        self._before = self.excluded - np.arange(len(self.excluded))           # pool items before each one
+
+    @classmethod
+    def of(cls, num_items: int, items: np.ndarray) -> "ItemPool":
+        """The pool of the given items (sorted, distinct)."""
+        return cls(num_items, np.setdiff1d(np.arange(num_items), items, assume_unique=True))
+
+    def __len__(self) -> int:
+        return self.num_items - len(self.excluded)
+
+    def __getitem__(self, j: np.ndarray) -> np.ndarray:
+        # the j-th pool item is j plus the number of excluded items before it: those with ≤ j pool items before
+        j = np.asarray(j, np.int64)
+        return j + np.searchsorted(self._before, j, side="right")
+
+    def items(self) -> np.ndarray:
+        return self[np.arange(len(self))]
+
+
 class TripleSampler:
     """The epoch triples of the pairs this process holds.
 
     One process: ``TripleSampler(num_items, train_users, train_items, seed)`` holds every pair. A partition
     passes, for its own users' pairs, their global pair numbers ``pair_index`` (the pair's place among all
-    N = ``total`` pairs in (user, item) order) and the global ``item_pool``; it must hold *every* pair of
+    N = ``total`` pairs in (user, item) order) and the global :class:`ItemPool`; it must hold *every* pair of
     each user it holds (the negatives are checked against them).
     """
 
     def __init__(self, num_items: int, train_users: np.ndarray, train_items: np.ndarray, seed: int,
-                 pair_index: np.ndarray | None = None, total: int | None = None, item_pool: np.ndarray | None = None):
+                 pair_index: np.ndarray | None = None, total: int | None = None, item_pool: ItemPool | None = None):
         keys = np.unique(np.asarray(train_users, np.int64) * num_items + np.asarray(train_items, np.int64))
         self.num_items = num_items
         self.keys = keys                         # sorted (user, item) keys of the distinct pairs held
         self.users, self.items = keys // num_items, keys % num_items
-        self.item_pool = np.unique(self.items) if item_pool is None else np.asarray(item_pool, np.int64)
+        self.item_pool = ItemPool.of(num_items, np.unique(self.items)) if item_pool is None else item_pool
         self.pair_index = np.arange(len(keys)) if pair_index is None else np.asarray(pair_index, np.int64)
         self.total = len(keys) if total is None else int(total)
         self.seed = seed

@@ -4,7 +4,7 @@ epoch, and the validation sample does not depend on who holds which users."""
 import numpy as np
 import pytest
 
-from lgmrec_dist.batches import EpochBatches, KeyedPermutation, TripleSampler
+from lgmrec_dist.batches import EpochBatches, ItemPool, KeyedPermutation, TripleSampler
 from lgmrec_dist import rng
 from lgmrec_dist.evaluation import SAMPLE_STREAM, keyed_user_sample
 
@@ -29,7 +29,7 @@ def test_partitions_draw_their_share_of_the_single_process_epoch():
     whole = TripleSampler(ni, u, i, seed=7)
     pos, users, items, neg = whole.epoch_positions(3)
     assert np.array_equal(pos, np.arange(len(whole)))
-    assert not whole._is_positive(users, neg).any() and np.isin(neg, whole.item_pool).all()
+    assert not whole._is_positive(users, neg).any() and np.isin(neg, whole.item_pool.items()).all()
     owner = np.random.default_rng(1).integers(0, 3, 300)          # users dealt to 3 partitions
     got = []
     for k in range(3):
@@ -68,3 +68,15 @@ def test_keyed_user_sample_is_the_same_however_users_are_held():
     got = np.sort(np.concatenate([keyed_user_sample(s, 300, 4, gather) for s in shards]))
     assert np.array_equal(got, whole)
     assert np.array_equal(keyed_user_sample(users, 5_000, seed=4), users)   # more asked than there are
+
+
+def test_item_pool_is_the_items_with_pairs():
+    """The pool held as the items left out gives the same j-th item as the array of the pool's items."""
+    r = np.random.default_rng(0)
+    for n in (1, 7, 300):
+        for _ in range(20):
+            items = np.unique(r.integers(0, n, r.integers(1, 2 * n + 1)))
+            pool = ItemPool.of(n, items)
+            j = r.integers(0, len(items), 50)
+            assert len(pool) == len(items) and np.array_equal(pool[j], items[j])
+            assert len(pool.excluded) == n - len(items)

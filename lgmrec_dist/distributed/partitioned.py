@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lgmrec_dist.batches import TripleSampler
+from lgmrec_dist.batches import ItemPool, TripleSampler
 from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import TRAIN, DatasetError, read_manifest
 from lgmrec_dist.dataset_parts import PartitionData, open_partition
@@ -71,7 +71,7 @@ def partition_triples(ds: PartitionData, seed: int) -> TripleSampler:
     start = np.concatenate([[0], np.cumsum(counts)[:-1]])
     first = np.searchsorted(u, u)                                  # index of the user's first local pair
     pair_index = start[u] + np.arange(len(u)) - first
-    pool = np.flatnonzero(_all_sum(np.bincount(i, minlength=ds.num_items)) > 0)
+    pool = ItemPool(ds.num_items, np.flatnonzero(_all_sum(np.bincount(i, minlength=ds.num_items)) == 0))
     return TripleSampler(ds.num_items, u, i, seed, pair_index=pair_index, total=int(counts.sum()), item_pool=pool)
 
 
