@@ -55,7 +55,7 @@ def worker(args) -> None:
     from lgmrec_dist.config import load_config
     from lgmrec_dist.dataset import TRAIN, PreparedDataset
     from lgmrec_dist.distributed.exchange import CommStats
-    from lgmrec_dist.distributed.group import init_process_group
+    from lgmrec_dist.distributed.group import close_process_group, init_process_group
     from lgmrec_dist.engines import build_engine
 
     ctx = init_process_group(args.device)
@@ -93,7 +93,7 @@ def worker(args) -> None:
     if ctx.device.type == "cuda":
         row["peak_cuda_GB"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     print("BENCH " + json.dumps(row), flush=True)
-    torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 def main() -> None:

@@ -219,7 +219,7 @@ def worker(args) -> None:
     torch.set_num_threads(1)
     ctx = None
     if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from lgmrec_dist.distributed.group import init_process_group
+        from lgmrec_dist.distributed.group import close_process_group, init_process_group
         ctx = init_process_group("cpu")
     mem["imports"] = vm_status("VmHWM")
     cfg = load_config(ROOT / "configs" / "baby.yaml", ["device=cpu", f"valid_users={args.valid_users}", *args.set])
@@ -272,7 +272,7 @@ def worker(args) -> None:
     print("BENCH " + json.dumps(row), flush=True)
     eng.close()
     if ctx is not None:
-        torch.distributed.destroy_process_group()
+        close_process_group()
 
 
 def run_p(args, data: Path, parts: int) -> list[dict]:

@@ -178,7 +178,7 @@ def rank_worker(scale: int, steps: int, overrides: list[str], out_root: Path) ->
     from lgmrec_dist.batches import TripleSampler
     from lgmrec_dist.config import load_config
     from lgmrec_dist.dataset import TRAIN, PreparedDataset
-    from lgmrec_dist.distributed.group import init_process_group
+    from lgmrec_dist.distributed.group import close_process_group, init_process_group
     from lgmrec_dist.sampled import SampledEngine
 
     ctx = init_process_group()
@@ -211,8 +211,7 @@ def rank_worker(scale: int, steps: int, overrides: list[str], out_root: Path) ->
            "held_gb": {k: round(v / 1e9, 3) for k, v in held.items()}, "peak_rss_gb": round(peak_rss_gb(), 2),
            "config": SAMPLED + overrides}
     (out_root / f"ranks_{ctx.rank}.json").write_text(json.dumps(row))
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 def child(args, argv: list[str], launcher: list[str] = ()) -> tuple[list[str], dict]:

@@ -386,14 +386,18 @@ def _run(fn) -> int:
 
 
 def _cmd_export(args) -> int:
-    from lgmrec_dist.distributed.group import init_process_group, launched_by_torchrun
+    from lgmrec_dist.distributed.group import close_process_group, init_process_group, launched_by_torchrun
     ctx = init_process_group("cpu") if launched_by_torchrun() else None
     try:
-        return _run(lambda: print(f"wrote {export(args.run, args.out, args.top_k, args.cold_items, args.data, ctx, args.overwrite, ann=args.ann)}"))
-    finally:
+        code = _run(lambda: print(f"wrote {export(args.run, args.out, args.top_k, args.cold_items, args.data, ctx, args.overwrite, ann=args.ann)}"))
         if ctx is not None:
+            close_process_group()
+        return code
+    finally:
+        if ctx is not None:      # after an error the other ranks may be gone: no barrier
             import torch.distributed as dist
-            dist.destroy_process_group()
+            if dist.is_initialized():
+                dist.destroy_process_group()
 
 
 def _cmd_recommend(args) -> int:

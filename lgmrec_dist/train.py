@@ -375,7 +375,7 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     """``lgmrec train``; its failures are reported by the command line's one error path (entry.guarded)."""
-    from lgmrec_dist.distributed.group import init_process_group, launched_by_torchrun
+    from lgmrec_dist.distributed.group import close_process_group, init_process_group, launched_by_torchrun
     ctx = None
     try:
         cfg = load_config(args.config, args.set)
@@ -383,8 +383,10 @@ def run(args) -> int:
             ctx = init_process_group(cfg.device)
         train(args.data, cfg, args.out, overwrite=args.overwrite, ctx=ctx, resume=True if args.resume else None,
               init_from=args.init_from)
-    finally:
         if ctx is not None:
+            close_process_group()
+    finally:
+        if ctx is not None:      # after an error the other ranks may be gone: no barrier
             import torch.distributed as dist
             if dist.is_initialized():
                 dist.destroy_process_group()

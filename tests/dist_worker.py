@@ -12,7 +12,7 @@ import torch
 from lgmrec_dist.batches import TripleSampler
 from lgmrec_dist.config import load_config
 from lgmrec_dist.dataset import TRAIN, PreparedDataset
-from lgmrec_dist.distributed.group import init_process_group
+from lgmrec_dist.distributed.group import close_process_group, init_process_group
 from lgmrec_dist.distributed.sharded import LocalGraph
 from lgmrec_dist.engines import build_engine
 from lgmrec_dist.train import make_evaluators
@@ -51,8 +51,8 @@ def main(data, out, ownership, steps, overrides):
                 "dense_grad": {k: v.grad.clone() for k, v in m.dense_parameters().items()},   # of the last step
                 "valid": eng.evaluate(valid_eval, emb), "test": eng.evaluate(test_eval, emb),
                 "halo": m.graph.num_halo, "same_graph_with_duplicates": same_graph}, f"{out}/rank{ctx.rank}.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    eng.close()
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ def local_edges(u, i, part, rank):
 
 def rank_worker(out: str) -> None:
     """Run under torchrun: each rank samples its slices of the global batches; write rank<R>.pt."""
-    from lgmrec_dist.distributed.group import init_process_group
+    from lgmrec_dist.distributed.group import close_process_group, init_process_group
     torch.set_num_threads(1)
     ctx = init_process_group("cpu")
     u, i, part = tiny_graph()
@@ -69,8 +69,7 @@ def rank_worker(out: str) -> None:
                for name, step, *triples in global_batches()]
     torch.save({"batches": batches, "deg": samplers["full"].deg, "local_edges": len(lu),
                 "sent": samplers["partial"].sent_bytes}, f"{out}/rank{ctx.rank}.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -449,7 +449,7 @@ def torchrun(nproc: int, *args) -> subprocess.CompletedProcess:
 
 def rank_worker(data: str, out: str, steps: int, extra: list[str]) -> None:
     """Run under torchrun: sampled engine on 2 ranks, global batches of epoch 0; write rank<R>.pt."""
-    from lgmrec_dist.distributed.group import init_process_group
+    from lgmrec_dist.distributed.group import close_process_group, init_process_group
     from lgmrec_dist.train import make_evaluators
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -466,8 +466,7 @@ def rank_worker(data: str, out: str, steps: int, extra: list[str]) -> None:
                 "valid": eng.evaluate(valid_eval, eng.embeddings()), "sent": eng.last_stats["bytes"]["sent_to_other_ranks"]},
                f"{out}/rank{ctx.rank}.pt")
     eng.close()
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 @pytest.fixture(scope="module", params=["exact_switches", "approximations"])
@@ -543,7 +542,7 @@ def test_torchrun_train_sampled_mode(tiny_dataset, tmp_path, shard):
 def tables_worker(data: str, out: str, steps: int) -> None:
     """Run under torchrun: replicated vs row-sharded feature tables (with and without the R·X table), the
     same global batches, every approximation on; write tables<R>.pt."""
-    from lgmrec_dist.distributed.group import init_process_group
+    from lgmrec_dist.distributed.group import close_process_group, init_process_group
     from lgmrec_dist.train import make_evaluators
     torch.set_num_threads(1)
     ctx = init_process_group("cpu")
@@ -578,8 +577,7 @@ def tables_worker(data: str, out: str, steps: int) -> None:
                         "sent": eng.last_stats["bytes"]["sent_to_other_ranks"]}
         eng.close()
     torch.save(result, f"{out}/tables{ctx.rank}.pt")
-    torch.distributed.barrier()                 # a clean gloo teardown (its threads abort at exit otherwise)
-    torch.distributed.destroy_process_group()
+    close_process_group()
 
 
 def test_row_sharded_tables_equal_replicated(tiny_dataset, tmp_path):

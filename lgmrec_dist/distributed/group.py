@@ -1,7 +1,9 @@
 """Process-group set-up from the torchrun environment (NCCL on CUDA, gloo on CPU)."""
 from __future__ import annotations
 
+import gc
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -28,6 +30,21 @@ class Context:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def close_process_group() -> None:
+    """Leave the group: every rank arrives, then the group is destroyed (docs/distributed.md, "Gradients").
+
+    gloo's threads take the GIL to release the tensors of a finished collective that Python can see, and the
+    group's destructor joins those threads while holding the GIL: a release still waiting for the GIL then
+    hangs the rank. So the objects that hold the group (the engines' DDP reducers) are collected first, while
+    the group is still registered, and the GIL is let go for a moment after the last collective (the barrier)."""
+    if not dist.is_initialized():
+        return
+    gc.collect()
+    dist.barrier()
+    time.sleep(0.05)
+    dist.destroy_process_group()
 
 
 def launched_by_torchrun() -> bool:

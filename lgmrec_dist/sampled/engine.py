@@ -200,5 +200,6 @@ class SampledEngine(EngineState):
 
     def close(self) -> None:
         self.prefetcher.close()
+        self.dense = None       # DDP's reducer, released while the process group lives (group.close_process_group)
 
 
