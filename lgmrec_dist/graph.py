@@ -50,12 +50,9 @@ def csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape, col_ids: np
 
 
 def _kernel() -> ctypes.CDLL | None:
-    lib = native.load(Path(__file__).with_name("csr_spmm.c"))
-    if lib is not None and lib.csr_spmm.argtypes is None:
-        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.csr_spmm.argtypes = [ptr, ptr, ptr, i64, ptr, i64, ptr, ctypes.c_int]
-        lib.csr_spmm.restype = None
-    return lib
+    P, I64 = native.PTR, native.I64
+    return native.load(Path(__file__).with_name("csr_spmm.c"),
+                       {"csr_spmm": ([P, P, P, I64, P, I64, P, native.I32], None)})
 
 
 def csr_mm(a: torch.Tensor, x: torch.Tensor, fused: bool = True) -> torch.Tensor:

@@ -72,8 +72,26 @@ def _compile(cc: str, source: Path, flags: list[str], out: Path) -> None:
             os.unlink(tmp)
 
 
-def load(source: Path) -> ctypes.CDLL | None:
-    """The compiled library of the C file ``source``, or None where it cannot be built here."""
+PTR, I64, I32, F32, U32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_uint32
+
+
+def load(source: Path, signatures: dict | None = None) -> ctypes.CDLL | None:
+    """The compiled library of the C file ``source``, or None where it cannot be built here.
+
+    ``signatures`` ({function: (argtypes or None, restype)}) are declared on the library the first time a
+    caller passes them, so each kernel module states its C functions' types once, next to its wrapper."""
+    lib = _library(source)
+    if lib is not None and signatures and not getattr(lib, "_declared", False):
+        for name, (argtypes, restype) in signatures.items():
+            fn = getattr(lib, name)
+            if argtypes is not None:
+                fn.argtypes = argtypes
+            fn.restype = restype
+        lib._declared = True
+    return lib
+
+
+def _library(source: Path) -> ctypes.CDLL | None:
     cc = os.environ.get("CC", "cc")
     key = (str(source), cc, str(cache_dir()))
     if key in _loaded:

@@ -8,7 +8,6 @@ hash runs in one pass in ``rng.c`` (compiled at first use, ``lgmrec_dist.native`
 """
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -41,12 +40,9 @@ def stream_key(seed: int, step: int, stream: int) -> int:
 
 
 def _kernel():
-    lib = native.load(Path(__file__).with_name("rng.c"))
-    if lib is not None and lib.keyed_uniform.argtypes is None:
-        lib.keyed_uniform.argtypes = [ctypes.c_uint32, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                      ctypes.c_void_p, ctypes.c_int]
-        lib.keyed_uniform.restype = None
-    return lib
+    return native.load(Path(__file__).with_name("rng.c"),
+                       {"keyed_uniform": ([native.U32, native.PTR, native.I64, native.I64, native.PTR, native.I32],
+                                          None)})
 
 
 def keyed_uniform(key: int, ids: torch.Tensor, width: int, fused: bool = True) -> torch.Tensor:

@@ -40,12 +40,9 @@ NARROW = 16  # the most columns of w that narrow_matmul.c takes
 
 
 def _narrow_kernel() -> ctypes.CDLL | None:
-    lib = native.load(Path(__file__).with_name("narrow_matmul.c"))
-    if lib is not None and lib.narrow_forward.argtypes is None:
-        ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-        lib.narrow_forward.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
-        lib.narrow_forward.restype = None
-    return lib
+    P, I64 = native.PTR, native.I64
+    return native.load(Path(__file__).with_name("narrow_matmul.c"),
+                       {"narrow_forward": ([P, I64, I64, P, I64, P, native.I32], None)})
 
 
 def narrow_matmul(rows: torch.Tensor, w: torch.Tensor, fused: bool = True) -> torch.Tensor:

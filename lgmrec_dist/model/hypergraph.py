@@ -51,14 +51,10 @@ def dependencies_from_logits(z_item: torch.Tensor, graph: Graph, tau: float, noi
 
 
 def _kernel() -> ctypes.CDLL | None:
-    lib = native.load(Path(__file__).with_name("assign.c"))
-    if lib is not None and lib.assign_forward.argtypes is None:
-        ptr, i64, f32, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
-        lib.assign_forward.argtypes = [ptr, ptr, ptr, i64, i64, f32, f32, ptr, ptr, c_int]
-        lib.assign_forward.restype = None
-        lib.assign_backward.argtypes = [ptr, ptr, ptr, i64, i64, f32, f32, ptr, c_int]
-        lib.assign_backward.restype = None
-    return lib
+    P, I64, F32, I32 = native.PTR, native.I64, native.F32, native.I32
+    return native.load(Path(__file__).with_name("assign.c"),
+                       {"assign_forward": ([P, P, P, I64, I64, F32, F32, P, P, I32], None),
+                        "assign_backward": ([P, P, P, I64, I64, F32, F32, P, I32], None)})
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

@@ -84,16 +84,10 @@ def _saved(ctx, q, k, lse, max_elements):
 
 
 def _kernel() -> ctypes.CDLL | None:
-    lib = native.load(SOURCE)
-    if lib is not None and not hasattr(lib, "_typed"):
-        ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.lse_forward.argtypes = [ptr, ptr, i64, i64, i64, ptr, c_int]
-        lib.lse_forward.restype = None
-        lib.lse_backward.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, c_int]
-        lib.lse_backward.restype = None
-        lib.lse_segment.restype = i64
-        lib._typed = True
-    return lib
+    P, I64, I32 = native.PTR, native.I64, native.I32
+    return native.load(SOURCE, {"lse_forward": ([P, P, I64, I64, I64, P, I32], None),
+                                "lse_backward": ([P, P, P, P, I64, I64, I64, I64, P, P, P, P, I32], None),
+                                "lse_segment": (None, I64)})
 
 
 class _Fused(torch.autograd.Function):
