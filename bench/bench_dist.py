@@ -25,17 +25,15 @@ sys.path.insert(0, str(ROOT))
 
 
 def state_bytes(model) -> dict:
-    """``ShardedLGMRec.state_bytes()`` of a rank's model; the same terms for the one-process model (``LocalEngine``)."""
-    if hasattr(model, "state_bytes"):
-        return model.state_bytes()
-    from lgmrec_dist.distributed.sharded import _nbytes as tbytes
-    g = model.graph     # CSR matrices (graph.csr); Ĝ is symmetric, so it has no transpose of its own
-    mats = (g.norm_adj, g.R, g.R_t, g.P, g.P_t)
-    graph = sum(tbytes(m.values()) + tbytes(m.col_indices()) + tbytes(m.crow_indices()) for m in mats)
-    return {"graph": graph, "embeddings+adam": 3 * (tbytes(model.user_embedding) + tbytes(model.item_embedding)),
+    """Bytes a process' model holds for graph, embeddings (with Adam's two moments) and features, its halo rows
+    and its nodes (a rank's share with sharded rows, everything in one process)."""
+    from lgmrec_dist.graph import graph_bytes
+    tbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+    return {"graph": graph_bytes(model.graph),
+            "embeddings+adam": 3 * (tbytes(model.user_embedding) + tbytes(model.item_embedding)),
             "features": sum(tbytes(x) for x in model.features.values()),
             "mge_inputs": sum(tbytes(y) for y in model.mge_y.values()),
-            "halo_rows": 0, "owned_nodes": model.num_users + model.num_items}
+            "halo_rows": getattr(model.graph, "num_halo", 0), "owned_nodes": len(model.user_ids) + len(model.item_ids)}
 
 
 def sent_per_step(forward: float, dense_params, ctx) -> float:
@@ -87,7 +85,7 @@ def worker(args) -> None:
     state = state_bytes(eng.model)
     row = {"P": world, "rank": ctx.rank, "threads": torch.get_num_threads(), "setup_s": round(setup, 2),
            "seconds_per_step": round(step_s, 4),
-           "sent_MB_per_step": round(sent_per_step(sent, eng.model.dense.parameters(), ctx) / 1e6, 2),
+           "sent_MB_per_step": round(sent_per_step(sent, eng.model.dense_parameters().values(), ctx) / 1e6, 2),
            "peak_rss_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
            "state_MB": {k: (round(v / 1e6, 1) if k not in ("halo_rows", "owned_nodes") else v) for k, v in state.items()}}
     if ctx.device.type == "cuda":

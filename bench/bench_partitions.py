@@ -196,13 +196,11 @@ def per_node_bytes(ds, eng, sampler, batches, evaluators) -> dict:
 
 
 def sampled_state(sm) -> dict:
-    """The held tables of a :class:`~lgmrec_dist.sampled.model.SampledLGMRec` (bytes), its halo and owned
+    """The held tables of a :class:`~lgmrec_dist.sampled.step.SampledStep` (bytes), its halo and owned
     nodes (all nodes in one process)."""
-    t = sm.tables
-    users = len(t.owned_users) if t is not None else sm.num_users
-    nodes = users + len(t.owned_items) if t is not None else sm.num_users + sm.num_items
-    return {**sm.memory_bytes(), "halo_rows": t.graph.num_halo if t is not None else 0,
-            "owned_nodes": nodes, "owned_users": users}
+    m = sm.model
+    return {**sm.memory_bytes(), "halo_rows": getattr(m.graph, "num_halo", 0),
+            "owned_nodes": len(m.user_ids) + len(m.item_ids), "owned_users": len(m.user_ids)}
 
 
 def worker(args) -> None:
@@ -253,10 +251,10 @@ def worker(args) -> None:
     mem["end"] = vm_status("VmHWM")
     model = eng.model
     if cfg.mode == "sampled":
-        state, dense = sampled_state(model), model.model.dense_parameters().values()
+        state, dense = sampled_state(eng.sampled), model.dense_parameters().values()
     else:
-        state, dense = state_bytes(model), model.dense.parameters() if ctx else ()
-        state["owned_users"] = getattr(model, "n_own_users", ds.num_users)
+        state, dense = state_bytes(model), model.dense_parameters().values() if ctx else ()
+        state["owned_users"] = len(model.user_ids)
     row = {"P": ctx.world_size if ctx else 1, "rank": ctx.rank if ctx else 0, "mode": cfg.mode,
            "users": ds.num_users, "items": ds.num_items, "train_pairs": int(ds.manifest["num_train"]),
            "heldout_pairs": int(ds.manifest["num_valid"]) + int(ds.manifest["num_test"]),

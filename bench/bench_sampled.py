@@ -126,7 +126,7 @@ def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: P
         reps = []
         for _ in range(2):
             t = time.perf_counter()
-            engine.model.full_messages(0)
+            engine.sampled.full_messages(0)
             reps.append(time.perf_counter() - t)
         refresh_s = min(reps)
     evaluation = {}
@@ -143,7 +143,7 @@ def run_one(mode: str, scale: int, steps: int, overrides: list[str], out_root: P
     if hasattr(engine, "close"):
         engine.close()
     step_s = statistics.median(times) if times else None
-    r = engine.model.refresh_interval if mode == "sampled" else 0
+    r = engine.sampled.refresh_interval if mode == "sampled" else 0
     row = {"mode": mode, "scale": scale, "users": ds.num_users, "items": ds.num_items,
            "train_pairs": len(tu), "device": str(device), "threads": torch.get_num_threads(),
            "setup_s": round(setup_s, 2), "steps_timed": len(times) + len(refresh),
@@ -187,7 +187,7 @@ def rank_worker(scale: int, steps: int, overrides: list[str], out_root: Path) ->
     t0 = time.perf_counter()
     engine = SampledEngine(cfg, ds, ctx.device, ctx)
     setup_s = time.perf_counter() - t0
-    held = engine.model.memory_bytes()
+    held = engine.sampled.memory_bytes()
     tu, ti = ds.pairs(TRAIN)
     users, pos, neg = (torch.from_numpy(a) for a in TripleSampler(ds.num_items, tu, ti, cfg.seed).epoch(0))
     times, sent = [], []
@@ -201,7 +201,7 @@ def rank_worker(scale: int, steps: int, overrides: list[str], out_root: Path) ->
     refresh = []
     for _ in range(2):                            # a message refresh on its own (every rank takes part)
         t = time.perf_counter()
-        engine.model.full_messages(0)
+        engine.sampled.full_messages(0)
         refresh.append(time.perf_counter() - t)
     engine.close()
     row = {"rank": ctx.rank, "world": ctx.world_size, "scale": scale, "setup_s": round(setup_s, 1),
@@ -269,9 +269,9 @@ def paired(scales: list[int], steps: int, overrides: list[str], out_root: Path) 
     for _ in range(2):                            # a full message refresh of each scale, in turn
         for scale, (engine, *_) in runs.items():
             t = time.perf_counter()
-            engine.model.full_messages(0)
+            engine.sampled.full_messages(0)
             refresh[scale].append(time.perf_counter() - t)
-    interval = {scale: engine.model.refresh_interval for scale, (engine, *_) in runs.items()}
+    interval = {scale: engine.sampled.refresh_interval for scale, (engine, *_) in runs.items()}
     for engine, *_ in runs.values():
         engine.close()
     med = {scale: statistics.median(t) for scale, t in times.items()}

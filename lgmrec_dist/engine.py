@@ -16,6 +16,7 @@ import abc
 
 import torch
 
+from lgmrec_dist.distributed.payload import model_payload
 from lgmrec_dist.distributed.reduce import global_terms, sync_gradients
 
 
@@ -71,6 +72,11 @@ class EngineState(Engine):
             opt.step()
         return global_terms(terms)
 
+    def model_payload(self) -> dict:
+        """The rows the model holds (every row in one process, a rank's own when sharded) and W_m, V_m."""
+        m = self.model
+        return model_payload(m.user_ids, m.user_embedding, m.item_ids, m.item_embedding, m.dense_parameters())
+
     def extra_state(self) -> dict:
         return {}
 
@@ -82,7 +88,9 @@ class EngineState(Engine):
                 "eval_calls": self.module.eval_calls, **self.extra_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
+        # checkpoints of the exact mode on P ranks written before it shared the one model keep W_m, V_m
+        # under "dense."
+        self.module.load_state_dict({k.removeprefix("dense."): v for k, v in state["model"].items()})
         # checkpoints written before the engines shared this class hold one "optimizer" (exact modes)
         saved = state["optimizers"] if "optimizers" in state else [state["optimizer"]]
         for opt, s in zip(self.optimizers, saved, strict=True):

@@ -207,7 +207,7 @@ def export_partitioned(run_dir, out, top_k: int, data, ctx, overwrite: bool = Fa
         m.user_embedding.copy_(best["user_embedding"])
         m.item_embedding.copy_(best["item_embedding"])
         for name, value in best["dense"].items():
-            params[f"dense.{name}"].copy_(value)
+            params[name].copy_(value)
     user_ids, user_emb, item_ids, item_emb = engine.embeddings()
     train_csr = _csr_over(np.asarray(user_ids), ds.num_items, *ds.pairs(TRAIN))   # rows: the owned users
     batches = [user_ids[s:s + batch_size] for s in range(0, len(user_ids), batch_size)]

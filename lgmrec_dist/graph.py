@@ -126,6 +126,12 @@ class Graph:
                      move(self.norm_adj), move(self.R), move(self.R_t), move(self.P), move(self.P_t))
 
 
+def graph_bytes(graph) -> int:
+    """Bytes of the CSR matrices of a graph (whole, or a rank's ``distributed.sharded.LocalGraph``)."""
+    mats = [getattr(graph, k) for k in ("norm_adj", "norm_adj_t", "R", "R_t", "P", "P_t") if hasattr(graph, k)]
+    return sum(t.numel() * t.element_size() for a in mats for t in (a.values(), a.col_indices(), a.crow_indices()))
+
+
 def build_graph(num_users: int, num_items: int, users: np.ndarray, items: np.ndarray) -> Graph:
     """Build Ĝ, R and P from the training pairs (§1.3): deg = distinct neighbours, D = diag(deg + 1e-7)."""
     keys = np.unique(np.asarray(users, np.int64) * num_items + np.asarray(items, np.int64))

@@ -6,7 +6,6 @@ import torch
 
 from lgmrec_dist.config import Config
 from lgmrec_dist.dataset import TRAIN, PreparedDataset, features_tensor
-from lgmrec_dist.distributed.payload import model_payload
 from lgmrec_dist.engine import EngineState
 from lgmrec_dist.evaluation import Evaluator
 from lgmrec_dist.graph import build_graph
@@ -37,9 +36,3 @@ class LocalEngine(EngineState):
 
     def evaluate(self, evaluator: Evaluator, emb) -> dict:
         return evaluator.evaluate_metrics(*emb)
-
-    def model_payload(self) -> dict:
-        """All rows: one process owns everything."""
-        m = self.model
-        return model_payload(torch.arange(m.num_users), m.user_embedding, torch.arange(m.num_items),
-                             m.item_embedding, m.dense_parameters())

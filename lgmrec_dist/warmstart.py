@@ -29,8 +29,7 @@ from lgmrec_dist.dataset import ITEM_MAP, USER_MAP, PreparedDataset, read_manife
 
 def _parameters(engine) -> dict[str, nn.Parameter]:
     """The engine's parameters by the names of a best-model payload (E_U, E_I, proj.m, hyper.m)."""
-    module = engine.model if isinstance(engine.model, nn.Module) else engine.model.model  # sampled mode wraps it
-    return {name.removeprefix("dense."): p for name, p in module.named_parameters()}
+    return dict(engine.model.named_parameters())
 
 
 def old_dataset_path(run_dir: Path, meta: dict) -> Path:

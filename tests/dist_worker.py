@@ -28,12 +28,12 @@ def main(data, out, ownership, steps, overrides):
     part = np.load(ownership) if ownership != "contiguous" else None
     eng = build_engine(cfg, ds, ctx, partition=part)
     m = eng.model
-    owned = torch.from_numpy(m.own.owned)
+    owned = torch.from_numpy(eng.own.owned)
     with torch.no_grad():
         cge0 = m.cge().clone()
     tu, ti = ds.pairs(TRAIN)
     # interactions are a set: the same pairs logged twice (and in another order) make the same local graph
-    twice = LocalGraph(m.own, ds.num_users, ds.num_items, np.concatenate([tu, tu[::-1]]),
+    twice = LocalGraph(eng.own, ds.num_users, ds.num_items, np.concatenate([tu, tu[::-1]]),
                        np.concatenate([ti, ti[::-1]]), torch.device("cpu"))
     same_graph = all(torch.equal(getattr(twice, k).to_dense(), getattr(m.graph, k).to_dense())
                      for k in ("norm_adj", "R", "P"))
@@ -47,7 +47,7 @@ def main(data, out, ownership, steps, overrides):
     torch.save({"owned": owned, "cge0": cge0, "losses": losses,
                 "user_ids": m.user_ids, "user_embedding": m.user_embedding.detach(),
                 "item_ids": m.item_ids, "item_embedding": m.item_embedding.detach(),
-                "dense": {k: v.detach() for k, v in m.dense.state_dict().items()},
+                "dense": {k: v.detach() for k, v in m.dense_parameters().items()},
                 "dense_grad": {k: v.grad.clone() for k, v in m.dense_parameters().items()},   # of the last step
                 "valid": eng.evaluate(valid_eval, emb), "test": eng.evaluate(test_eval, emb),
                 "halo": m.graph.num_halo, "same_graph_with_duplicates": same_graph}, f"{out}/rank{ctx.rank}.pt")

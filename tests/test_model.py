@@ -141,7 +141,7 @@ def test_fusion_by_hand():
     users, items = model.final_embeddings()
     assert torch.allclose(torch.cat([users, items]), e, atol=1e-5)
     e_c = model.cge()
-    f = [F.normalize(model.mge_all(m), dim=1) for m in model.modalities]
+    f = [F.normalize(model.mge_held(m), dim=1) for m in model.modalities]
     g = sum(torch.cat([gu, gi]) for gu, gi in globals_)
     assert torch.allclose(e, e_c + f[0] + f[1] + 0.7 * F.normalize(g, dim=1), atol=1e-5)
 

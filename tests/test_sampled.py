@@ -75,15 +75,15 @@ def test_full_fanout_sampled_equals_exact(tiny, one_thread, variant):
     exact, sampled = engines(ds, exact_extra=variant)
     users, pos, neg = batch_of(triples, 0)
     with torch.no_grad():  # the sampled CGE rows at the batch's nodes == the full-graph CGE rows
-        batch = sampled.model.sampler.sample(users, pos, neg, 0)
-        assert torch.allclose(sampled.model.cge_rows(batch), exact.model.cge()[batch.seeds], atol=1e-6)
+        batch = sampled.sampled.sampler.sample(users, pos, neg, 0)
+        assert torch.allclose(sampled.sampled.cge_rows(batch), exact.model.cge()[batch.seeds], atol=1e-6)
     for step in range(4):
         users, pos, neg = batch_of(triples, step)
         ref = exact.step(users, pos, neg, step)
         got = sampled.step(users, pos, neg, step)
         for key in ("loss", "bpr", "hcl", "reg"):
             assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (step, key)
-    params = dict(sampled.model.model.named_parameters())
+    params = dict(sampled.model.named_parameters())
     for name, ref in exact.model.named_parameters():
         assert torch.allclose(params[name], ref, rtol=1e-4, atol=1e-6), name
         if variant == ["use_ghe=false"] and graph_module._kernel() is not None:
@@ -220,7 +220,7 @@ def test_refresh_every_r_steps_uses_messages_from_the_last_refresh(tiny, one_thr
     ds, triples = tiny
     r = 3
     _, eng = engines(ds, [f"hyper_refresh_steps={r}", "fanouts=[5]"])
-    m = eng.model
+    m = eng.sampled
     expected = None
     for step in range(8):
         if step % r == 0:
@@ -244,7 +244,7 @@ def test_message_gradient_switch_changes_gradients_not_values(tiny, one_thread):
     grads = {}
     for flag in (True, False):
         _, eng = engines(ds, base + [f"hyper_message_grad={str(flag).lower()}"])
-        m = eng.model
+        m = eng.sampled
         batch = m.sampler.sample(*args, 0)
         terms = m.batch_loss(*args, 0, batch)
         terms["loss"].backward()
@@ -291,7 +291,7 @@ def test_state_dict_round_trip_keeps_the_message_cache(tiny, one_thread):
     state = torch.load(buffer, weights_only=False)
     _, b = engines(ds, extra)
     b.load_state_dict(state)
-    assert b.model.cache["step"] == 0
+    assert b.sampled.cache["step"] == 0
     for step in (2, 3):
         ta, tb = a.step(*batch_of(triples, step), step), b.step(*batch_of(triples, step), step)
         assert ta == tb
@@ -305,17 +305,17 @@ def test_user_logits_from_items_equal_the_table(tiny, one_thread):
     ds, triples = tiny
     _, table = engines(ds, APPROX)
     _, summed = engines(ds, APPROX + ["user_feature_table=false"])
-    assert table.model.rx and not summed.model.rx
+    assert table.sampled.rx and not summed.sampled.rx
     ids = torch.tensor([0, 3, 7, 8, 40])
     for m in table.model.modalities:
-        ref = table.model.rx[m].index_select(0, ids) @ table.model.model.hyper[m]
-        assert torch.allclose(summed.model._user_logits_from_items(m, ids), ref, rtol=1e-5, atol=1e-6)
+        ref = table.sampled.rx[m].index_select(0, ids) @ table.model.hyper[m]
+        assert torch.allclose(summed.sampled._user_logits_from_items(m, ids), ref, rtol=1e-5, atol=1e-6)
     for step in range(4):
         ta, tb = table.step(*batch_of(triples, step), step), summed.step(*batch_of(triples, step), step)
         for key in ta:
             assert tb[key] == pytest.approx(ta[key], rel=1e-5, abs=1e-7), (step, key)
-    for name, p in table.model.model.named_parameters():
-        assert torch.allclose(dict(summed.model.model.named_parameters())[name], p, rtol=1e-4, atol=1e-6), name
+    for name, p in table.model.named_parameters():
+        assert torch.allclose(dict(summed.model.named_parameters())[name], p, rtol=1e-4, atol=1e-6), name
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -324,9 +324,9 @@ def test_16_bit_feature_tables(tiny, one_thread, dtype):
     ds, triples = tiny
     exact32, ref = engines(ds, APPROX)
     exact16, low = engines(ds, APPROX + [f"feature_dtype={dtype}"], exact_extra=[f"feature_dtype={dtype}"])
-    assert all(y.dtype == getattr(torch, dtype) for y in low.model.model.mge_y.values())
-    assert all(x.dtype == getattr(torch, dtype) for x in low.model.rx.values())
-    mem32, mem16 = ref.model.memory_bytes(), low.model.memory_bytes()
+    assert all(y.dtype == getattr(torch, dtype) for y in low.model.mge_y.values())
+    assert all(x.dtype == getattr(torch, dtype) for x in low.sampled.rx.values())
+    mem32, mem16 = ref.sampled.memory_bytes(), low.sampled.memory_bytes()
     assert mem16["mge_inputs_Y"] * 2 == mem32["mge_inputs_Y"]
     assert mem16["user_feature_sums_RX"] * 2 == mem32["user_feature_sums_RX"]
     tol = 2e-2 if dtype == "bfloat16" else 2e-3
@@ -349,11 +349,11 @@ def test_sparse_embeddings_move_only_touched_rows(tiny, one_thread):
     ds, triples = tiny
     _, eng = engines(ds, ["sparse_embeddings=true", "hyper_refresh_steps=1", "fanouts=[2]",
                           "hcl_negatives=uniform", "hcl_num_negatives=8", "train_batch_size=16"])
-    model = eng.model.model
+    model = eng.model
     nu = model.num_users
     for step in range(3):
         users, pos, neg = batch_of(triples, step, size=16)
-        batch = eng.model.sampler.sample(users, pos, neg, step)
+        batch = eng.sampled.sampler.sample(users, pos, neg, step)
         touched = torch.zeros(nu + model.num_items, dtype=torch.bool)
         touched[batch.input_ids] = True
         before = torch.cat([model.user_embedding, model.item_embedding]).detach().clone()
@@ -366,10 +366,10 @@ def test_sparse_embeddings_move_only_touched_rows(tiny, one_thread):
     # dense Adam moves rows a step does not touch (momentum of earlier steps): equality with exact mode
     # therefore needs sparse_embeddings false
     _, dense = engines(ds, ["hyper_refresh_steps=1", "fanouts=[2]", "train_batch_size=16"])
-    dm = dense.model.model
+    dm = dense.model
     dense.step(*batch_of(triples, 0, size=16), 0)
     users, pos, neg = batch_of(triples, 1, size=16)
-    batch = dense.model.sampler.sample(users, pos, neg, 1)
+    batch = dense.sampled.sampler.sample(users, pos, neg, 1)
     before = torch.cat([dm.user_embedding, dm.item_embedding]).detach().clone()
     dense.step(users, pos, neg, 1)
     after = torch.cat([dm.user_embedding, dm.item_embedding]).detach()
@@ -461,7 +461,7 @@ def rank_worker(data: str, out: str, steps: int, extra: list[str]) -> None:
     triples = TripleSampler(ds.num_items, tu, ti, cfg.seed).epoch(0)
     losses = [eng.step(*batch_of(triples, b), b) for b in range(steps)]
     valid_eval, _ = make_evaluators(ds, cfg)
-    m = eng.model.model
+    m = eng.model
     torch.save({"losses": losses, "params": {k: v.detach() for k, v in m.named_parameters()},
                 "valid": eng.evaluate(valid_eval, eng.embeddings()), "sent": eng.last_stats["bytes"]["sent_to_other_ranks"]},
                f"{out}/rank{ctx.rank}.pt")
@@ -563,15 +563,15 @@ def tables_worker(data: str, out: str, steps: int) -> None:
         cfg = load_config(None, OVERRIDES + EXACT_SWITCHES + APPROX + extra)
         eng = SampledEngine(cfg, ds, torch.device("cpu"), ctx)
         if name == "sharded_partitions":
-            assert np.array_equal(eng.model.tables.own.part, np.load(parts / "node_part.npy"))
+            assert np.array_equal(eng.sampled.tables.own.part, np.load(parts / "node_part.npy"))
         triples = TripleSampler(ds.num_items, tu, ti, cfg.seed).epoch(0)
         losses = [eng.step(*batch_of(triples, b), b) for b in range(steps)]
         valid_eval, _ = make_evaluators(ds, cfg)
-        params = {k: v.detach().clone() for k, v in eng.model.model.named_parameters()}
-        if eng.model.tables is not None:        # this rank holds its rows of E_U, E_I: gather them
-            params["user_embedding"], params["item_embedding"] = eng.model.full_ego().split(
+        params = {k: v.detach().clone() for k, v in eng.model.named_parameters()}
+        if eng.sampled.tables is not None:        # this rank holds its rows of E_U, E_I: gather them
+            params["user_embedding"], params["item_embedding"] = eng.sampled.full_ego().split(
                 [ds.num_users, ds.num_items])
-        result[name] = {"losses": losses, "memory": eng.model.memory_bytes(), "params": params,
+        result[name] = {"losses": losses, "memory": eng.sampled.memory_bytes(), "params": params,
                         "num_parameters": eng.num_parameters(),
                         "valid": eng.evaluate(valid_eval, eng.embeddings()),
                         "sent": eng.last_stats["bytes"]["sent_to_other_ranks"]}
@@ -635,7 +635,7 @@ def test_sampled_mode_defaults_and_exact_switches(tiny_dataset, one_thread):
 def test_refreshes_scheduled_by_catalogue_size():
     """The refresh interval is max(r, ceil(steps per epoch / R)): at most R + 1 full passes in any epoch,
     whatever the number of training pairs, and r itself when R = 0 or the epoch is short."""
-    from lgmrec_dist.sampled.model import refresh_interval
+    from lgmrec_dist.sampled.step import refresh_interval
     for pairs in (1_000, 50_000, 1_234_567, 100_000_000):
         for per_epoch in (1, 2, 5):
             cfg = load_config(None, ["mode=sampled", "train_batch_size=2048", "hyper_refresh_steps=20",

@@ -1,5 +1,5 @@
-"""The exact engine on P ranks (a torchrun launch): one rank's share of the sharded LGMRec, and the
-ownership of the nodes (which rank holds which rows) that the sharded engines share."""
+"""The exact engine on P ranks (a torchrun launch): one rank's share of LGMRec (``parallelize.shard_model``),
+and the ownership of the nodes (which rank holds which rows) that the sharded engines share."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,12 +10,12 @@ from lgmrec_dist.dataset import TRAIN, PreparedDataset, features_tensor
 from lgmrec_dist.dataset_parts import PartitionData
 from lgmrec_dist.distributed.exchange import Ownership
 from lgmrec_dist.distributed.group import Context, LaunchError
-from lgmrec_dist.distributed.payload import model_payload
-from lgmrec_dist.distributed.reduce import all_reduce_, global_metrics, replicate
+from lgmrec_dist.distributed.parallelize import shard_model
+from lgmrec_dist.distributed.reduce import all_reduce_, global_metrics, replicate_dense
 from lgmrec_dist.distributed.ring_topk import ring_blocks
-from lgmrec_dist.distributed.sharded import ShardedLGMRec
 from lgmrec_dist.engine import EngineState
 from lgmrec_dist.evaluation import Evaluator
+from lgmrec_dist.model import model_params
 
 
 def ownership_for(ds: PreparedDataset, cfg: Config, rank: int, world: int,
@@ -42,28 +42,31 @@ def ownership_for(ds: PreparedDataset, cfg: Config, rank: int, world: int,
 
 
 class ShardedEngine(EngineState):
-    """Exact LGMRec with its rows sharded over the ranks (:class:`ShardedLGMRec`); ``partition`` overrides
-    the ownership of :func:`ownership_for`."""
+    """Exact LGMRec with its rows sharded over the ranks (``parallelize.shard_model``); ``partition``
+    overrides the ownership of :func:`ownership_for`."""
 
     def __init__(self, cfg: Config, ds: PreparedDataset, device: torch.device, ctx: Context,
                  partition: np.ndarray | None = None):
         self.ctx = ctx
         self.own = ownership_for(ds, cfg, ctx.rank, ctx.world_size, partition)
-        self.model = ShardedLGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"], self.own).to(device)
+        modalities = ds.manifest["modalities"]
         if isinstance(ds, PartitionData):   # its own edges and feature rows only (docs/distributed.md)
             edges, rows = (ds.train_users, ds.train_items), None
         else:
-            edges, rows = ds.pairs(TRAIN), self.model.item_ids.numpy()
-        self.model.attach(*edges, {m: features_tensor(ds.features[m], rows, device) for m in self.model.modalities})
+            owned = self.own.owned
+            edges, rows = ds.pairs(TRAIN), owned[owned >= ds.num_users] - ds.num_users
+        features = {m: features_tensor(ds.features[m], rows, device) for m in modalities}
+        self.model = shard_model(model_params(cfg), ds.num_users, ds.num_items, modalities, self.own, *edges,
+                                 features, device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.learning_rate)
         self.module, self.optimizers = self.model, [self.optimizer]
         # W_m, V_m are replicated: DDP sums their gradients during backward; rows are updated by their owner
-        self.dense = replicate(self.model.dense)
+        self.dense = replicate_dense(self.model)
 
     def num_parameters(self) -> int:
         m = self.model
         local = torch.tensor([m.user_embedding.numel() + m.item_embedding.numel()], device=self.ctx.device)
-        return int(all_reduce_(local)) + sum(p.numel() for p in m.dense.parameters())
+        return int(all_reduce_(local)) + sum(p.numel() for p in m.dense_parameters().values())
 
     def train(self):
         self.model.train()
@@ -72,19 +75,16 @@ class ShardedEngine(EngineState):
         self.dense = None       # DDP's reducer, released while the process group lives (group.close_process_group)
 
     def step(self, users, pos, neg, step: int) -> dict:
-        self.dense()            # starts DDP's reduction of this step (the model reads W_m, V_m itself)
+        if self.dense is not None:
+            self.dense()        # starts DDP's reduction of this step (the model reads W_m, V_m itself)
         return super().step(users, pos, neg, step)
-
-    def model_payload(self) -> dict:
-        """This rank's rows and the dense parameters."""
-        m = self.model
-        return model_payload(m.user_ids, m.user_embedding, m.item_ids, m.item_embedding, m.dense_parameters())
 
     def embeddings(self):
         """This rank's users and items: (user ids, their E*, item ids, their E*)."""
-        self.model.eval()
-        user_ids, user_emb, item_ids, item_emb = self.model.final_embeddings()
-        return user_ids.cpu().numpy(), user_emb, item_ids.cpu().numpy(), item_emb
+        m = self.model
+        m.eval()
+        user_emb, item_emb = m.final_embeddings()
+        return m.user_ids.cpu().numpy(), user_emb, m.item_ids.cpu().numpy(), item_emb
 
     def evaluate(self, evaluator: Evaluator, emb) -> dict:
         """Each rank ranks its own users against the item blocks passed round the ring (``ring_topk``); sums

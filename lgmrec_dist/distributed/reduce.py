@@ -83,6 +83,24 @@ def replicate(module: torch.nn.Module) -> torch.nn.Module:
     return ddp
 
 
+class DenseParams(torch.nn.Module):
+    """The replicated parameters of a model (W_m, V_m), as one module for DDP."""
+
+    def __init__(self, proj: torch.nn.ParameterDict, hyper: torch.nn.ParameterDict):
+        super().__init__()
+        self.proj, self.hyper = proj, hyper
+
+    def forward(self):
+        return self.proj, self.hyper
+
+
+def replicate_dense(model) -> torch.nn.Module | None:
+    """:func:`replicate` of ``model``'s W_m and V_m, or None when there are none or one process."""
+    if world_size() == 1 or not model.dense_parameters():
+        return None
+    return replicate(DenseParams(model.proj, model.hyper))
+
+
 def global_terms(terms: dict) -> dict[str, float]:
     """The step's loss terms summed over ranks (each rank holds its share), as floats."""
     values = torch.stack([terms[k].detach() for k in TERMS])

@@ -1,11 +1,13 @@
-"""LGMRec with users, items and their rows sharded over ranks: the exact distributed path (docs/distributed.md).
+"""A rank's share of the exact distributed path (docs/distributed.md): the graph of its owned rows
+(:class:`LocalGraph`) and the placement of those rows (:class:`ShardedRows`), which ``distributed.parallelize``
+applies to the one :class:`~lgmrec_dist.model.LGMRec`.
 
 Each rank owns a set of nodes (:class:`~lgmrec_dist.distributed.exchange.Ownership`) and holds only
 their rows of the ID embeddings, of the precomputed MGE inputs Y_m and of the item features X_m.
 
-* **CGE** (docs/model.md) runs on the DGL block of the owned nodes with full neighbourhoods
-  (``dgl.sampling.sample_neighbors`` with fanout -1, then ``dgl.to_block``); each layer fetches the
-  block's halo rows from their owners (autograd-aware all-to-all). Ĝ's weights use full-graph degrees.
+* **CGE** (docs/model.md) runs on the owned rows of Ĝ over [owned ; halo] columns (:class:`LocalGraph`);
+  each layer fetches the halo rows from their owners (autograd-aware all-to-all). Ĝ's weights use
+  full-graph degrees.
 * **MGE**: Y_m = Ĝ^K [P·X_m ; X_m] is precomputed for the owned rows the same way (no grad).
 * **GHE**: each rank computes logits, Gumbel-softmax and dropout for its items and users (draws
   keyed by global node id); user logits sum item logits fetched through the same halo exchange; the
@@ -15,33 +17,24 @@ their rows of the ID embeddings, of the precomputed MGE inputs Y_m and of the it
   Frobenius norms are combined from per-rank sums of squares; the contrastive loss is computed for the
   anchors a rank owns, with all-user/all-item denominators combined from per-rank partial log-sum-exps.
   The ranks' losses add up to the single-process loss, so their gradients add up to its gradient.
-* Dense parameters W_m, V_m are replicated; their gradients are summed over ranks after backward
-  (``distributed.reduce.sync_gradients``); embedding rows are updated by their owner.
+* Dense parameters W_m, V_m are replicated; DDP sums their gradients over ranks during backward
+  (``distributed.reduce.replicate_dense``); embedding rows are updated by their owner.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
-from lgmrec_dist.config import Config
 from lgmrec_dist.distributed.exchange import Ownership, RowExchange, all_gather, all_gather_rows
 from lgmrec_dist.distributed.reduce import all_reduce
 from lgmrec_dist.graph import csr, spmm
-from lgmrec_dist.model.cge import cge
-from lgmrec_dist.model.features import HELD_DTYPES, column_chunk, const_rows_matmul, held_matmul
+from lgmrec_dist.model.features import column_chunk
 from lgmrec_dist.model.hypergraph import HyperEmbedding
-from lgmrec_dist.model.lgmrec import TAU, fuse, global_embeddings, inference, initial_parameters, objective
-from lgmrec_dist.model.losses import contrastive_sum, held_rows, key_rows, lowrank_logsumexp
-from lgmrec_dist.model.params import model_params
+from lgmrec_dist.model.losses import key_rows, lowrank_logsumexp
 
 
 SHARDED_CHUNK_BYTES = 32 << 20   # one float32 column chunk of the start-up precomputation (LocalGraph)
-
-
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
 
 
 class LocalGraph:
@@ -129,126 +122,45 @@ class LocalGraph:
         return out
 
 
-class DenseParams(nn.Module):
-    """The replicated parameters (W_m, V_m)."""
+class ShardedRows:
+    """The placement (``model.placement``) of a rank's owned rows: its users and items, the batch rows it
+    owns and the triples of its slice of the batch, the anchors it owns, denominators over every rank's rows,
+    and sums all-reduced. The ranks' losses then add up to the single-process loss (docs/distributed.md)."""
 
-    def __init__(self, proj: nn.ParameterDict, hyper: nn.ParameterDict):
-        super().__init__()
-        self.proj, self.hyper = proj, hyper
+    reduce = staticmethod(all_reduce)
 
-    def forward(self):
-        return self.proj, self.hyper
-
-
-class ShardedLGMRec(nn.Module):
-    def __init__(self, cfg: Config, num_users: int, num_items: int, feature_dims: dict[str, int], own: Ownership,
-                 params: tuple | None = None):
-        """``params`` = (E_U rows, E_I rows, W_m dict, V_m dict) to share another model's parameters (the
-        sampled mode's sharded tables run their inference through this model), else the initial values."""
-        super().__init__()
-        self.cfg, self.hp, self.own = cfg, model_params(cfg), own
-        self.num_users, self.num_items = num_users, num_items
-        self.modalities = list(feature_dims)
+    def __init__(self, own: Ownership, num_users: int, device: torch.device):
         owned = torch.from_numpy(own.owned)
-        self.user_ids = owned[owned < num_users]
-        self.item_ids = owned[owned >= num_users] - num_users
-        self.n_own_users = len(self.user_ids)
-        # the single-process model's initial values, this rank's rows of E_U and E_I
-        self.user_embedding, self.item_embedding, proj, hyper = params or initial_parameters(
-            self.hp, num_users, num_items, feature_dims, (self.user_ids, self.item_ids))
-        self.dense = DenseParams(proj, hyper)
-        self.eval_calls = 0
+        self.own, self.num_users, self.world = own, num_users, own.world_size
+        self.user_ids = owned[owned < num_users].to(device)
+        self.item_ids = (owned[owned >= num_users] - num_users).to(device)
 
-    # ------------------------------------------------------------------ set-up
-    def attach(self, train_users: np.ndarray, train_items: np.ndarray, features: dict[str, torch.Tensor]):
-        """The training edges incident to the owned nodes (or all of them) and the owned items' feature
-        rows X_m (tensors, in ``item_ids`` order)."""
-        device = self.user_embedding.device
-        self.user_ids, self.item_ids = self.user_ids.to(device), self.item_ids.to(device)
-        self.graph = LocalGraph(self.own, self.num_users, self.num_items, train_users, train_items, device)
-        self.features = features
-        self.mge_y = {}
-        if self.cfg.use_mge:
-            dtype = HELD_DTYPES[self.cfg.feature_dtype]
-            self.mge_y = {m: self.graph.mge_inputs(x, self.cfg.n_mm_layers, dtype) for m, x in self.features.items()}
-        return self
+    def batch_rows(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor):
+        """(local rows of the batch nodes this rank owns, pick): BPR's triples are cut into P contiguous
+        slices, and ``pick`` fetches the fused rows of this rank's slice from their owners."""
+        own, n_u = self.own, self.num_users
+        users, pos, neg = (t.cpu().numpy() for t in (users, pos, neg))
+        nodes = np.concatenate([users, pos + n_u, neg + n_u])
+        mine = np.unique(nodes[own.part[nodes] == own.rank])           # batch nodes I own
+        lo, hi = own.rank * len(users) // self.world, (own.rank + 1) * len(users) // self.world
+        part = np.concatenate([users[lo:hi], pos[lo:hi] + n_u, neg[lo:hi] + n_u])
+        exchange = RowExchange(own, part, source_ids=mine)
+        rows = torch.from_numpy(own.local(mine)).to(self.user_ids.device)
+        return rows, lambda fused: exchange(fused).split(hi - lo)
 
-    def use(self, graph: LocalGraph, features: dict[str, torch.Tensor], mge_y: dict[str, torch.Tensor]):
-        """:meth:`attach` with the pieces already built elsewhere (the sampled mode's sharded tables)."""
-        device = self.user_embedding.device
-        self.user_ids, self.item_ids = self.user_ids.to(device), self.item_ids.to(device)
-        self.graph, self.features, self.mge_y = graph, features, mge_y
-        return self
-
-    def state_bytes(self) -> dict:
-        """Bytes this rank holds for graph, embeddings (with Adam's two moments) and features."""
-        g = self.graph
-        mats = (g.norm_adj, g.norm_adj_t, g.R, g.R_t, g.P, g.P_t)
-        graph = sum(_nbytes(m.values()) + _nbytes(m.col_indices()) + _nbytes(m.crow_indices()) for m in mats)
-        emb = 3 * (_nbytes(self.user_embedding) + _nbytes(self.item_embedding))
-        return {"graph": graph, "embeddings+adam": emb,
-                "features": sum(_nbytes(x) for x in self.features.values()),
-                "mge_inputs": sum(_nbytes(y) for y in self.mge_y.values()),
-                "halo_rows": g.num_halo, "owned_nodes": len(self.own.owned)}
-
-    # ------------------------------------------------------------------ branches
-    def cge(self) -> torch.Tensor:
-        ego = torch.cat([self.user_embedding, self.item_embedding])
-        return cge(self.graph, ego, self.cfg.n_ui_layers, self.cfg.cf_model)
-
-    def ghe(self, e_c: torch.Tensor, step: int, train: bool) -> list[HyperEmbedding]:
-        """``model.lgmrec.global_embeddings`` of the owned rows; the partial messages summed over ranks."""
-        z = [const_rows_matmul(self.features[m], self.dense.hyper[m]) for m in self.modalities]
-        return global_embeddings(self.hp, z, self.graph, e_c[self.n_own_users:], step, train, self.user_ids,
-                                 self.item_ids, reduce=all_reduce)
-
-    def fuse(self, e_c, hyper, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """E* at owned local rows (all owned nodes when ``rows`` is None), ``model.lgmrec.fuse``."""
-        proj = self.dense.proj
-        mge = []
-        if self.cfg.use_mge:
-            mge = [held_matmul(self.mge_y[m] if rows is None else self.mge_y[m][rows], proj[m]) for m in self.modalities]
-        g = sum(h.nodes(rows) for h in hyper) if self.cfg.use_ghe else None
-        return fuse(e_c if rows is None else e_c[rows], mge, g, self.cfg.alpha)
-
-    def dense_parameters(self) -> dict[str, nn.Parameter]:
-        """The replicated parameters W_m (``proj.m``), V_m (``hyper.m``), by the single-process model's names."""
-        return {k.removeprefix("dense."): v for k, v in self.named_parameters() if k.startswith("dense.")}
-
-    # ------------------------------------------------------------------ training
-    def batch_loss(self, users, pos, neg, step: int) -> dict:
-        """This rank's share of the loss of the global batch (users, pos, neg); shares add up to §1.8."""
-        world, rank = dist.get_world_size(), dist.get_rank()
-        batch_size, n_u = len(users), self.num_users
-        e_c = self.cge()
-        hyper = self.ghe(e_c, step, True) if self.cfg.use_ghe else None
-
-        nodes = torch.cat([users, pos + n_u, neg + n_u]).cpu().numpy()
-        mine = np.unique(nodes[self.own.part[nodes] == rank])           # batch nodes I own
-        fused = self.fuse(e_c, hyper, torch.from_numpy(self.own.local(mine)).to(e_c.device))
-        lo, hi = rank * batch_size // world, (rank + 1) * batch_size // world
-        part = np.concatenate([users[lo:hi].cpu().numpy(), pos[lo:hi].cpu().numpy() + n_u,
-                               neg[lo:hi].cpu().numpy() + n_u])
-        e_u, e_p, e_n = RowExchange(self.own, part, source_ids=mine)(fused).split(hi - lo)
-
-        hcl = e_c.new_zeros(())
-        if hyper is not None and self.cfg.cl_weight > 0 and len(hyper) > 1:
-            hcl = contrastive_sum([h.message for h in hyper], self._anchors(users.cpu().numpy(), pos.cpu().numpy()),
-                                  held_rows(hyper), self._denominator(hyper), TAU)
-        return objective(e_u, e_p, e_n, hcl, batch_size, self.hp, reduce=all_reduce, world=world)
-
-    def _anchors(self, users: np.ndarray, pos: np.ndarray) -> list:
+    def anchors(self, users: torch.Tensor, pos: torch.Tensor) -> list:
         """The batch's distinct anchors this rank owns: (is_user, local rows, multiplicities)."""
         out = []
+        n_own_users = len(self.user_ids)
         for ids, offset, is_user in ((users, 0, True), (pos, self.num_users, False)):
-            rows, counts = np.unique(ids, return_counts=True)
+            rows, counts = np.unique(ids.cpu().numpy(), return_counts=True)
             mine = self.own.part[rows + offset] == self.own.rank
-            local = self.own.local(rows[mine] + offset) - (0 if is_user else self.n_own_users)
-            out.append((is_user, torch.from_numpy(local).to(self.user_embedding.device),
+            local = self.own.local(rows[mine] + offset) - (0 if is_user else n_own_users)
+            out.append((is_user, torch.from_numpy(local).to(self.user_ids.device),
                         torch.from_numpy(counts[mine]).float()))
         return out
 
-    def _denominator(self, hyper: list[HyperEmbedding]):
+    def denominator(self, hyper: list[HyperEmbedding]):
         """Exact denominators over every rank's users / items: each rank's log-sum-exp over its own rows for
         the queries of all ranks, combined by a log-sum-exp of the gathered partials."""
         def lse(k, is_user, rows, q, pos_logit):
@@ -259,10 +171,3 @@ class ShardedLGMRec(nn.Module):
             offset = sum(g.shape[0] for g in gathered[:self.own.rank])
             return lse_all[offset:offset + len(rows)]
         return lse
-
-    # ------------------------------------------------------------------ inference
-    @torch.no_grad()
-    def final_embeddings(self):
-        """E* of the owned users and items (global ids, rows), inference mode (§1.7, docs/model.md)."""
-        e = inference(self)
-        return self.user_ids, e[:self.n_own_users], self.item_ids, e[self.n_own_users:]

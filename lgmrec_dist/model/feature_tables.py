@@ -4,11 +4,13 @@
 the sampled mode with replicated tables; ``distributed.tables.ShardedFeatureTables`` is the same
 interface over row-sharded tables. The interface (all products are differentiable in the weight):
 
-* ``all_ego(model)``: [E_U ; E_I] of every node; ``lookup(model, user_ids, item_ids, leaves)``: rows of
+* what the model reads of the rows held in this process (local rows): ``held_ego(model)`` ([E_U ; E_I]),
+  ``held_mge(m, w)`` and ``held_mge_rows(m, rows, w)`` (F^m = Y_m·W_m, MGE), ``held_item_logits(m, v)``
+  (the hyperedge logits X_m·V_m, GHE);
+* what the sampled step reads of any node (node ids): ``lookup(model, user_ids, item_ids, leaves)``, rows of
   E_U, E_I (with ``leaves`` a list, gathered into leaf tensors recorded there for a row optimizer);
-* ``mge_rows(m, node_ids, w)``, ``all_mge(m, w)``: F^m = Y_m·W_m rows (MGE);
-* ``item_logits(m, item_ids, v)``, ``user_logits(m, user_ids, v)``, ``all_item_logits(m, v)``: hyperedge
-  logits X_m·V_m and (R·X_m)·V_m rows (GHE);
+  ``mge_rows(m, node_ids, w)``; ``item_logits(m, item_ids, v)``, ``user_logits(m, user_ids, v)``, the
+  hyperedge logits X_m·V_m and (R·X_m)·V_m rows;
 * ``x``, ``y``, ``rx`` (the tables held here, by modality) and ``nbytes()``.
 """
 from __future__ import annotations
@@ -35,7 +37,7 @@ class FeatureTables:
         """Hold R·X_m too (the user hyperedge logits of the sampled mode, ``user_feature_table``)."""
         self.rx = {m: user_feature_sums(self.graph, x, dtype=dtype) for m, x in self.x.items()}
 
-    def all_ego(self, model) -> torch.Tensor:
+    def held_ego(self, model) -> torch.Tensor:
         return torch.cat([model.user_embedding, model.item_embedding])
 
     def lookup(self, model, user_ids: torch.Tensor, item_ids: torch.Tensor, leaves: list | None = None):
@@ -53,7 +55,9 @@ class FeatureTables:
             return rows_matmul(self.y[m], node_ids, w)  # no gathered copy of the rows (docs/model.md)
         return mge_direct(self.graph, self.x[m], w, self.n_mm_layers)[node_ids]
 
-    def all_mge(self, m: str, w: torch.Tensor) -> torch.Tensor:
+    held_mge_rows = mge_rows     # every row is held here: local rows are node ids
+
+    def held_mge(self, m: str, w: torch.Tensor) -> torch.Tensor:
         if self.y:
             return held_matmul(self.y[m], w)
         return mge_direct(self.graph, self.x[m], w, self.n_mm_layers)
@@ -64,7 +68,7 @@ class FeatureTables:
     def user_logits(self, m: str, user_ids: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return const_rows_matmul(self.rx[m].index_select(0, user_ids).float(), v)
 
-    def all_item_logits(self, m: str, v: torch.Tensor) -> torch.Tensor:
+    def held_item_logits(self, m: str, v: torch.Tensor) -> torch.Tensor:
         return const_rows_matmul(self.x[m], v)
 
     def nbytes(self) -> dict:

@@ -2,16 +2,18 @@
 BPR + λ_c·HCL + λ_r·reg.
 
 This module holds the composition once — the fusion (:func:`fuse`), the objective (:func:`objective`),
-the contrastive loss (``losses.contrastive_sum``) and inference — and the single-process model
-:class:`LGMRec`, which reads its inputs through small interfaces chosen from outside:
+the contrastive loss (``losses.contrastive_sum``) and inference — and the model :class:`LGMRec`, the same
+plain module in every mode, which reads its inputs through three pieces chosen from outside (docs/model.md,
+"One model, interfaces chosen from outside"):
 
+* **propagation**: the graph's ``propagate`` and ``user_sums`` (full CSR ``graph.Graph``; a rank's rows
+  with halo exchange, ``distributed.sharded.LocalGraph``);
 * **embedding rows and feature products**: a feature source (``feature_tables.FeatureTables`` for the
   whole tables in this process, ``distributed.tables.ShardedFeatureTables`` for row-sharded ones);
-* **propagation**: the graph's ``propagate`` (full CSR ``graph.Graph``; halo exchange
-  ``distributed.sharded.LocalGraph``; sampled DGL blocks ``sampled.estimators.cge_on_blocks``);
-* **global sums**: the ``reduce`` argument of :func:`objective` and ``hypergraph_propagate``
-  (identity in one process, ``distributed.reduce.all_reduce`` on P ranks);
-* **contrastive denominators**: the ``denominator`` of ``losses.contrastive_sum``.
+* **which rows are held, global sums, contrastive denominators**: a placement (``placement.AllRows`` in
+  one process, ``distributed.sharded.ShardedRows`` on P ranks; ``distributed.parallelize`` builds it).
+
+The sampled mode applies its step (``sampled.step``: DGL blocks, sampled denominators) to this model.
 
 Speed rewrites, each checked against the direct spec form in tests/test_model.py:
 * MGE rows come from the precomputed Y_m = Ĝ^K [P X_m ; X_m] (``mge.mge_inputs``): a step pays
@@ -35,7 +37,8 @@ from lgmrec_dist.model.cge import cge
 from lgmrec_dist.model.feature_tables import FeatureTables
 from lgmrec_dist.model.features import HELD_DTYPES
 from lgmrec_dist.model.hypergraph import HyperEmbedding, dependencies_from_logits, hypergraph_propagate
-from lgmrec_dist.model.losses import bpr_sum, hcl_loss, reg_from_squares, squared_norms
+from lgmrec_dist.model.losses import bpr_sum, contrastive_sum, held_rows, reg_from_squares, squared_norms
+from lgmrec_dist.model.placement import AllRows
 from lgmrec_dist.model.params import ModelParams
 
 TAU = 0.2  # hard-coded in the official code for both Gumbel-softmax and InfoNCE (docs/model.md)
@@ -160,9 +163,13 @@ def objective(e_u, e_p, e_n, hcl: torch.Tensor, batch_size: int, hp: ModelParams
 class LGMRec(nn.Module):
     """Parameters: E_U, E_I (ID embeddings), W_m (d_m × d projections), V_m (d_m × A hyperedges).
 
-    The graph and a feature source (the frozen features X_m and what is precomputed from them) are attached
-    with :meth:`attach`; they are not parameters. ``rows`` = (user ids, item ids) holds only those rows of
-    E_U and E_I (row-sharded tables; the source then serves the whole tables at inference).
+    The plain model, the same object in every mode (docs/model.md, "One model, interfaces chosen from
+    outside"). What it reads comes in through :meth:`attach`, not as parameters: the graph (its
+    ``propagate`` and ``user_sums``), a feature source (``held_ego``, ``held_mge``, ``held_mge_rows``,
+    ``held_item_logits``; ``model.feature_tables``) and a placement (``model.placement``: which rows are held
+    here, how a batch's triples are picked, how global sums are reduced, which denominators are used).
+    ``rows`` = (user ids, item ids) draws only those rows of E_U and E_I (a rank's owned rows; its placement
+    is then ``distributed.sharded.ShardedRows``, set by ``distributed.parallelize``).
     """
 
     def __init__(self, hp: ModelParams, num_users: int, num_items: int, feature_dims: dict[str, int],
@@ -173,19 +180,28 @@ class LGMRec(nn.Module):
         self.modalities = list(feature_dims)
         self.user_embedding, self.item_embedding, self.proj, self.hyper = initial_parameters(
             hp, num_users, num_items, feature_dims, rows)
-        self.graph: Graph | None = None
+        self.whole = rows is None
+        self.graph = None
         self.source = None
+        self.placement = None
         self.eval_calls = 0
 
     # ------------------------------------------------------------------ set-up
-    def attach(self, graph: Graph | None, source) -> "LGMRec":
-        """The graph and the feature source: a ``FeatureTables``-like object, or the features X_m as float32
-        tensors on the training device (name -> |I| × d_m), whose tables are then built here. ``graph`` None:
-        no whole graph (a partition's rank; its source then serves every row the model reads)."""
-        self.graph = graph.to(self.user_embedding.device) if graph is not None else None
+    def attach(self, graph, source, placement=None) -> "LGMRec":
+        """The graph, the feature source and the placement, all on the training device. ``source`` may be
+        the features X_m as float32 tensors (name -> |I| × d_m) of a whole graph, whose tables are then built
+        here; ``placement`` None: every row is held here (:class:`~lgmrec_dist.model.placement.AllRows`)."""
+        device = self.user_embedding.device
+        if placement is None:
+            if not self.whole:
+                raise ValueError("a model that holds some rows needs the placement of those rows")
+            placement = AllRows(self.num_users, self.num_items, device)
+        if isinstance(graph, Graph):         # a whole graph, built anywhere; a rank's graph is built on the device
+            graph = graph.to(device)
+        self.graph, self.placement = graph, placement
         if isinstance(source, dict):
             hp = self.cfg
-            source = FeatureTables(self.graph, {m: source[m] for m in self.modalities}, hp.n_mm_layers,
+            source = FeatureTables(graph, {m: source[m] for m in self.modalities}, hp.n_mm_layers,
                                    HELD_DTYPES[hp.feature_dtype], hp.use_mge and hp.mge_precompute)
         self.source = source
         return self
@@ -198,62 +214,69 @@ class LGMRec(nn.Module):
     def mge_y(self) -> dict[str, torch.Tensor]:
         return self.source.y
 
+    @property
+    def user_ids(self) -> torch.Tensor:
+        """Global ids of the users whose rows are held here (all of them in one process)."""
+        return self.placement.user_ids
+
+    @property
+    def item_ids(self) -> torch.Tensor:
+        return self.placement.item_ids
+
     # ------------------------------------------------------------------ branches
     def cge(self) -> torch.Tensor:
-        """E_c of every node (CGE), from the source's [E_U ; E_I]."""
-        return cge(self.graph, self.source.all_ego(self), self.cfg.n_ui_layers, self.cfg.cf_model)
+        """E_c of the held nodes (CGE): the held users, then the held items."""
+        return cge(self.graph, self.source.held_ego(self), self.cfg.n_ui_layers, self.cfg.cf_model)
 
-    def mge_rows(self, m: str, rows: torch.Tensor) -> torch.Tensor:
-        """F^m at node rows (MGE)."""
-        return self.source.mge_rows(m, rows, self.proj[m])
-
-    def mge_all(self, m: str) -> torch.Tensor:
-        return self.source.all_mge(m, self.proj[m])
-
-    def _ids(self) -> tuple[torch.Tensor, torch.Tensor]:
-        dev = self.user_embedding.device
-        return torch.arange(self.num_users, device=dev), torch.arange(self.num_items, device=dev)
+    def mge_held(self, m: str) -> torch.Tensor:
+        """F^m of the held nodes (MGE)."""
+        return self.source.held_mge(m, self.proj[m])
 
     def _draws(self, step: int, k: int, train: bool):
-        return keyed_draws(self.cfg, step, k, train, *self._ids())
+        return keyed_draws(self.cfg, step, k, train, self.user_ids, self.item_ids)
 
     def ghe(self, e_c: torch.Tensor, step: int, train: bool) -> list[HyperEmbedding]:
-        """Per-modality global embeddings (:func:`global_embeddings`) of every node."""
-        z = [self.source.all_item_logits(m, self.hyper[m]) for m in self.modalities]
-        return global_embeddings(self.cfg, z, self.graph, e_c[self.num_users:], step, train, *self._ids())
+        """Per-modality global embeddings (:func:`global_embeddings`) of the held nodes; the partial messages
+        are summed by the placement's ``reduce``."""
+        z = [self.source.held_item_logits(m, self.hyper[m]) for m in self.modalities]
+        p = self.placement
+        return global_embeddings(self.cfg, z, self.graph, e_c[len(p.user_ids):], step, train, p.user_ids,
+                                 p.item_ids, p.reduce)
 
     def fuse(self, e_c: torch.Tensor, hyper, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """E* at node rows, or at every node when ``rows`` is None (:func:`fuse`)."""
+        """E* at held rows ``rows`` (local indices), or at every held node when None (:func:`fuse`)."""
         mge = []
         if self.cfg.use_mge:
-            mge = [self.mge_all(m) if rows is None else self.mge_rows(m, rows) for m in self.modalities]
+            mge = [self.mge_held(m) if rows is None else self.source.held_mge_rows(m, rows, self.proj[m])
+                   for m in self.modalities]
         g = sum(h.nodes(rows) for h in hyper) if self.cfg.use_ghe else None
         # index_select, not e_c[rows]: the same rows (distinct), but its backward is an index_add where
         # advanced indexing's deterministic backward sorts the indices first (~2 ms a step at Baby size)
         return fuse(e_c if rows is None else e_c.index_select(0, rows), mge, g, self.cfg.alpha)
 
     # ------------------------------------------------------------------ training / inference
-    def batch_loss(self, users, pos, neg, step: int, batch_size: int | None = None) -> dict:
-        """Loss terms for a batch of triples (:func:`objective`). ``batch_size`` is the global |B|."""
-        batch_size = batch_size or len(users)
+    def batch_loss(self, users, pos, neg, step: int) -> dict:
+        """This process' share of the loss terms of the global batch of triples (:func:`objective`): the
+        whole loss in one process; on P ranks the shares add up to it."""
+        p = self.placement
         e_c = self.cge()
         hyper = self.ghe(e_c, step, train=True) if self.cfg.use_ghe else None
-        nodes = torch.cat([users, pos + self.num_users, neg + self.num_users])
-        rows, inverse = torch.unique(nodes, return_inverse=True)
-        # index_select, not e[inverse]: the backward of advanced indexing adds the repeated rows with
-        # threaded atomics (a different sum each run); index_select's backward has a fixed order
-        e_u, e_p, e_n = self.fuse(e_c, hyper, rows).index_select(0, inverse).split(len(users))
+        rows, pick = p.batch_rows(users, pos, neg)
+        e_u, e_p, e_n = pick(self.fuse(e_c, hyper, rows))
         if hyper is not None and self.cfg.cl_weight > 0 and len(hyper) > 1:
-            hcl = hcl_loss(hyper, users, pos, TAU)
+            hcl = contrastive_sum([h.message for h in hyper], p.anchors(users, pos), held_rows(hyper),
+                                  p.denominator(hyper), TAU)
         else:
             hcl = e_u.new_zeros(())
-        return objective(e_u, e_p, e_n, hcl, batch_size, self.cfg)
+        return objective(e_u, e_p, e_n, hcl, len(users), self.cfg, reduce=p.reduce, world=p.world)
 
     @torch.no_grad()
     def final_embeddings(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """E* for all users and items at inference: no dropout; Gumbel noise only if eval_gumbel_noise."""
+        """E* of the held users and items (``user_ids``, ``item_ids``) at inference: no dropout; Gumbel noise
+        only if eval_gumbel_noise."""
         e = inference(self)
-        return e[:self.num_users], e[self.num_users:]
+        n_users = len(self.user_ids)
+        return e[:n_users], e[n_users:]
 
     def dense_parameters(self) -> dict[str, nn.Parameter]:
         """The replicated parameters W_m (``proj.m``) and V_m (``hyper.m``), by name."""

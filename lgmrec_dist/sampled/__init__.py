@@ -2,7 +2,7 @@
 fanouts, not |U| + |I|. ``mode: sampled`` in the config; the exact mode stays the default and the
 reference.
 
-A step of :class:`SampledLGMRec` reads only:
+A step of :class:`SampledStep` (applied to the one ``LGMRec``) reads only:
 
 * **CGE** (docs/model.md) on the DGL neighbour-sampled blocks of the batch's nodes
   (:mod:`lgmrec_dist.sampling`): E^(0) rows of the sampled L-hop nodes, Ĝ's full-graph-degree weights
@@ -29,18 +29,19 @@ A step of :class:`SampledLGMRec` reads only:
 With fanouts [-1], r = 0, "all" and dense Adam the step equals the exact model's (tests/test_sampled.py),
 in one process and on P ranks (:class:`SampledEngine`, data-parallel with replicated parameters; with
 ``shard_tables`` the tables are row-sharded instead, :mod:`lgmrec_dist.distributed.tables`).
-Evaluation uses the exact inference with the trained parameters: full-graph (``LGMRec.final_embeddings``),
-or with sharded tables the exact distributed model's, of each rank's own rows.
+Evaluation uses the exact inference of the same model: full-graph (``LGMRec.final_embeddings``), or with
+sharded tables the model as the exact distributed mode builds it (``distributed.parallelize``), of each
+rank's own rows.
 
-Modules: ``model`` (the step, :class:`SampledLGMRec`), ``estimators`` (sampled CGE, contrastive
+Modules: ``step`` (the step, :class:`SampledStep`), ``estimators`` (sampled CGE, contrastive
 denominators, straight-through message gradient), ``row_adam`` (lazy Adam), ``accounting`` (bytes held and
 per step), ``engine`` (:class:`SampledEngine`).
 """
 from lgmrec_dist.sampled.engine import SampledEngine
 from lgmrec_dist.sampled.estimators import (cge_on_blocks, sampled_logsumexp, straight_through_message,
                                             uniform_negatives)
-from lgmrec_dist.sampled.model import SampledLGMRec
+from lgmrec_dist.sampled.step import SampledStep
 from lgmrec_dist.sampled.row_adam import RowAdam
 
-__all__ = ["RowAdam", "SampledEngine", "SampledLGMRec", "cge_on_blocks", "sampled_logsumexp",
+__all__ = ["RowAdam", "SampledEngine", "SampledStep", "cge_on_blocks", "sampled_logsumexp",
            "straight_through_message", "uniform_negatives"]

@@ -2,6 +2,8 @@
 step reads and writes besides activations."""
 from __future__ import annotations
 
+from lgmrec_dist.graph import graph_bytes
+
 FLOAT = 4                                                          # bytes per float32
 
 
@@ -10,12 +12,11 @@ def _nb(t) -> int:
 
 
 def memory_bytes(sm) -> dict:
-    """Bytes a :class:`~lgmrec_dist.sampled.model.SampledLGMRec` holds for the run (fp32): what a step reads
+    """Bytes a :class:`~lgmrec_dist.sampled.step.SampledStep` holds for the run (fp32): what a step reads
     rows of, and what only full passes read."""
-    m, g = sm.model, sm.model.graph
-    mats = (g.norm_adj, g.R, g.R_t, g.P, g.P_t) if g is not None else ()   # none on a partition's rank
+    m = sm.model
     return {"embeddings": _nb(m.user_embedding) + _nb(m.item_embedding), **sm.source.nbytes(),
-            "full_graph": sum(_nb(a.values()) + _nb(a.col_indices()) + _nb(a.crow_indices()) for a in mats),
+            "full_graph": graph_bytes(m.graph),     # a rank's rows of it with sharded tables
             "sampler_graph": sm.sampler.graph_bytes()}
 
 

@@ -1,5 +1,5 @@
 """The engine of ``mode: sampled`` (docs/sampled.md): one process, or P ranks with replicated or row-sharded
-tables; the sampled step is :class:`~lgmrec_dist.sampled.model.SampledLGMRec`."""
+tables; the model is the one :class:`~lgmrec_dist.model.LGMRec`, its steps :class:`~lgmrec_dist.sampled.step.SampledStep`."""
 from __future__ import annotations
 
 import logging
@@ -15,12 +15,11 @@ from lgmrec_dist.dataset_parts import PartitionData
 from lgmrec_dist.distributed.engine import ownership_for
 from lgmrec_dist.distributed.exchange import CommStats, all_gather_rows
 from lgmrec_dist.distributed.payload import model_payload
-from lgmrec_dist.distributed.reduce import global_metrics, global_terms, replicate, sync_gradients
+from lgmrec_dist.distributed.reduce import global_metrics, global_terms, replicate_dense, sync_gradients
 from lgmrec_dist.distributed.ring_topk import ring_blocks
-from lgmrec_dist.distributed.sharded import DenseParams
 from lgmrec_dist.engine import EngineState
 from lgmrec_dist.evaluation import Evaluator
-from lgmrec_dist.sampled.model import SampledLGMRec
+from lgmrec_dist.sampled.step import SampledStep
 from lgmrec_dist.sampled.row_adam import RowAdam
 from lgmrec_dist.sampling import Prefetcher, rank_slice
 
@@ -51,13 +50,13 @@ class SampledEngine(EngineState):
         tu, ti = (ds.train_users, ds.train_items) if partitioned else ds.pairs(TRAIN)
         own = (ownership_for(ds, cfg, self.rank, self.world, partition) if cfg.shard_tables and self.world > 1
                else None)
-        self.model = SampledLGMRec(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"], tu, ti,
+        self.sampled = SampledStep(cfg, ds.num_users, ds.num_items, ds.manifest["modalities"], tu, ti,
                                    ds.features, device, own, partitioned)
-        self.model.world = self.world
-        params = self.module = self.model.model
+        self.sampled.world = self.world
+        params = self.module = self.model = self.sampled.model
         self.dense_params = list(params.dense_parameters().values())
         # W_m, V_m are replicated on every rank: DDP sums their gradients during backward (bucketed, overlapped)
-        self.dense = replicate(DenseParams(params.proj, params.hyper)) if self.world > 1 and self.dense_params else None
+        self.dense = replicate_dense(params)
         self.row_adam = None
         if cfg.sparse_embeddings:
             self.row_adam = RowAdam({"user_embedding": params.user_embedding.data,
@@ -65,27 +64,27 @@ class SampledEngine(EngineState):
             self.optimizers = [torch.optim.Adam(self.dense_params, lr=cfg.learning_rate)] if self.dense_params else []
         else:
             self.optimizers = [torch.optim.Adam(params.parameters(), lr=cfg.learning_rate)]
-        mem = self.model.memory_bytes()
+        mem = self.sampled.memory_bytes()
         log.info("sampled mode: fanouts %s, message refresh every %d steps, hcl_negatives %s, sparse_embeddings %s, "
-                 "%d rank(s); held per rank: %s", self.model.sampler.fanouts, self.model.refresh_interval,
+                 "%d rank(s); held per rank: %s", self.sampled.sampler.fanouts, self.sampled.refresh_interval,
                  cfg.hcl_negatives, cfg.sparse_embeddings, self.world,
                  ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in mem.items()))
         # a partition's sampler is a collective: it samples in the training process, not in workers
         triples = None if partitioned else TripleSampler(ds.num_items, tu, ti, cfg.seed)
-        self.prefetcher = Prefetcher(self.model.sampler, triples, cfg.train_batch_size,
+        self.prefetcher = Prefetcher(self.sampled.sampler, triples, cfg.train_batch_size,
                                      0 if partitioned else cfg.sampler_workers, rank=self.rank, world=self.world)
         self.last_stats: dict = {}
         self._logged = False
 
     def num_parameters(self) -> int:
-        m = self.model.model
-        if self.model.tables is None:
+        m = self.model
+        if self.sampled.tables is None:
             return m.num_parameters()
         held = m.user_embedding.numel() + m.item_embedding.numel()      # this rank's rows of the tables
         return m.num_parameters() - held + (m.num_users + m.num_items) * self.cfg.embedding_size
 
     def train(self):
-        self.model.model.train()
+        self.model.train()
 
     def step(self, users, pos, neg, step: int) -> dict:
         t0 = time.perf_counter()
@@ -95,7 +94,7 @@ class SampledEngine(EngineState):
         t1 = time.perf_counter()
         if self.dense is not None:
             self.dense()        # starts DDP's reduction of this step (the model reads W_m, V_m itself)
-        terms = self.model.batch_loss(users, pos, neg, step, batch, global_size)
+        terms = self.sampled.batch_loss(users, pos, neg, step, batch, global_size)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -103,15 +102,15 @@ class SampledEngine(EngineState):
         for opt in self.optimizers:
             opt.step()
         if self.row_adam is not None:
-            tables = {"user_embedding": self.model.model.user_embedding, "item_embedding": self.model.model.item_embedding}
+            tables = {"user_embedding": self.model.user_embedding, "item_embedding": self.model.item_embedding}
             for name, rows, grad in self._row_gradients():
                 # sharded tables: every owner steps every table each step (the shared step counter t)
-                if len(rows) or self.model.tables is not None:
+                if len(rows) or self.sampled.tables is not None:
                     self.row_adam.step(name, tables[name].data, rows, grad)
-        self.model.leaves = []
+        self.sampled.leaves = []
         out = global_terms(terms)
         self.last_stats = {"sample_wait_s": t1 - t0, "compute_s": time.perf_counter() - t1, **batch.stats(),
-                           "bytes": {**self.model.step_bytes(batch), "sent_to_other_ranks": sent}}
+                           "bytes": {**self.sampled.step_bytes(batch), "sent_to_other_ranks": sent}}
         if not self._logged:
             self._logged = True
             b = self.last_stats["bytes"]
@@ -126,12 +125,12 @@ class SampledEngine(EngineState):
         """Sum the ranks' embedding gradients (the dense ones were summed by DDP during backward): by
         all-gathering the (row, gradient) pairs each rank touched (``sparse_embeddings``) or all-reducing the
         whole tables. Returns the payload bytes this rank sent, with the feature-table exchanges of the step."""
-        m = self.model.model
+        m = self.model
         if not self.cfg.sparse_embeddings:
             sync_gradients([m.user_embedding, m.item_embedding])
-        if self.cfg.sparse_embeddings and self.model.tables is None:
+        if self.cfg.sparse_embeddings and self.sampled.tables is None:
             gathered = []
-            for name, rows, leaf in self.model.leaves:
+            for name, rows, leaf in self.sampled.leaves:
                 grad = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
                 all_rows, all_grads = all_gather_rows(rows), all_gather_rows(grad)   # counted in CommStats
                 union, inverse = torch.unique(torch.cat(all_rows), return_inverse=True)
@@ -142,21 +141,21 @@ class SampledEngine(EngineState):
         return CommStats.take()
 
     def _row_gradients(self):
-        if self.model.tables is not None:          # the owner's rows, gradients of every rank already summed
+        if self.sampled.tables is not None:          # the owner's rows, gradients of every rank already summed
             return [(name, rows, leaf.grad if leaf.grad is not None else torch.zeros_like(leaf))
-                    for name, rows, leaf in self.model.leaves]
+                    for name, rows, leaf in self.sampled.leaves]
         if self.world > 1:
             rows, self._synced_rows = self._synced_rows, []
             return rows
-        return [(name, rows, leaf.grad) for name, rows, leaf in self.model.leaves if leaf.grad is not None]
+        return [(name, rows, leaf.grad) for name, rows, leaf in self.sampled.leaves if leaf.grad is not None]
 
     # ------------------------------------------------------------------ inference, state
     def embeddings(self):
-        self.model.model.eval()
-        emb = self.model.final_embeddings()
-        if self.model.tables is not None:       # this rank's rows: (user ids, E*, item ids, E*)
-            user_ids, user_emb, item_ids, item_emb = emb
-            return user_ids.cpu().numpy(), user_emb, item_ids.cpu().numpy(), item_emb
+        m = self.model
+        m.eval()
+        emb = m.final_embeddings()
+        if self.sampled.tables is not None:       # this rank's rows: (user ids, E*, item ids, E*)
+            return m.user_ids.cpu().numpy(), emb[0], m.item_ids.cpu().numpy(), emb[1]
         return emb
 
     def evaluate(self, evaluator: Evaluator, emb) -> dict:
@@ -164,15 +163,15 @@ class SampledEngine(EngineState):
         sums and counts reduced: equal to one process."""
         if self.world == 1:
             return evaluator.evaluate_metrics(*emb)
-        if self.model.tables is not None:
+        if self.sampled.tables is not None:
             user_ids, user_emb, item_ids, item_emb = emb
             sums = evaluator.evaluate_blocks(user_emb, ring_blocks(item_ids, item_emb), user_rows=user_ids)
             return global_metrics(*sums, self.device)
-        mine = np.arange(self.rank, self.model.num_users, self.world)
+        mine = np.arange(self.rank, self.sampled.num_users, self.world)
         return global_metrics(*evaluator.evaluate(*emb, user_subset=mine), self.device)
 
     def extra_state(self) -> dict:
-        cache = self.model.cache
+        cache = self.sampled.cache
         if cache is not None:
             cache = {"step": cache["step"], "messages": [t.cpu() for t in cache["messages"]],
                      "coupling": [t.cpu() for t in cache["coupling"]]}
@@ -182,17 +181,15 @@ class SampledEngine(EngineState):
         if self.row_adam is not None:
             self.row_adam.load_state_dict(state["row_adam"])
         cache = state.get("message_cache")
-        self.model.cache = None if cache is None else {"step": cache["step"],
+        self.sampled.cache = None if cache is None else {"step": cache["step"],
                                                        "messages": [t.to(self.device) for t in cache["messages"]],
                                                        "coupling": [t.to(self.device) for t in cache["coupling"]]}
 
     def model_payload(self) -> dict:
         """This rank's rows with sharded tables; with replicated ones each rank writes every P-th row."""
-        m, tables = self.model.model, self.model.tables
-        if tables is not None:
-            users = torch.from_numpy(tables.owned_users)
-            items = torch.from_numpy(tables.owned_items - tables.num_users)
-            return model_payload(users, m.user_embedding, items, m.item_embedding, m.dense_parameters())
+        m = self.model
+        if self.sampled.tables is not None or self.world == 1:
+            return super().model_payload()
         users = torch.arange(self.rank, m.num_users, self.world)
         items = torch.arange(self.rank, m.num_items, self.world)
         return model_payload(users, m.user_embedding.detach().cpu()[users], items,

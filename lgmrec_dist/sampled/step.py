@@ -1,4 +1,4 @@
-"""The sampled LGMRec step (docs/sampled.md): the parameters of :class:`~lgmrec_dist.model.LGMRec`, with
+"""The sampled LGMRec step (docs/sampled.md): applied to the one :class:`~lgmrec_dist.model.LGMRec`, with
 the model's own composition (``model.lgmrec.fuse``, ``objective``, ``losses.contrastive_sum``) applied to
 rows read through the sampled interfaces: E^(0) rows of DGL blocks, feature products of a feature source
 (``model.feature_tables.FeatureTables``, or the row-sharded ``distributed.tables.ShardedFeatureTables``),
@@ -13,8 +13,7 @@ from lgmrec_dist.config import Config, ConfigError
 from lgmrec_dist.dataset import features_tensor
 from lgmrec_dist.distributed.exchange import Ownership
 from lgmrec_dist.distributed.reduce import all_reduce, all_reduce_
-from lgmrec_dist.distributed.sharded import ShardedLGMRec
-from lgmrec_dist.distributed.tables import ShardedFeatureTables
+from lgmrec_dist.distributed.parallelize import shard_model
 from lgmrec_dist.graph import build_graph
 from lgmrec_dist.model.features import HELD_DTYPES
 from lgmrec_dist.model.hypergraph import assign, hypergraph_propagate
@@ -39,15 +38,17 @@ def refresh_interval(cfg: Config, num_pairs: int) -> int:
     return max(r, -(-steps_per_epoch // per_epoch))
 
 
-class SampledLGMRec:
-    """The parameters of :class:`~lgmrec_dist.model.LGMRec` (same initial values) trained with sampled steps."""
+class SampledStep:
+    """Sampled training steps applied to the one :class:`~lgmrec_dist.model.LGMRec` (``self.model``; same
+    initial values as the exact mode's)."""
 
     def __init__(self, cfg: Config, num_users: int, num_items: int, feature_dims: dict[str, int],
                  train_users: np.ndarray, train_items: np.ndarray, features: dict, device: torch.device,
                  own: Ownership | None = None, partitioned: bool = False):
-        """``partitioned``: this rank holds one partition (``own`` its book): ``train_users/items`` are the
-        training edges incident to its nodes and ``features`` its items' rows; no whole graph is built and
-        the blocks are sampled across partitions (``distributed.block_sampling``)."""
+        """``own``: row-sharded tables on P ranks (this rank's book; ``shard_tables``), else every row here.
+        ``partitioned``: this rank holds one partition: ``train_users/items`` are the training edges incident
+        to its nodes and ``features`` its items' rows; no whole graph is built and the blocks are sampled
+        across partitions (``distributed.block_sampling``)."""
         self.cfg, self.hp, self.device = cfg, model_params(cfg), device
         self.num_users, self.num_items = num_users, num_items
         n_layers = cfg.n_ui_layers if cfg.cf_model == "lightgcn" else 0
@@ -69,14 +70,10 @@ class SampledLGMRec:
         if own is not None:              # E_U, E_I, X_m, Y_m, R·X_m: this rank's rows only
             items = None if partitioned else own.owned[own.owned >= num_users] - num_users
             owned_x = {m: features_tensor(features[m], items, device) for m in feature_dims}
-            self.tables = ShardedFeatureTables(cfg, own, num_users, num_items, owned_x, device, train_users, train_items)
-            rows = (torch.from_numpy(self.tables.owned_users), torch.from_numpy(self.tables.owned_items - num_users))
-            self.model = LGMRec(self.hp, num_users, num_items, feature_dims, rows).to(device).attach(graph, self.tables)
-            # inference of the owned rows only, through the exact distributed model on the same parameters
-            m = self.model
-            self.owned = ShardedLGMRec(cfg, num_users, num_items, feature_dims, own,
-                                       params=(m.user_embedding, m.item_embedding, m.proj, m.hyper))
-            self.owned.use(self.tables.graph, self.tables.x, self.tables.y)
+            # the exact distributed model on this rank's rows: its inference and refreshes are the exact mode's
+            self.model = shard_model(self.hp, num_users, num_items, feature_dims, own, train_users, train_items,
+                                     owned_x, device, user_sums=cfg.use_ghe and cfg.user_feature_table)
+            self.tables = self.model.source
         else:
             self.model = LGMRec(self.hp, num_users, num_items, feature_dims).to(device)
             self.model.attach(graph, {m: features_tensor(features[m], device=device) for m in feature_dims})
@@ -198,14 +195,14 @@ class SampledLGMRec:
         the linear map through which the straight-through message gradient reaches the CGE rows."""
         m = self.model
         if self.tables is not None:
-            e_c = self.tables.owned_cge(m)                       # this rank's users, then its items
-            return self._sharded_messages(e_c[len(self.tables.owned_users):], step, with_coupling)
+            e_c = m.cge()                                        # this rank's users, then its items
+            return self._sharded_messages(e_c[len(m.user_ids):], step, with_coupling)
         q0 = m.cge()[self.num_users:]
         ids = torch.arange(self.num_items, device=q0.device)
         messages, coupling = [], []
         for k, mod in enumerate(self.modalities):
             # the item side of the exact model's GHE only: the messages never read the users' assignments
-            h_item = self._assign(k, m.source.all_item_logits(mod, m.hyper[mod]), ids, step, user=False)
+            h_item = self._assign(k, m.source.held_item_logits(mod, m.hyper[mod]), ids, step, user=False)
             message = hypergraph_propagate(h_item, h_item[:0], q0, self.cfg.n_hyper_layer).message
             messages.append(message)
             coupling.append(torch.matrix_power(h_item.t() @ h_item, self.cfg.n_hyper_layer - 1))
@@ -215,10 +212,10 @@ class SampledLGMRec:
         """:meth:`full_messages` with row-sharded tables, from Q^(0) = E_c of this rank's items (``q_own``):
         each rank assigns its own items and the partial sums H̄_Iᵀ·Q^(0) and C = H̄_Iᵀ·H̄_I are all-reduced;
         M^(H) = C^(H−1)·H̄_Iᵀ·Q^(0) (the value of H rounds of hypergraph_propagate, summed in another order)."""
-        ids = self.tables.owned_item_ids
+        ids = self.model.item_ids
         messages, coupling = [], []
         for k, mod in enumerate(self.modalities):
-            h_item = self._assign(k, self.tables.owned_item_logits(mod, self.model.hyper[mod]), ids, step, user=False)
+            h_item = self._assign(k, self.tables.held_item_logits(mod, self.model.hyper[mod]), ids, step, user=False)
             parts = torch.cat([h_item.t() @ q_own, h_item.t() @ h_item], dim=1)
             all_reduce_(parts)
             first, c = parts[:, :q_own.shape[1]], parts[:, q_own.shape[1]:]
@@ -227,21 +224,9 @@ class SampledLGMRec:
             coupling.append(c_power)
         return (messages, coupling) if with_coupling else messages
 
-    @torch.no_grad()
-    def final_embeddings(self) -> tuple:
-        """E* at inference (``LGMRec.final_embeddings``): of every user and item, or with sharded tables of
-        this rank's only, as (user ids, their E*, item ids, their E*) — computed by the exact distributed
-        model (halo CGE, partial messages all-reduced) on the same parameters, no table gathered."""
-        if self.tables is None:
-            return self.model.final_embeddings()
-        self.owned.eval_calls = self.model.eval_calls          # the keyed inference noise counts on
-        out = self.owned.final_embeddings()
-        self.model.eval_calls = self.owned.eval_calls
-        return out
-
     def full_ego(self) -> torch.Tensor | None:
         """[E_U ; E_I] gathered from the ranks with row-sharded tables; None = the model's own tables."""
-        return None if self.tables is None else self.tables.all_ego(self.model)
+        return None if self.tables is None else self.tables.gather_ego(self.model)
 
     def _message_grad(self, messages, e_c: torch.Tensor, neg_rows: torch.Tensor, neg: torch.Tensor, step: int):
         """Held messages with a straight-through gradient (``hyper_message_grad``, r ≥ 1).
