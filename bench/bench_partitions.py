@@ -113,15 +113,18 @@ def rank_bytes(U: float, I: float, E: float, H: float, S: int, P: int, halo: flo
     """The memory of one rank, term by term (docs/distributed.md, "Memory per rank"): |U|, |I|, E training
     pairs, H held-out pairs, S = Σ d_m, P ranks, ``halo`` nodes; E*, Adam and X_m in float32, Y_m in
     ``y_bytes``. P = 1 is the one-process engine (whole graph, no book, no halo)."""
+    from lgmrec_dist.distributed.partitioned import COUNT_BLOCK
     from lgmrec_dist.distributed.sharded import SHARDED_CHUNK_BYTES
     from lgmrec_dist.model.features import column_chunk
     N = U + I
     n, Er, Hr = N / P, E / P, H / P               # owned nodes; pairs and held-out pairs of owned users
     nsrc = n + halo                               # rows of [owned ; halo]
     if P == 1:
-        graph = 12 * 6 * E + 8 * 3 * N            # Ĝ (2E), R, Rᵀ, P, Pᵀ (E each); values + columns, row pointers
+        graph = 12 * 2 * E + 16 * E + 16 * E + 16 * N   # Ĝ (2E); R with P, Rᵀ with Pᵀ sharing their indices
     else:
-        graph = 12 * (2 * 2 * E / P + 4 * Er) + 8 * (3 * n + 3 * nsrc)   # Ĝ, Ĝᵀ blocks (2E/P), R, Rᵀ, P, Pᵀ (E/P)
+        # Ĝ, Ĝᵀ blocks (2E/P nonzeros, 12 B each); R with P (their values; the columns are Ĝ's) and Rᵀ with Pᵀ
+        # (a column and two values), sharing row pointers
+        graph = 12 * 2 * 2 * E / P + 8 * Er + 16 * Er + 16 * (n + nsrc)
     incident = E * (2 / P - 1 / P ** 2)           # training edges with an owned end (part-k/train_edges)
     t = {"embeddings+adam": 12 * n * d, "features": 4 * I / P * S, "mge_inputs": y_bytes * n * S, "graph": graph,
          "replicated": 12 * S * (d + A),
@@ -139,8 +142,10 @@ def rank_bytes(U: float, I: float, E: float, H: float, S: int, P: int, halo: flo
         # runs measured 0.70-1.18 GB at every P; with 32 MiB, 0.6 GB less at P = 8
         "start-up (MGE column chunks)": (3.5 * 4 * N * column_chunk(int(N)) if P == 1 else
                                          3.5 * 4 * nsrc * column_chunk(int(nsrc), SHARDED_CHUNK_BYTES, least=1)),
-        "start-up (graph blocks built)": 100 * 2 * E / P,     # estimated from LocalGraph's arrays, not measured
-        "start-up (per-node counts of the triples)": 24 * U + 16 * I,
+        # measured by RSS: 75 B an entry of both directions (151 before the build dropped its temporaries)
+        "start-up (graph blocks built)": 75 * 2 * E / P,
+        # all-reduced in blocks of COUNT_BLOCK nodes: ~6 int64 arrays of a block
+        "start-up (per-node counts of the triples)": 6 * 8 * min(N, COUNT_BLOCK),
         # what a step keeps for its backward pass and the halo rows of its layers (received, sent, [owned ;
         # halo], their gradients): 11 rows of d floats per owned node and 7 per halo node, fitted to the
         # measured step peaks (P = 1 at 1.6M and 3.2M: 12.2 and 10.3 per node; P = 4 at 3.2M for the halo)

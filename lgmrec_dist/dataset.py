@@ -330,3 +330,27 @@ class PreparedDataset:
                    table["user"].to_numpy().astype(np.int64, copy=False),
                    table["item"].to_numpy().astype(np.int64, copy=False),
                    table["split"].to_numpy().astype(np.int8, copy=False), features)
+
+
+class IdMapRows:
+    """The raw ids of some dense ids (``ids``) of an id map (row i = dense id i), read one row group at a
+    time: memory follows the ids asked for, not the map (a rank of a partitioned run, docs/serving.md).
+    ``take(dense ids)`` looks them up like ``pa.Array.take`` on the whole column."""
+
+    def __init__(self, path: str | Path, ids: np.ndarray):
+        self.ids = np.unique(np.asarray(ids, np.int64))
+        f = pq.ParquetFile(path)
+        starts = np.cumsum([0] + [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)])
+        if len(self.ids) and (self.ids[0] < 0 or self.ids[-1] >= starts[-1]):
+            raise DatasetError(f"{path}: ids up to {int(self.ids[-1])} asked of a map of {int(starts[-1])} rows")
+        parts = []
+        for g in range(f.num_row_groups):
+            lo, hi = np.searchsorted(self.ids, starts[g:g + 2])
+            if hi > lo:
+                column = f.read_row_group(g, columns=["raw_id"])["raw_id"]
+                parts.append(column.take(pa.array(self.ids[lo:hi] - starts[g])).combine_chunks())
+        self.raw = pa.concat_arrays(parts) if parts else pa.array([], f.schema_arrow.field("raw_id").type)
+
+    def take(self, dense) -> pa.Array:
+        dense = dense.to_numpy(zero_copy_only=False) if isinstance(dense, pa.Array) else np.asarray(dense)
+        return self.raw.take(pa.array(np.searchsorted(self.ids, dense)))

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from lgmrec_dist.checkpoint import CheckpointError, read_best_tables
 from lgmrec_dist.config import load_config
-from lgmrec_dist.dataset import (ITEM_MAP, TRAIN, USER_MAP, DatasetError, PreparedDataset, atomic_directory,
-                                 features_tensor, parse_named_paths)
+from lgmrec_dist.dataset import (ITEM_MAP, TRAIN, USER_MAP, DatasetError, IdMapRows, PreparedDataset,
+                                 atomic_directory, features_tensor, parse_named_paths)
 from lgmrec_dist.evaluation import MASK_SCORE, _csr_from_pairs, _csr_over, _csr_rows, streaming_topk, topk_over_blocks
 from lgmrec_dist.graph import build_graph
 from lgmrec_dist.model import TAU, LGMRec, model_params
@@ -214,7 +214,10 @@ def export_partitioned(run_dir, out, top_k: int, data, ctx, overwrite: bool = Fa
     rows = [np.arange(s, s + len(b)) for s, b in zip(range(0, len(user_ids), batch_size), batches)]
     tops = topk_over_blocks(user_emb, rows, rows, ring_blocks(item_ids, item_emb), train_csr, top_k,
                             cfg.eval_item_tile)
-    user_raw, item_raw = (pq.read_table(ds.path / f, columns=["raw_id"])["raw_id"] for f in (USER_MAP, ITEM_MAP))
+    # the raw ids of this rank's users and items and of the items it recommends, not the whole maps
+    user_raw = IdMapRows(ds.path / USER_MAP, user_ids)
+    shown = [i[s > MASK_SCORE / 2].cpu().numpy() for s, i in tops]       # what _recommendation_table writes
+    item_raw = IdMapRows(ds.path / ITEM_MAP, np.concatenate([item_ids, *shown]))
 
     def write(tmp: Path) -> None:
         k = ctx.rank

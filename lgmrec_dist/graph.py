@@ -33,20 +33,26 @@ def row_major_order(rows: np.ndarray, col_keys: np.ndarray) -> np.ndarray:
     span = int(col_keys.max()) + 1 if len(col_keys) else 1
     if len(rows) and int(rows.max()) >= np.iinfo(np.int64).max // span:
         raise OverflowError(f"row_major_order: {int(rows.max())} rows × {span} column keys overflow int64")
-    return np.argsort(np.asarray(rows, np.int64) * span + np.asarray(col_keys, np.int64))
+    key = np.asarray(rows, np.int64) * span
+    key += col_keys                                      # in place: one key array, not two
+    return np.argsort(key)
 
 
-def csr(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, shape, col_ids: np.ndarray | None = None
-        ) -> torch.Tensor:
+def csr(rows: np.ndarray, cols: np.ndarray, vals, shape, col_ids: np.ndarray | None = None):
     """A CSR matrix whose entries within a row are ordered by column, or by ``col_ids`` (the columns' node
     ids) where the columns are local indices: a row then sums its terms in node-id order wherever it is
-    computed (whole graph, DGL block, a rank's local graph), so equal rows are equal bit for bit."""
+    computed (whole graph, DGL block, a rank's local graph), so equal rows are equal bit for bit.
+    ``vals`` a tuple of value arrays: a tuple of matrices, one each, sharing one pair of index arrays (R and
+    P have the same nonzeros)."""
     order = row_major_order(rows, cols if col_ids is None else col_ids)
-    rows, cols, vals = rows[order], cols[order], vals[order]
     indptr = np.zeros(shape[0] + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])
-    return torch.sparse_csr_tensor(torch.from_numpy(indptr), torch.from_numpy(cols.astype(np.int64)),
-                                   torch.from_numpy(vals.astype(np.float32)), size=shape, check_invariants=False)
+    np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])     # row counts: any order
+    # gathered once each, in their final dtypes (the cast is per entry, so its place does not change a value)
+    indptr, cols = torch.from_numpy(indptr), torch.from_numpy(cols[order].astype(np.int64, copy=False))
+    mats = tuple(torch.sparse_csr_tensor(indptr, cols, torch.from_numpy(np.asarray(v, np.float32)[order]),
+                                         size=shape, check_invariants=False)
+                 for v in (vals if isinstance(vals, tuple) else (vals,)))
+    return mats if isinstance(vals, tuple) else mats[0]
 
 
 def _kernel() -> ctypes.CDLL | None:
@@ -129,7 +135,10 @@ class Graph:
 def graph_bytes(graph) -> int:
     """Bytes of the CSR matrices of a graph (whole, or a rank's ``distributed.sharded.LocalGraph``)."""
     mats = [getattr(graph, k) for k in ("norm_adj", "norm_adj_t", "R", "R_t", "P", "P_t") if hasattr(graph, k)]
-    return sum(t.numel() * t.element_size() for a in mats for t in (a.values(), a.col_indices(), a.crow_indices()))
+    # each storage once: R and P share their index arrays, and R's columns are a part of Ĝ's
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for a in mats for t in (a.values(), a.col_indices(), a.crow_indices())}
+    return sum(storages.values())
 
 
 def build_graph(num_users: int, num_items: int, users: np.ndarray, items: np.ndarray) -> Graph:
@@ -147,6 +156,6 @@ def build_graph(num_users: int, num_items: int, users: np.ndarray, items: np.nda
     norm_adj = csr(rows, cols, np.concatenate([w, w]), (n, n))
     ones = np.ones(len(u), np.float64)
     mean_w = 1.0 / (deg_u[u] + 1e-7)  # users with no training item keep a zero row
-    return Graph(num_users, num_items, u, i, torch.from_numpy(deg.astype(np.float32)), norm_adj,
-                 csr(u, i, ones, (num_users, num_items)), csr(i, u, ones, (num_items, num_users)),
-                 csr(u, i, mean_w, (num_users, num_items)), csr(i, u, mean_w, (num_items, num_users)))
+    r, p = csr(u, i, (ones, mean_w), (num_users, num_items))
+    r_t, p_t = csr(i, u, (ones, mean_w), (num_items, num_users))
+    return Graph(num_users, num_items, u, i, torch.from_numpy(deg.astype(np.float32)), norm_adj, r, r_t, p, p_t)

@@ -95,3 +95,21 @@ def test_cold_start_embeddings_of_known_items(trained_run, tmp_path, capsys):
     out = export(trained_run, tmp_path / "with-cold", top_k=10, cold_items=tmp_path / "cold.parquet")
     items = pq.read_table(out / "items.parquet")
     assert items.num_rows == ds.num_items + 20 and sum(items["cold"].to_pylist()) == 20
+
+
+def test_id_map_rows_read_only_the_ids_asked_for(tmp_path):
+    """A rank's lookup of raw ids, one row group at a time, equals taking them from the whole column, in the
+    order asked (repeats included); an id outside the map is an error naming the file."""
+    from lgmrec_dist.dataset import IdMapRows
+    raw = pa.array([f"r{i * 7 % 1000}" for i in range(1000)])
+    path = tmp_path / "map.parquet"
+    pq.write_table(pa.table({"user": np.arange(1000), "raw_id": raw}), path, row_group_size=64)
+    assert pq.ParquetFile(path).num_row_groups == 16
+    ids = np.random.default_rng(0).integers(0, 1000, 300)
+    rows = IdMapRows(path, ids[:200])
+    assert rows.take(pa.array(ids[:200])).equals(raw.take(pa.array(ids[:200])))
+    assert rows.take(ids[50:60][::-1]).equals(raw.take(pa.array(ids[50:60][::-1])))
+    assert len(rows.raw) == len(np.unique(ids[:200]))
+    assert len(IdMapRows(path, np.array([], np.int64)).raw) == 0
+    with pytest.raises(DatasetError, match="map.parquet"):
+        IdMapRows(path, np.array([3, 1000]))

@@ -156,3 +156,41 @@ def test_a_node_without_its_partition_stops_both_ranks(parted, tmp_path, damage)
     assert "error:" in out0 and "rank 1 could not open its partition" in out0, out0[-3000:]
     assert "Traceback" not in out1.split("error:")[0]
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def plus_the_other_rank(counts: np.ndarray):
+    """A 2-rank all-reduce of block counts, seen from one rank: its blocks, in order, plus the other's."""
+    lo = 0
+
+    def reduce(a: np.ndarray) -> np.ndarray:
+        nonlocal lo
+        out = a + counts[lo:lo + len(a)]
+        lo += len(a)
+        return out
+    return reduce
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 1 << 22])
+def test_pair_numbers_and_pool_in_blocks_equal_the_whole_arrays(block):
+    """The global pair numbers and the negatives' pool come from per-node counts summed block by block
+    (``partitioned.summed_counts``): any block size gives the numbering of one process. Two ranks' users are
+    simulated by their count arrays; the rank-level sum is what the all-reduce adds (the real 2-rank path is
+    the two-node run above)."""
+    from lgmrec_dist.distributed.partitioned import pair_numbers, summed_counts
+    rng = np.random.default_rng(0)
+    num_users, num_items = 23, 17
+    keys = np.unique(rng.integers(0, num_users, 120) * num_items + rng.integers(0, num_items, 120))
+    users, items = keys // num_items, keys % num_items
+    # one process: pairs numbered 0..n-1 in (user, item) order; unused items have no pair
+    numbers, total = pair_numbers(users, num_users, block, reduce=lambda a: a)
+    assert total == len(users) and np.array_equal(numbers, np.arange(len(users)))
+    unused = np.concatenate([lo + np.flatnonzero(c == 0) for lo, c in summed_counts(np.sort(items), num_items, block,
+                                                                                     reduce=lambda a: a)])
+    assert np.array_equal(unused, np.setdiff1d(np.arange(num_items), items))
+    # two ranks owning alternate users: each numbers its pairs as the one process does
+    part = np.arange(num_users) % 2
+    others = {r: np.bincount(users[part[users] != r], minlength=num_users) for r in (0, 1)}
+    for r in (0, 1):
+        mine = part[users] == r
+        got, total = pair_numbers(users[mine], num_users, block, reduce=plus_the_other_rank(others[r]))
+        assert total == len(users) and np.array_equal(got, np.flatnonzero(mine))

@@ -5,12 +5,14 @@ with small collectives instead of whole-catalogue arrays:
 * :func:`uses_partitions`: whether a launch reads partitions (an exact-mode or ``shard_tables`` sampled-mode
   launch on P ranks of a dataset prepared with ``--partitions P``, unless ``partitioning: contiguous``);
 * :func:`partition_triples`: the rank's :class:`~lgmrec_dist.batches.TripleSampler` over its users' pairs,
-  with their global pair numbers (per-user pair counts summed over ranks) and the global negative pool;
+  with their global pair numbers (per-user pair counts summed over ranks block by block, :func:`summed_counts`)
+  and the global negative pool;
 * :func:`gather_batch`: a global batch put together from the ranks' triples by epoch position, so P ranks
   train on the batches of one process;
 * :func:`gather_hashes`: the candidates of the evaluation's keyed user sample, from every rank.
 
-Per-node arrays (counts, the book) are allowed here; per-interaction arrays and feature rows are the rank's own.
+Per-node arrays here: the book only (counts are summed in blocks); per-interaction arrays and feature rows are
+the rank's own.
 """
 from __future__ import annotations
 
@@ -61,18 +63,47 @@ def _all_sum(a: np.ndarray) -> np.ndarray:
     return t.cpu().numpy()
 
 
+COUNT_BLOCK = 1 << 22   # nodes per all-reduced block of per-node counts (32 MB of int64 a block)
+
+
+def summed_counts(ids: np.ndarray, n: int, block: int = COUNT_BLOCK, reduce=None):
+    """(lo, counts of ids lo..lo+len-1 summed over ranks), block by block over 0..n-1, from this rank's sorted
+    ``ids``: the per-node counts of every rank without a whole |U|- or |I|-long array on any rank (54.5M
+    users at Amazon-2023 scale: 2.1 GB of start-up arrays before). ``reduce`` sums an array over ranks
+    (``_all_sum``; one process: the array itself). Every rank takes the same blocks (n is global)."""
+    reduce = reduce or _all_sum
+    for lo in range(0, n, block):
+        hi = min(lo + block, n)
+        a, b = np.searchsorted(ids, [lo, hi])
+        yield lo, reduce(np.bincount(ids[a:b] - lo, minlength=hi - lo))
+
+
+def pair_numbers(users: np.ndarray, num_users: int, block: int = COUNT_BLOCK, reduce=None) -> tuple[np.ndarray, int]:
+    """(global number of each of this rank's distinct pairs, total pairs): pairs numbered in (user, item)
+    order as in one process, ``users`` the users of this rank's pairs in that order (each user's pairs all
+    on its owner). User u's pairs start at the number of pairs of users < u, summed over ranks."""
+    numbers = np.empty(len(users), np.int64)
+    total = 0
+    for lo, counts in summed_counts(users, num_users, block, reduce):
+        a, b = np.searchsorted(users, [lo, lo + len(counts)])
+        start = total + np.cumsum(counts) - counts               # first number of each user of the block
+        mine = users[a:b]
+        first = np.searchsorted(users, mine)                      # index of the user's first local pair
+        numbers[a:b] = start[mine - lo] + np.arange(a, b) - first
+        total += int(counts.sum())
+    return numbers, total
+
+
 def partition_triples(ds: PartitionData, seed: int) -> TripleSampler:
-    """The sampler of rank k's users' training pairs, numbered as in one process (pairs in (user, item)
-    order): user u's pairs start at the number of distinct pairs of users < u, summed over ranks."""
+    """The sampler of rank k's users' training pairs, numbered as in one process (:func:`pair_numbers`), and
+    the negatives' pool: the items with a training pair on some rank."""
     users, items = ds.pairs(TRAIN)
     keys = np.unique(users * ds.num_items + items)
     u, i = keys // ds.num_items, keys % ds.num_items
-    counts = _all_sum(np.bincount(u, minlength=ds.num_users))      # distinct pairs per user, every rank's users
-    start = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    first = np.searchsorted(u, u)                                  # index of the user's first local pair
-    pair_index = start[u] + np.arange(len(u)) - first
-    pool = ItemPool(ds.num_items, np.flatnonzero(_all_sum(np.bincount(i, minlength=ds.num_items)) == 0))
-    return TripleSampler(ds.num_items, u, i, seed, pair_index=pair_index, total=int(counts.sum()), item_pool=pool)
+    pair_index, total = pair_numbers(u, ds.num_users)
+    unused = [lo + np.flatnonzero(c == 0) for lo, c in summed_counts(np.sort(i), ds.num_items)]
+    pool = ItemPool(ds.num_items, np.concatenate(unused) if unused else np.zeros(0, np.int64))
+    return TripleSampler(ds.num_items, u, i, seed, pair_index=pair_index, total=total, item_pool=pool)
 
 
 def gather_batch(positions: np.ndarray, triples: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -49,33 +49,57 @@ class LocalGraph:
                  device: torch.device):
         # interactions are a set (docs/model.md §1.3): a pair logged twice is one edge
         keys = np.unique(np.asarray(users, np.int64) * num_items + np.asarray(items, np.int64))
-        users, items = keys // num_items, keys % num_items + num_users
-        # both directions of each edge, kept where the destination is owned
-        dst, src = np.concatenate([users, items]), np.concatenate([items, users])
-        mine = own.part[dst] == own.rank
-        dst, src = dst[mine], src[mine]
+        u, i = keys // num_items, keys % num_items + num_users
+        del keys
+        # both directions of each edge, kept where the destination is owned: users' rows, then items' rows.
+        # Temporaries are dropped as soon as they are used: the build is the start-up peak of a rank
+        # (docs/distributed.md, "Memory per rank")
+        mine_u, mine_i = own.part[u] == own.rank, own.part[i] == own.rank
+        dst, src = np.concatenate([u[mine_u], i[mine_i]]), np.concatenate([i[mine_u], u[mine_i]])
+        del u, i, mine_u, mine_i
         n_own = len(own.owned)
-        halo_ids = np.unique(src[own.part[src] != own.rank])  # sorted: sums run in the same order every run
-        local_dst = own.local(dst)
         is_halo = own.part[src] != own.rank
-        local_src = np.where(is_halo, n_own + np.searchsorted(halo_ids, src), own.local(src))
+        halo_ids = np.unique(src[is_halo])                       # sorted: sums run in the same order every run
+        local_dst = own.local(dst)
+        local_src = own.local(src)
+        local_src[is_halo] = n_own + np.searchsorted(halo_ids, src[is_halo])
+        del is_halo
         self.halo = RowExchange(own, halo_ids)
         deg_own = np.bincount(local_dst, minlength=n_own).astype(np.float64)
         deg = np.concatenate([deg_own, self.halo(torch.from_numpy(deg_own).to(device)).cpu().numpy()])
         d = 1.0 / np.sqrt(deg + 1e-7)
-        w = d[local_dst] * d[local_src]
+        w = d[local_dst]
+        w *= d[local_src]
         n_src = n_own + len(halo_ids)
         # rows ordered by global node id (the columns are local indices): the same sums as the whole graph's
-        self.norm_adj = csr(local_dst, local_src, w, (n_own, n_src), col_ids=src).to(device)
-        self.norm_adj_t = csr(local_src, local_dst, w, (n_src, n_own), col_ids=dst).to(device)
-        is_user = dst < num_users                                # user rows: edges to items
-        dst_u, src_u, gsrc_u, gdst_u = local_dst[is_user], local_src[is_user], src[is_user], dst[is_user]
-        ones, mean = np.ones(len(dst_u)), 1.0 / (deg_own[dst_u] + 1e-7)
-        self.R = csr(dst_u, src_u, ones, (n_own, n_src), col_ids=gsrc_u).to(device)
-        self.R_t = csr(src_u, dst_u, ones, (n_src, n_own), col_ids=gdst_u).to(device)
-        self.P = csr(dst_u, src_u, mean, (n_own, n_src), col_ids=gsrc_u).to(device)
-        self.P_t = csr(src_u, dst_u, mean, (n_src, n_own), col_ids=gdst_u).to(device)
-        self.num_own_users = int((own.owned < num_users).sum())
+        norm_adj = csr(local_dst, local_src, w, (n_own, n_src), col_ids=src)
+        del src
+        norm_adj_t = csr(local_src, local_dst, w, (n_src, n_own), col_ids=dst)
+        del dst, local_src, local_dst, w
+        self.num_own_users = n_u = int((own.owned < num_users).sum())
+        # R, P are Ĝ's user rows and R_t, P_t its transpose's entries towards users, in the same order (the
+        # owned users come first, and a row's entries run in node-id order): no more sorting, and R and P
+        # (R_t and P_t) share one index structure
+        crow, col = norm_adj.crow_indices(), norm_adj.col_indices()
+        nnz_u = int(crow[n_u])
+        crow_r = torch.cat([crow[:n_u + 1], crow.new_full((n_own - n_u,), nnz_u)]).to(device)
+        col_r = col[:nnz_u].to(device)                          # on the CPU a view of Ĝ's columns
+        mean_r = np.repeat(1.0 / (deg_own[:n_u] + 1e-7), np.diff(crow[:n_u + 1].numpy()))
+        crow, col = norm_adj_t.crow_indices(), norm_adj_t.col_indices()
+        to_user = col < n_u
+        crow_rt = torch.cat([crow.new_zeros(1), torch.cumsum(to_user, 0)])[crow].to(device)
+        col_rt = col[to_user].to(device)
+        mean_rt = 1.0 / (deg_own[col_rt.cpu().numpy()] + 1e-7)
+        del to_user, crow, col
+
+        def shared(crow, col, vals, shape):
+            return torch.sparse_csr_tensor(crow, col, torch.from_numpy(vals.astype(np.float32)).to(device), size=shape,
+                                           check_invariants=False)
+        self.norm_adj, self.norm_adj_t = norm_adj.to(device), norm_adj_t.to(device)
+        self.R = shared(crow_r, col_r, np.ones(nnz_u), (n_own, n_src))
+        self.P = shared(crow_r, col_r, mean_r, (n_own, n_src))
+        self.R_t = shared(crow_rt, col_rt, np.ones(len(col_rt)), (n_src, n_own))
+        self.P_t = shared(crow_rt, col_rt, mean_rt, (n_src, n_own))
         self.num_halo = len(halo_ids)
         # every rank must take the same number of column chunks (each one is a halo exchange): size them by the
         # widest rank's [owned ; halo] rows. A chunk's temporaries (the chunk, the halo rows sent and received,
