@@ -8,7 +8,7 @@
 The exact mode by default; ``--set mode=sampled --set shard_tables=true`` measures the sampled mode
 (``configs/baby.yaml`` with its sampled-mode defaults; ``user_feature_table: true``, which a partitioned
 sampled launch needs, is the default), whose records are kept apart (``rows_<size>_sampled.jsonl``) and
-whose table lists the sampled engine's held tables (``SampledLGMRec.memory_bytes``) instead of the
+whose table lists the sampled engine's held tables (``SampledStep.memory_bytes``) instead of the
 exact-mode formula.
 
 The catalogue has MMRec-Baby's user / item / interaction ratios (``bench_train.BABY``) scaled to
