@@ -17,7 +17,7 @@ import abc
 import torch
 
 from lgmrec_dist.distributed.payload import model_payload
-from lgmrec_dist.distributed.reduce import global_terms, sync_gradients
+from lgmrec_dist.distributed.reduce import global_terms
 
 
 class Engine(abc.ABC):
@@ -55,22 +55,30 @@ class EngineState(Engine):
     """Checkpoint state shared by the engines: the parameters of ``module`` (with its ``eval_calls``, the
     count of inference passes that keys the evaluation noise), every optimizer in ``optimizers``, and what
     an engine adds in :meth:`extra_state`. Also the exact modes' step: ``model.batch_loss`` (this process'
-    share of the global loss), backward, the gradient sum of the ``replicated`` parameters over ranks, and
-    the optimizers."""
+    share of the global loss), backward (DDP's ``dense`` wrapper sums the replicated W_m, V_m gradients over
+    ranks meanwhile), and the optimizers."""
 
     module: torch.nn.Module
     optimizers: list
-    replicated: tuple | list = ()        # parameters held by every rank (their gradients are summed)
+    dense: torch.nn.Module | None = None   # DDP over W_m, V_m on P ranks (``reduce.replicate_dense``)
+
+    def start_dense_reduction(self) -> None:
+        """Call DDP's wrapper once before the step's loss, so that backward sums the dense gradients."""
+        if self.dense is not None:
+            self.dense()        # the model reads W_m, V_m itself; the call arms DDP's reducer
 
     def step(self, users, pos, neg, step: int) -> dict:
+        self.start_dense_reduction()
         terms = self.model.batch_loss(users, pos, neg, step)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        sync_gradients(self.replicated)
         for opt in self.optimizers:
             opt.step()
         return global_terms(terms)
+
+    def close(self) -> None:
+        self.dense = None       # DDP's reducer, released while the process group lives (group.close_process_group)
 
     def model_payload(self) -> dict:
         """The rows the model holds (every row in one process, a rank's own when sharded) and W_m, V_m."""

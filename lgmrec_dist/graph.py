@@ -49,10 +49,16 @@ def csr(rows: np.ndarray, cols: np.ndarray, vals, shape, col_ids: np.ndarray | N
     np.cumsum(np.bincount(rows, minlength=shape[0]), out=indptr[1:])     # row counts: any order
     # gathered once each, in their final dtypes (the cast is per entry, so its place does not change a value)
     indptr, cols = torch.from_numpy(indptr), torch.from_numpy(cols[order].astype(np.int64, copy=False))
-    mats = tuple(torch.sparse_csr_tensor(indptr, cols, torch.from_numpy(np.asarray(v, np.float32)[order]),
-                                         size=shape, check_invariants=False)
-                 for v in (vals if isinstance(vals, tuple) else (vals,)))
+    mats = csr_sharing(indptr, cols, tuple(np.asarray(v, np.float32)[order]
+                                           for v in (vals if isinstance(vals, tuple) else (vals,))), shape)
     return mats if isinstance(vals, tuple) else mats[0]
+
+
+def csr_sharing(indptr: torch.Tensor, cols: torch.Tensor, vals: tuple, shape) -> tuple:
+    """CSR matrices of the same nonzeros (``indptr``, ``cols``, already in row-major order), one per value
+    array of ``vals`` (float32 on the indices' device): R and P hold one pair of index arrays."""
+    return tuple(torch.sparse_csr_tensor(indptr, cols, torch.from_numpy(np.asarray(v, np.float32)).to(cols.device),
+                                         size=shape, check_invariants=False) for v in vals)
 
 
 def _kernel() -> ctypes.CDLL | None:

@@ -173,10 +173,10 @@ def plus_the_other_rank(counts: np.ndarray):
 @pytest.mark.parametrize("block", [1, 3, 7, 1 << 22])
 def test_pair_numbers_and_pool_in_blocks_equal_the_whole_arrays(block):
     """The global pair numbers and the negatives' pool come from per-node counts summed block by block
-    (``partitioned.summed_counts``): any block size gives the numbering of one process. Two ranks' users are
+    (``partitioned.summed_counts``: ``pair_numbers``, ``unused_items``): any block size gives the numbering of one process. Two ranks' users are
     simulated by their count arrays; the rank-level sum is what the all-reduce adds (the real 2-rank path is
     the two-node run above)."""
-    from lgmrec_dist.distributed.partitioned import pair_numbers, summed_counts
+    from lgmrec_dist.distributed.partitioned import pair_numbers, unused_items
     rng = np.random.default_rng(0)
     num_users, num_items = 23, 17
     keys = np.unique(rng.integers(0, num_users, 120) * num_items + rng.integers(0, num_items, 120))
@@ -184,8 +184,7 @@ def test_pair_numbers_and_pool_in_blocks_equal_the_whole_arrays(block):
     # one process: pairs numbered 0..n-1 in (user, item) order; unused items have no pair
     numbers, total = pair_numbers(users, num_users, block, reduce=lambda a: a)
     assert total == len(users) and np.array_equal(numbers, np.arange(len(users)))
-    unused = np.concatenate([lo + np.flatnonzero(c == 0) for lo, c in summed_counts(np.sort(items), num_items, block,
-                                                                                     reduce=lambda a: a)])
+    unused = unused_items(np.sort(items), num_items, block, reduce=lambda a: a)
     assert np.array_equal(unused, np.setdiff1d(np.arange(num_items), items))
     # two ranks owning alternate users: each numbers its pairs as the one process does
     part = np.arange(num_users) % 2

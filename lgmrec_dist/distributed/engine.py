@@ -71,14 +71,6 @@ class ShardedEngine(EngineState):
     def train(self):
         self.model.train()
 
-    def close(self) -> None:
-        self.dense = None       # DDP's reducer, released while the process group lives (group.close_process_group)
-
-    def step(self, users, pos, neg, step: int) -> dict:
-        if self.dense is not None:
-            self.dense()        # starts DDP's reduction of this step (the model reads W_m, V_m itself)
-        return super().step(users, pos, neg, step)
-
     def embeddings(self):
         """This rank's users and items: (user ids, their E*, item ids, their E*)."""
         m = self.model

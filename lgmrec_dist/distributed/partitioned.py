@@ -94,6 +94,13 @@ def pair_numbers(users: np.ndarray, num_users: int, block: int = COUNT_BLOCK, re
     return numbers, total
 
 
+def unused_items(items: np.ndarray, num_items: int, block: int = COUNT_BLOCK, reduce=None) -> np.ndarray:
+    """The sorted items no rank has a training pair of, from this rank's sorted ``items`` (the negatives'
+    pool leaves them out, ``batches.ItemPool``)."""
+    unused = [lo + np.flatnonzero(c == 0) for lo, c in summed_counts(items, num_items, block, reduce)]
+    return np.concatenate(unused) if unused else np.zeros(0, np.int64)
+
+
 def partition_triples(ds: PartitionData, seed: int) -> TripleSampler:
     """The sampler of rank k's users' training pairs, numbered as in one process (:func:`pair_numbers`), and
     the negatives' pool: the items with a training pair on some rank."""
@@ -101,8 +108,7 @@ def partition_triples(ds: PartitionData, seed: int) -> TripleSampler:
     keys = np.unique(users * ds.num_items + items)
     u, i = keys // ds.num_items, keys % ds.num_items
     pair_index, total = pair_numbers(u, ds.num_users)
-    unused = [lo + np.flatnonzero(c == 0) for lo, c in summed_counts(np.sort(i), ds.num_items)]
-    pool = ItemPool(ds.num_items, np.concatenate(unused) if unused else np.zeros(0, np.int64))
+    pool = ItemPool(ds.num_items, unused_items(np.sort(i), ds.num_items))
     return TripleSampler(ds.num_items, u, i, seed, pair_index=pair_index, total=total, item_pool=pool)
 
 

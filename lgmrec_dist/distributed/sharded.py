@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from lgmrec_dist.distributed.exchange import Ownership, RowExchange, all_gather, all_gather_rows
 from lgmrec_dist.distributed.reduce import all_reduce
-from lgmrec_dist.graph import csr, spmm
+from lgmrec_dist.graph import csr, csr_sharing, spmm
 from lgmrec_dist.model.features import column_chunk
 from lgmrec_dist.model.hypergraph import HyperEmbedding
 from lgmrec_dist.model.losses import key_rows, lowrank_logsumexp
@@ -91,15 +91,9 @@ class LocalGraph:
         col_rt = col[to_user].to(device)
         mean_rt = 1.0 / (deg_own[col_rt.cpu().numpy()] + 1e-7)
         del to_user, crow, col
-
-        def shared(crow, col, vals, shape):
-            return torch.sparse_csr_tensor(crow, col, torch.from_numpy(vals.astype(np.float32)).to(device), size=shape,
-                                           check_invariants=False)
         self.norm_adj, self.norm_adj_t = norm_adj.to(device), norm_adj_t.to(device)
-        self.R = shared(crow_r, col_r, np.ones(nnz_u), (n_own, n_src))
-        self.P = shared(crow_r, col_r, mean_r, (n_own, n_src))
-        self.R_t = shared(crow_rt, col_rt, np.ones(len(col_rt)), (n_src, n_own))
-        self.P_t = shared(crow_rt, col_rt, mean_rt, (n_src, n_own))
+        self.R, self.P = csr_sharing(crow_r, col_r, (np.ones(nnz_u), mean_r), (n_own, n_src))
+        self.R_t, self.P_t = csr_sharing(crow_rt, col_rt, (np.ones(len(col_rt)), mean_rt), (n_src, n_own))
         self.num_halo = len(halo_ids)
         # every rank must take the same number of column chunks (each one is a halo exchange): size them by the
         # widest rank's [owned ; halo] rows. A chunk's temporaries (the chunk, the halo rows sent and received,

@@ -92,8 +92,7 @@ class SampledEngine(EngineState):
         users, pos, neg = (rank_slice(t, self.rank, self.world) for t in (users, pos, neg))
         batch = self.prefetcher.get(users, pos, neg, step)
         t1 = time.perf_counter()
-        if self.dense is not None:
-            self.dense()        # starts DDP's reduction of this step (the model reads W_m, V_m itself)
+        self.start_dense_reduction()
         terms = self.sampled.batch_loss(users, pos, neg, step, batch, global_size)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -197,6 +196,6 @@ class SampledEngine(EngineState):
 
     def close(self) -> None:
         self.prefetcher.close()
-        self.dense = None       # DDP's reducer, released while the process group lives (group.close_process_group)
+        super().close()
 
 
