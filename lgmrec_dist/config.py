@@ -58,6 +58,8 @@ class Config:
                                             # 0 = a refresh every r steps whatever the catalogue (docs/sampled.md)
     hyper_message_grad: bool = True         # sampled, r >= 1: gradient of the held messages estimated from the batch's
                                             # negative items (straight-through; the value stays the refreshed one)
+    hyper_message_update: bool = False      # sampled, r >= 1: each step replaces its own items' contributions to the
+                                            # held messages by the ones it computed (O(batch); docs/sampled.md)
     hcl_negatives: str = "all"              # sampled: "all" (exact) | "in_batch" | "uniform" contrastive denominators
     hcl_num_negatives: int = 1024           # sampled, uniform: negative users and negative items drawn per step
     sparse_embeddings: bool = False         # sampled: sparse row gradients + SparseAdam (only touched rows move)

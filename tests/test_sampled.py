@@ -237,6 +237,57 @@ def test_refresh_every_r_steps_uses_messages_from_the_last_refresh(tiny, one_thr
         assert not any(t.requires_grad for t in m.cache["messages"])
 
 
+def test_carried_messages_equal_a_fresh_pass_when_the_seeds_cover_every_item(tiny, one_thread):
+    """hyper_message_update: a step replaces its seed items' contributions with the ones it computes. With
+    full fanouts and a batch whose seeds hold every item, the held messages after the step are a full pass at
+    that step's parameters and draws (H = 2, so the coupling C is carried too); without the update they are
+    the older pass's."""
+    ds, triples = tiny
+    common = ["hyper_refresh_steps=50", "hyper_refreshes_per_epoch=0", "fanouts=[-1]", "train_batch_size=1024",
+              "hcl_negatives=uniform", "hcl_num_negatives=32"]
+    held = {}
+    for flag in ("true", "false"):
+        _, eng = engines(ds, common + [f"hyper_message_update={flag}"])
+        m = eng.sampled
+        eng.step(*batch_of(triples, 0, 1024), 0)                   # step 0: a full pass
+        expected = m.full_messages(1, with_coupling=True)          # the parameters before step 1
+        users, pos, neg = batch_of(triples, 1, 1024)
+        assert len(torch.unique(torch.cat([pos, neg]))) == ds.num_items   # the premise: every item is a seed
+        eng.step(users, pos, neg, 1)
+        assert m.cache["step"] == 0
+        held[flag] = m.cache
+    for key in ("messages", "coupling"):
+        for got, want, old in zip(held["true"][key], expected[key], held["false"][key]):
+            assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), key
+            assert not torch.allclose(old, want, rtol=1e-3, atol=1e-4), key   # without the update: stale
+
+
+def test_carried_sums_stay_the_sums_of_the_held_rows(tiny, one_thread):
+    """After steps that each cover part of the items (sampled fanouts), the held sums are still Σ_i H̄[i]ᵀ·Q[i]
+    and Σ_i H̄[i]ᵀ·H̄[i] over the held rows, and the step's seed items hold the E_c rows the step computed."""
+    ds, triples = tiny
+    _, eng = engines(ds, ["hyper_refresh_steps=50", "hyper_refreshes_per_epoch=0", "fanouts=[3,2]",
+                          "train_batch_size=64", "hyper_message_update=true", "hcl_negatives=uniform",
+                          "hcl_num_negatives=32", "sparse_embeddings=true"])
+    m = eng.sampled
+    for step in range(5):
+        users, pos, neg = batch_of(triples, step, 64)
+        if step == 4:
+            batch = m.sampler.sample(users, pos, neg, step)
+            with torch.no_grad():
+                e_c = m.cge_rows(batch)
+        eng.step(users, pos, neg, step)
+    n_su = int(torch.searchsorted(batch.seeds, ds.num_users))
+    assert torch.allclose(m.cache["q"][batch.seeds[n_su:] - ds.num_users], e_c[n_su:])
+    assert len(batch.seeds) - n_su < ds.num_items                  # the premise: a part of the items
+    for k, h in enumerate(m.cache["h"]):
+        q = m.cache["q"]
+        assert torch.allclose(m.cache["first"][k], (h.t() @ q).double(), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(m.cache["c"][k], (h.t() @ h).double(), rtol=1e-5, atol=1e-5)
+        c = m.cache["c"][k].float()
+        assert torch.allclose(m.cache["messages"][k], c @ h.t() @ q, rtol=1e-4, atol=1e-5)   # H = 2
+
+
 def test_message_gradient_switch_changes_gradients_not_values(tiny, one_thread):
     ds, triples = tiny
     args = batch_of(triples, 0)
@@ -278,10 +329,11 @@ def test_straight_through_message_gradient_is_unbiased():
     assert z_scores(biased, exact).max() > Z_MAX          # a non-uniform sample is seen as biased
 
 
-def test_state_dict_round_trip_keeps_the_message_cache(tiny, one_thread):
+@pytest.mark.parametrize("carry", ["false", "true"], ids=["held", "carried"])
+def test_state_dict_round_trip_keeps_the_message_cache(tiny, one_thread, carry):
     ds, triples = tiny
     extra = ["hyper_refresh_steps=4", "fanouts=[3]", "hcl_negatives=uniform", "hcl_num_negatives=16",
-             "sparse_embeddings=true"]
+             "sparse_embeddings=true", f"hyper_message_update={carry}"]
     _, a = engines(ds, extra)
     for step in range(2):
         a.step(*batch_of(triples, step), step)
@@ -550,7 +602,9 @@ def tables_worker(data: str, out: str, steps: int) -> None:
     tu, ti = ds.pairs(TRAIN)
     variants = {"replicated": [], "sharded": ["shard_tables=true"],
                 "sharded_no_rx": ["shard_tables=true", "user_feature_table=false"],
-                "sharded_partitions": ["shard_tables=true", "partitioning=dataset"]}
+                "sharded_partitions": ["shard_tables=true", "partitioning=dataset"],
+                "replicated_carry": ["hyper_message_update=true"],
+                "sharded_carry": ["shard_tables=true", "hyper_message_update=true"]}
     # "sharded_partitions": ownership from a node partition (random, interleaved users and items) as prep
     # writes it, instead of contiguous ranges
     parts = Path(out) / "partitions"
@@ -572,6 +626,7 @@ def tables_worker(data: str, out: str, steps: int) -> None:
             params["user_embedding"], params["item_embedding"] = eng.sampled.full_ego().split(
                 [ds.num_users, ds.num_items])
         result[name] = {"losses": losses, "memory": eng.sampled.memory_bytes(), "params": params,
+                        "messages": eng.sampled.cache["messages"],
                         "num_parameters": eng.num_parameters(),
                         "valid": eng.evaluate(valid_eval, eng.embeddings()),
                         "sent": eng.last_stats["bytes"]["sent_to_other_ranks"]}
@@ -588,18 +643,21 @@ def test_row_sharded_tables_equal_replicated(tiny_dataset, tmp_path):
     ranks = [torch.load(tmp_path / f"tables{r}.pt", weights_only=False) for r in range(2)]
     for got in ranks:
         ref = got["replicated"]
-        for name in ("sharded", "sharded_no_rx", "sharded_partitions"):
+        for name, base in (("sharded", ref), ("sharded_no_rx", ref), ("sharded_partitions", ref),
+                           ("sharded_carry", got["replicated_carry"])):   # carried messages: owners vs every rank
             run = got[name]
-            for step, (a, b) in enumerate(zip(ref["losses"], run["losses"])):
+            for step, (a, b) in enumerate(zip(base["losses"], run["losses"])):
                 for key in ("loss", "bpr", "hcl", "reg"):
                     assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), (name, step, key)
-            for key, value in ref["params"].items():
+            for key, value in base["params"].items():
                 assert torch.allclose(run["params"][key], value, rtol=1e-4, atol=1e-6), (name, key)
-            assert all(run["valid"][k] == pytest.approx(v, abs=1e-4) for k, v in ref["valid"].items()), name
+            assert all(run["valid"][k] == pytest.approx(v, abs=1e-4) for k, v in base["valid"].items()), name
         assert got["sharded"]["num_parameters"] == ref["num_parameters"]
         for key in ("embeddings", "features_X", "mge_inputs_Y", "user_feature_sums_RX"):   # about half of each
             assert 0.3 < got["sharded"]["memory"][key] / ref["memory"][key] < 0.7, key
         assert got["sharded_no_rx"]["memory"]["user_feature_sums_RX"] == 0
+        for carried, plain in zip(got["replicated_carry"]["messages"], ref["messages"]):   # the update did act
+            assert not torch.allclose(carried, plain, rtol=1e-3, atol=1e-4)
         assert got["sharded"]["sent"] > ref["sent"]       # the products travel too
     assert ranks[0]["sharded"]["params"].keys() == ranks[1]["sharded"]["params"].keys()
     for key, value in ranks[0]["sharded"]["params"].items():            # the replicas stay identical

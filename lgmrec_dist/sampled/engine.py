@@ -170,19 +170,13 @@ class SampledEngine(EngineState):
         return global_metrics(*evaluator.evaluate(*emb, user_subset=mine), self.device)
 
     def extra_state(self) -> dict:
-        cache = self.sampled.cache
-        if cache is not None:
-            cache = {"step": cache["step"], "messages": [t.cpu() for t in cache["messages"]],
-                     "coupling": [t.cpu() for t in cache["coupling"]]}
-        return {"row_adam": self.row_adam.state_dict() if self.row_adam else None, "message_cache": cache}
+        return {"row_adam": self.row_adam.state_dict() if self.row_adam else None,
+                "message_cache": _moved(self.sampled.cache, torch.device("cpu"))}
 
     def load_extra_state(self, state: dict) -> None:
         if self.row_adam is not None:
             self.row_adam.load_state_dict(state["row_adam"])
-        cache = state.get("message_cache")
-        self.sampled.cache = None if cache is None else {"step": cache["step"],
-                                                       "messages": [t.to(self.device) for t in cache["messages"]],
-                                                       "coupling": [t.to(self.device) for t in cache["coupling"]]}
+        self.sampled.cache = _moved(state.get("message_cache"), self.device)
 
     def model_payload(self) -> dict:
         """This rank's rows with sharded tables; with replicated ones each rank writes every P-th row."""
@@ -199,3 +193,11 @@ class SampledEngine(EngineState):
         super().close()
 
 
+
+
+def _moved(cache, device):
+    """The held messages (tensors, lists of tensors, the step) on ``device``; None stays None."""
+    if cache is None:
+        return None
+    return {k: v.to(device) if torch.is_tensor(v) else [t.to(device) for t in v] if isinstance(v, list) else v
+            for k, v in cache.items()}

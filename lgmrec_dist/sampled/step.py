@@ -11,7 +11,7 @@ import torch
 from lgmrec_dist import rng
 from lgmrec_dist.config import Config, ConfigError
 from lgmrec_dist.dataset import features_tensor
-from lgmrec_dist.distributed.exchange import Ownership
+from lgmrec_dist.distributed.exchange import Ownership, all_gather_rows
 from lgmrec_dist.distributed.reduce import all_reduce, all_reduce_
 from lgmrec_dist.distributed.parallelize import shard_model
 from lgmrec_dist.graph import build_graph
@@ -21,6 +21,7 @@ from lgmrec_dist.model.lgmrec import TAU, LGMRec, fuse, keyed_gumbel, keyed_keep
 from lgmrec_dist.model.losses import contrastive_sum, distinct_anchors, key_rows, lowrank_logsumexp
 from lgmrec_dist.model.params import model_params
 from lgmrec_dist.sampled.accounting import memory_bytes, step_bytes
+from lgmrec_dist.sampled.held_messages import average_duplicates, carry, held_sums
 from lgmrec_dist.sampled.estimators import (NEG_ITEM_STREAM, NEG_USER_STREAM, cge_on_blocks, sampled_logsumexp,
                                             straight_through_message, uniform_negatives)
 from lgmrec_dist.sampling import BlockSampler, SampledBatch, inclusion_probability
@@ -91,7 +92,7 @@ class SampledStep:
         self.num_pairs = int(self.user_deg.sum())                  # distinct training pairs
         self.num_pool_items = int((self.item_deg > 0).sum())       # the negatives' pool (batches.TripleSampler)
         self.refresh_interval = refresh_interval(cfg, self.num_pairs)
-        self.cache: dict | None = None   # {"step": s, "messages": [A × d per modality]} when r ≥ 1
+        self.cache: dict | None = None   # {"step": s, "messages": [A × d per modality], "coupling", ...} when r ≥ 1
         self._full = None                # this step's full-pass HyperEmbeddings (r = 0)
         self.leaves: list = []           # (table, rows, leaf) of this step's E^(0) rows (sparse_embeddings)
         self._hcache: dict = {}          # (modality index, is_user) -> (sorted ids, H̄ rows) of this step
@@ -174,7 +175,7 @@ class SampledStep:
                     self._hcache[(k, user)] = (ids, self._h_compute(k, user, ids, step))
 
     def _messages(self, step: int) -> list[torch.Tensor]:
-        """M^m per modality: with gradient from a full pass (r = 0), else the cached full pass."""
+        """M^m per modality: with gradient from a full pass (r = 0), else the held full pass."""
         m, r = self.model, self.refresh_interval
         if r == 0:
             self._full = m.ghe(m.cge(), step, train=True)
@@ -182,38 +183,45 @@ class SampledStep:
             return [h.message for h in self._full]
         self._full = None
         if self.cache is None or not 0 <= step - self.cache["step"] < r:
-            messages, coupling = self.full_messages(step, with_coupling=True)
-            self.cache = {"step": step, "messages": messages, "coupling": coupling}
+            self.cache = self.full_messages(step, with_coupling=True, keep_rows=self.cfg.hyper_message_update)
+            self.cache["step"] = step
             self.counts["full_pass"] = 1
         return self.cache["messages"]
 
     @torch.no_grad()
-    def full_messages(self, step: int, with_coupling: bool = False):
+    def full_messages(self, step: int, with_coupling: bool = False, keep_rows: bool = False):
         """The exact model's hyperedge messages at ``step`` for the current parameters (no gradient).
 
-        With ``with_coupling`` also C^(H−1) per modality, C = H̄_Iᵀ·H̄_I (A × A): M^(H) = C^(H−1)·H̄_Iᵀ·Q^(0),
-        the linear map through which the straight-through message gradient reaches the CGE rows."""
+        With ``with_coupling`` a dict: "messages", and "coupling" = C^(H−1) per modality, C = H̄_Iᵀ·H̄_I (A × A):
+        M^(H) = C^(H−1)·H̄_Iᵀ·Q^(0), the linear map through which the straight-through message gradient reaches
+        the CGE rows; with ``keep_rows`` also this process' item rows and sums that
+        :func:`~lgmrec_dist.sampled.held_messages.carry` updates (``hyper_message_update``)."""
         m = self.model
         if self.tables is not None:
             e_c = m.cge()                                        # this rank's users, then its items
-            return self._sharded_messages(e_c[len(m.user_ids):], step, with_coupling)
+            return self._sharded_messages(e_c[len(m.user_ids):], step, with_coupling, keep_rows)
         q0 = m.cge()[self.num_users:]
         ids = torch.arange(self.num_items, device=q0.device)
-        messages, coupling = [], []
+        messages, coupling, h_items = [], [], []
         for k, mod in enumerate(self.modalities):
             # the item side of the exact model's GHE only: the messages never read the users' assignments
             h_item = self._assign(k, m.source.held_item_logits(mod, m.hyper[mod]), ids, step, user=False)
             message = hypergraph_propagate(h_item, h_item[:0], q0, self.cfg.n_hyper_layer).message
             messages.append(message)
             coupling.append(torch.matrix_power(h_item.t() @ h_item, self.cfg.n_hyper_layer - 1))
-        return (messages, coupling) if with_coupling else messages
+            h_items.append(h_item if keep_rows else None)
+        if not with_coupling:
+            return messages
+        held = held_sums(q0, h_items) if keep_rows else {}
+        return {"messages": messages, "coupling": coupling, **held}
 
-    def _sharded_messages(self, q_own: torch.Tensor, step: int, with_coupling: bool):
+    def _sharded_messages(self, q_own: torch.Tensor, step: int, with_coupling: bool, keep_rows: bool):
         """:meth:`full_messages` with row-sharded tables, from Q^(0) = E_c of this rank's items (``q_own``):
         each rank assigns its own items and the partial sums H̄_Iᵀ·Q^(0) and C = H̄_Iᵀ·H̄_I are all-reduced;
-        M^(H) = C^(H−1)·H̄_Iᵀ·Q^(0) (the value of H rounds of hypergraph_propagate, summed in another order)."""
+        M^(H) = C^(H−1)·H̄_Iᵀ·Q^(0) (the value of H rounds of hypergraph_propagate, summed in another order).
+        With ``keep_rows`` the rows kept are this rank's items' and the sums the all-reduced ones."""
         ids = self.model.item_ids
-        messages, coupling = [], []
+        messages, coupling, h_items, sums = [], [], [], []
         for k, mod in enumerate(self.modalities):
             h_item = self._assign(k, self.tables.held_item_logits(mod, self.model.hyper[mod]), ids, step, user=False)
             parts = torch.cat([h_item.t() @ q_own, h_item.t() @ h_item], dim=1)
@@ -222,7 +230,40 @@ class SampledStep:
             c_power = torch.matrix_power(c, self.cfg.n_hyper_layer - 1)
             messages.append(c_power @ first)
             coupling.append(c_power)
-        return (messages, coupling) if with_coupling else messages
+            h_items.append(h_item)
+            sums.append((first.double(), c.double()))
+        if not with_coupling:
+            return messages
+        if not keep_rows:
+            return {"messages": messages, "coupling": coupling}
+        return {"messages": messages, "coupling": coupling, "q": q_own.detach().clone(),
+                "h": [h.detach().clone() for h in h_items], "first": [f for f, _ in sums], "c": [c for _, c in sums]}
+
+    def _carry_messages(self, step: int, s_items: torch.Tensor, q_items: torch.Tensor) -> list[torch.Tensor]:
+        """The held messages with this step's seed items' contributions replaced by the ones it computed
+        (``hyper_message_update``, docs/sampled.md "Carrying the messages across steps"): E_c rows from the
+        sampled blocks, H̄ rows with this step's draws. On P ranks every rank's rows are all-gathered (an item
+        in several ranks' seeds gets the mean of their estimates), so replicated held messages stay equal on
+        every rank; with row-sharded tables each owner updates its own items and the changes are summed."""
+        cache = self.cache
+        if cache["step"] == step:        # refreshed at this step: every contribution is already current
+            return cache["messages"]
+        rows = torch.cat([q_items.detach()] + [self.h_rows(k, False, s_items, step).detach()
+                                                 for k in range(len(self.modalities))], dim=1)
+        ids = s_items
+        if self.world > 1:
+            ids, rows = torch.cat(all_gather_rows(ids)), torch.cat(all_gather_rows(rows))
+        ids, rows = average_duplicates(ids, rows)
+        slots, reduce = ids, None
+        if self.tables is not None:      # keep this rank's items; their slots are positions among its items
+            held = self.model.item_ids
+            pos = torch.searchsorted(held, ids).clamp_max(max(len(held) - 1, 0))
+            mine = held[pos] == ids if len(held) else torch.zeros_like(ids, dtype=torch.bool)
+            slots, rows, reduce = pos[mine], rows[mine], all_reduce_
+        d, a = q_items.shape[1], self.hp.hyper_num
+        h_new = [rows[:, d + k * a:d + (k + 1) * a] for k in range(len(self.modalities))]
+        carry(cache, slots, rows[:, :d], h_new, self.cfg.n_hyper_layer, reduce)
+        return cache["messages"]
 
     def full_ego(self) -> torch.Tensor | None:
         """[E_U ; E_I] gathered from the ranks with row-sharded tables; None = the model's own tables."""
@@ -302,6 +343,8 @@ class SampledStep:
             extra = {user: self._neg[user][0] for user in self._neg}
             self._fill_hcache(step, torch.unique(torch.cat([s_users, extra.get(True, s_users[:0])])),
                               torch.unique(torch.cat([s_items, extra.get(False, s_items[:0])])))
+        if cfg.use_ghe and self.refresh_interval and cfg.hyper_message_update:
+            messages = self._carry_messages(step, s_items, e_c[n_su:])
         if cfg.use_ghe and cfg.hyper_refresh_steps and cfg.hyper_message_grad:
             messages = self._message_grad(messages, e_c, inverse[2 * len(users):], neg, step)
         g = None
