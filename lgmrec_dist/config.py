@@ -159,11 +159,12 @@ _HINTS = typing.get_type_hints(Config)
 # ``mode: sampled`` without these keys gets the measured large-catalogue settings (docs/sampled.md,
 # "Defaults"); a key given in the file or by ``--set`` wins. The exact mode never reads them.
 SAMPLED_DEFAULTS = {"fanouts": [5, 5], "hyper_refresh_steps": 20, "hyper_refreshes_per_epoch": 2,
-                    "hcl_negatives": "uniform", "sparse_embeddings": True}
+                    "hyper_message_update": True, "hcl_negatives": "uniform", "sparse_embeddings": True}
 # The sampled mode computing exactly what the exact mode computes (docs/sampled.md, "Defaults").
-# hyper_refreshes_per_epoch=0 keeps a given r >= 1 meaning "every r steps" (the other switches' old values).
+# hyper_refreshes_per_epoch=0 and hyper_message_update=false keep a given r >= 1 meaning "a full pass every r
+# steps, held unchanged in between" (the other switches' old values).
 SAMPLED_EXACT = ["mode=sampled", "fanouts=[-1]", "hyper_refresh_steps=0", "hyper_refreshes_per_epoch=0",
-                 "hcl_negatives=all", "sparse_embeddings=false"]
+                 "hyper_message_update=false", "hcl_negatives=all", "sparse_embeddings=false"]
 
 
 def _coerce(key: str, value):

@@ -35,7 +35,7 @@ from lgmrec_dist.train import make_evaluators
 OVERRIDES = ["embedding_size=16", "train_batch_size=256", "learning_rate=0.005", "cl_weight=0.001",
              "n_hyper_layer=2", "seed=5"]
 EXACT_SWITCHES = ["mode=sampled", "fanouts=[-1]", "hyper_refresh_steps=0", "hyper_refreshes_per_epoch=0",
-                  "hcl_negatives=all", "sparse_embeddings=false"]
+                  "hyper_message_update=false", "hcl_negatives=all", "sparse_embeddings=false"]
 APPROX = ["fanouts=[3,2]", "hyper_refresh_steps=2", "hcl_negatives=uniform", "hcl_num_negatives=32",
           "sparse_embeddings=true"]                     # every approximation on
 Z_MAX = 5.0
