@@ -16,8 +16,9 @@ A step of :class:`SampledStep` (applied to the one ``LGMRec``) reads only:
   them from a full pass (no gradient) at steps where the cached ones are r' steps old and holds their
   value in between (r' = max(r, ⌈steps per epoch / ``hyper_refreshes_per_epoch``⌉): a bounded number of
   full passes per epoch, docs/sampled.md "Refreshes scheduled by catalogue size"); with
-  ``hyper_message_grad`` their gradient is still estimated each step from the batch's negative items
-  (straight-through, :func:`straight_through_message`);
+  ``hyper_message_update`` each step replaces its own items' contributions to the held sums
+  (:mod:`lgmrec_dist.sampled.held_messages`), with ``hyper_message_grad`` their gradient is still
+  estimated each step from the batch's negative items (straight-through, :func:`straight_through_message`);
 * **HCL**: ``hcl_negatives`` "all" (exact all-user / all-item denominators), "in_batch" (the batch's
   other anchors, Horvitz-Thompson weighted by their inclusion probability), "uniform"
   (``hcl_num_negatives`` uniform draws, weighted |U|/K resp. |I|/K: the log-q correction); the positive
@@ -34,7 +35,7 @@ sharded tables the model as the exact distributed mode builds it (``distributed.
 rank's own rows.
 
 Modules: ``step`` (the step, :class:`SampledStep`), ``estimators`` (sampled CGE, contrastive
-denominators, straight-through message gradient), ``row_adam`` (lazy Adam), ``accounting`` (bytes held and
+denominators, straight-through message gradient), ``held_messages`` (messages carried across steps), ``row_adam`` (lazy Adam), ``accounting`` (bytes held and
 per step), ``engine`` (:class:`SampledEngine`).
 """
 from lgmrec_dist.sampled.engine import SampledEngine

@@ -1,7 +1,18 @@
 """Lazy Adam on the touched rows of the embedding tables (``sparse_embeddings``, docs/sampled.md)."""
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import torch
+
+from lgmrec_dist import native
+
+
+def _kernel():
+    P, I64, F32 = native.PTR, native.I64, native.F32
+    return native.load(Path(__file__).with_name("row_adam.c"),
+                       {"row_adam": ([P, P, P, P, P, I64, I64, F32, F32, F32, F32, F32, F32, native.I32], None)})
 
 
 class RowAdam:
@@ -25,12 +36,24 @@ class RowAdam:
         st = self.state[name]
         st["step"] += 1
         b1, b2 = self.betas
-        m = st["exp_avg"].index_select(0, rows).mul_(b1).add_(grad, alpha=1 - b1)
-        v = st["exp_avg_sq"].index_select(0, rows).mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        st["exp_avg"].index_copy_(0, rows, m)
-        st["exp_avg_sq"].index_copy_(0, rows, v)
-        denom = (v / (1 - b2 ** st["step"])).sqrt_().add_(self.eps)
-        table.index_copy_(0, rows, table.index_select(0, rows) - (self.lr / (1 - b1 ** st["step"])) * m / denom)
+        step_size, bias2_sqrt = self.lr / (1 - b1 ** st["step"]), math.sqrt(1 - b2 ** st["step"])
+        m_all, v_all = st["exp_avg"], st["exp_avg_sq"]
+        lib = None
+        if (table.device.type == "cpu" and table.dtype == grad.dtype == torch.float32 and rows.dtype == torch.int64
+                and table.is_contiguous()):
+            lib = _kernel()
+        if lib is not None:          # one pass over each row (row_adam.c)
+            grad, rows = grad.contiguous(), rows.contiguous()
+            lib.row_adam(table.data_ptr(), m_all.data_ptr(), v_all.data_ptr(), rows.data_ptr(), grad.data_ptr(),
+                         len(rows), table.shape[1], 1 - b1, b2, 1 - b2, step_size, bias2_sqrt, self.eps,
+                         torch.get_num_threads())
+            return
+        m = m_all.index_select(0, rows).mul_(b1).add_(grad, alpha=1 - b1)
+        v = v_all.index_select(0, rows).mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        m_all.index_copy_(0, rows, m)
+        v_all.index_copy_(0, rows, v)
+        denom = v.sqrt().div_(bias2_sqrt).add_(self.eps)
+        table.index_copy_(0, rows, table.index_select(0, rows) - step_size * m / denom)
 
     def state_dict(self) -> dict:
         return {name: dict(st) for name, st in self.state.items()}

@@ -15,7 +15,7 @@ from lgmrec_dist.distributed.exchange import Ownership, all_gather_rows
 from lgmrec_dist.distributed.reduce import all_reduce, all_reduce_
 from lgmrec_dist.distributed.parallelize import shard_model
 from lgmrec_dist.graph import build_graph
-from lgmrec_dist.model.features import HELD_DTYPES
+from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul
 from lgmrec_dist.model.hypergraph import assign, hypergraph_propagate
 from lgmrec_dist.model.lgmrec import TAU, LGMRec, fuse, keyed_gumbel, keyed_keep, objective
 from lgmrec_dist.model.losses import contrastive_sum, distinct_anchors, key_rows, lowrank_logsumexp
@@ -150,17 +150,25 @@ class SampledStep:
         self.counts["logit_bytes"] = self.counts.get("logit_bytes", 0) + rows * table.shape[1] * table.element_size()
 
     def _user_logits_from_items(self, m: str, ids: torch.Tensor) -> torch.Tensor:
-        """Z_U rows R[ids]·(X_m·V_m), summed from the users' training items (``user_feature_table`` false).
+        """Z_U rows (R[ids]·X_m)·V_m, summed from the users' training items (``user_feature_table`` false).
 
         The same values as (R·X_m)[ids]·V_m up to the order of the float sums, without the |U| × d_m table;
-        a step reads the X_m rows of every item of its users instead of one R·X_m row per user."""
+        a step reads the X_m rows of every item of its users instead of one R·X_m row per user. Every X_m row
+        is read once, straight into the users' sums (``embedding_bag``): no gathered copy of the rows, and the
+        gradient of V_m needs only the B × d_m sums. With row-sharded tables the owners compute the items'
+        A-wide logits X_m[i]·V_m instead, and those travel."""
         crow, col, val = self.r_csr
         start, count = crow[ids], crow[ids + 1] - crow[ids]
         seg = torch.repeat_interleave(torch.arange(len(ids), device=ids.device), count)
         offset = torch.cumsum(count, 0) - count                      # each user's first slot in the flat list
         flat = start[seg] + torch.arange(len(seg), device=ids.device) - offset[seg]
+        x = self.source.x[m]
+        self._count_reads(len(flat) if self.tables is None else len(torch.unique(col[flat])), x)
+        if self.tables is None:
+            sums = torch.nn.functional.embedding_bag(col[flat], x, offset, mode="sum", per_sample_weights=val[flat],
+                                                     include_last_offset=False)
+            return const_rows_matmul(sums, self.model.hyper[m])
         items, inverse = torch.unique(col[flat], return_inverse=True)
-        self._count_reads(len(items), self.source.x[m])
         z_items = self.source.item_logits(m, items, self.model.hyper[m])
         z = z_items.index_select(0, inverse) * val[flat].unsqueeze(1)
         return z.new_zeros(len(ids), z.shape[1]).index_add(0, seg, z)
