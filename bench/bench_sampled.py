@@ -332,9 +332,10 @@ def quality(args, out_root: Path) -> None:
     for seed in args.seeds:
         e, s_ = (next(r for r in rows if r["mode"] == m and r["seed"] == seed) for m in ("exact", "sampled"))
         print(f"| {seed} | {e['test_recall@20']} | {s_['test_recall@20']} | {e['test_ndcg@20']} | {s_['test_ndcg@20']} |")
-    mean = {m: statistics.mean(r["test_recall@20"] for r in rows if r["mode"] == m) for m in ("exact", "sampled")}
-    print(f"mean test recall@20: exact {mean['exact']:.4f}, sampled {mean['sampled']:.4f}, "
-          f"relative difference {(mean['sampled'] - mean['exact']) / mean['exact'] * 100:+.2f}%")
+    for metric in ("test_recall@20", "test_ndcg@20"):
+        mean = {m: statistics.mean(r[metric] for r in rows if r["mode"] == m) for m in ("exact", "sampled")}
+        print(f"mean {metric}: exact {mean['exact']:.4f}, sampled {mean['sampled']:.4f}, "
+              f"relative difference {(mean['sampled'] - mean['exact']) / mean['exact'] * 100:+.2f}%")
 
 
 def main() -> None:
