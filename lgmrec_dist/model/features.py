@@ -104,7 +104,10 @@ class _RowsMatmul(torch.autograd.Function):
     def forward(ctx, table, rows, w, chunk):
         out = w.new_empty(len(rows), w.shape[1])
         for c, block in _gathered(table, rows, chunk):
-            torch.mm(block, w, out=out[c:c + len(block)])
+            if w.shape[1] <= NARROW:     # V_m: the narrow kernel, the same values as const_rows_matmul's
+                out[c:c + len(block)] = narrow_matmul(block, w)
+            else:
+                torch.mm(block, w, out=out[c:c + len(block)])
         ctx.save_for_backward(table, rows)
         ctx.chunk = chunk
         return out
