@@ -372,17 +372,15 @@ def test_user_logits_from_items_equal_the_table(tiny, one_thread):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_16_bit_feature_tables(tiny, one_thread, dtype):
-    """feature_dtype holds Y_m and R·X_m (and in the sampled mode X_m) in 16 bits (half the bytes); a step
-    stays close to float32's."""
+    """feature_dtype holds Y_m and R·X_m in 16 bits (half the bytes); a step stays close to float32's."""
     ds, triples = tiny
     exact32, ref = engines(ds, APPROX)
     exact16, low = engines(ds, APPROX + [f"feature_dtype={dtype}"], exact_extra=[f"feature_dtype={dtype}"])
     assert all(y.dtype == getattr(torch, dtype) for y in low.model.mge_y.values())
     assert all(x.dtype == getattr(torch, dtype) for x in low.sampled.rx.values())
-    assert all(x.dtype == getattr(torch, dtype) for x in low.sampled.source.x.values())
     mem32, mem16 = ref.sampled.memory_bytes(), low.sampled.memory_bytes()
-    for key in ("mge_inputs_Y", "user_feature_sums_RX", "features_X"):
-        assert mem16[key] * 2 == mem32[key], key
+    assert mem16["mge_inputs_Y"] * 2 == mem32["mge_inputs_Y"]
+    assert mem16["user_feature_sums_RX"] * 2 == mem32["user_feature_sums_RX"]
     tol = 2e-2 if dtype == "bfloat16" else 2e-3
     for step in range(3):
         for a, b in ((ref, low), (exact32, exact16)):
@@ -391,22 +389,6 @@ def test_16_bit_feature_tables(tiny, one_thread, dtype):
             assert tb["loss"] != ta["loss"]               # really a different precision
     e32, e16 = exact32.embeddings(), exact16.embeddings()
     assert all(torch.allclose(a, b, rtol=tol, atol=tol) for a, b in zip(e32, e16))
-
-
-def test_weighted_row_sums_of_16_bit_rows_are_summed_in_float32():
-    """Users' sums of 16-bit X_m rows (``user_feature_table`` false): float32 sums of the rounded rows, equal
-    to embedding_bag's over the same rows in float32, including empty bags and bags across chunks."""
-    from lgmrec_dist.model.features import weighted_row_sums
-    g = torch.Generator().manual_seed(0)
-    table = torch.randn(30, 7, generator=g).to(torch.bfloat16)
-    counts = torch.tensor([3, 0, 5, 1, 0, 9])
-    rows = torch.randint(30, (int(counts.sum()),), generator=g)
-    weights = torch.rand(len(rows), generator=g)
-    offsets = torch.cumsum(counts, 0) - counts
-    got = weighted_row_sums(table, rows, offsets, weights, chunk=4)
-    want = weighted_row_sums(table.float(), rows, offsets, weights)
-    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
-    assert torch.equal(got[1], torch.zeros(7)) and torch.equal(got[4], torch.zeros(7))
 
 
 def test_feature_dtype_is_checked():

@@ -23,7 +23,7 @@ import torch
 
 from lgmrec_dist.distributed.exchange import Ownership, RowExchange, all_gather_rows
 from lgmrec_dist.distributed.sharded import LocalGraph
-from lgmrec_dist.model.features import HELD_DTYPES, held_matmul
+from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul, held_matmul
 from lgmrec_dist.model.params import ModelParams
 
 
@@ -77,7 +77,7 @@ class ShardedFeatureTables:
 
     def held_item_logits(self, m: str, v: torch.Tensor) -> torch.Tensor:
         """X_m·V_m of this rank's items (rows in item id order)."""
-        return held_matmul(self.x[m], v)        # X_m may be held in 16 bits (sampled mode)
+        return const_rows_matmul(self.x[m], v)
 
     def _assemble(self, local: torch.Tensor, ids: np.ndarray, total: int) -> torch.Tensor:
         """Every rank's rows put together in global order (inference)."""

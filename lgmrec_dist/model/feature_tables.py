@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from lgmrec_dist.graph import Graph
-from lgmrec_dist.model.features import held_matmul, rows_matmul, user_feature_sums
+from lgmrec_dist.model.features import const_rows_matmul, held_matmul, rows_matmul, user_feature_sums
 from lgmrec_dist.model.mge import mge_direct, mge_inputs
 
 
@@ -69,7 +69,7 @@ class FeatureTables:
         return rows_matmul(self.rx[m], user_ids, v)
 
     def held_item_logits(self, m: str, v: torch.Tensor) -> torch.Tensor:
-        return held_matmul(self.x[m], v)        # X_m may be held in 16 bits (sampled mode)
+        return const_rows_matmul(self.x[m], v)
 
     def nbytes(self) -> dict:
         nb = lambda ts: sum(t.numel() * t.element_size() for t in ts.values())  # noqa: E731

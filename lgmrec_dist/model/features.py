@@ -137,23 +137,6 @@ def rows_matmul(table: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, chunk:
     return _RowsMatmul.apply(table, rows, w, chunk)
 
 
-def weighted_row_sums(table: torch.Tensor, rows: torch.Tensor, offsets: torch.Tensor, weights: torch.Tensor,
-                      chunk: int = 1024) -> torch.Tensor:
-    """float32 Σ_j weights[j]·table[rows[j]] over each bag j ∈ [offsets[b], offsets[b + 1]) (no autograd).
-
-    A float32 table goes through ``embedding_bag`` (each row read once, straight into its bag's sum); a
-    16-bit one (``feature_dtype``) is gathered ``chunk`` rows at a time and summed in float32, so the sums
-    are not rounded to 16 bits."""
-    if table.dtype == torch.float32:
-        return torch.nn.functional.embedding_bag(rows, table, offsets, mode="sum", per_sample_weights=weights)
-    bag = torch.bucketize(torch.arange(len(rows), device=rows.device), offsets, right=True) - 1
-    out = torch.zeros(len(offsets), table.shape[1], device=table.device)
-    for c in range(0, len(rows), chunk):
-        block = table.index_select(0, rows[c:c + chunk]).float().mul_(weights[c:c + chunk].unsqueeze(1))
-        out.index_add_(0, bag[c:c + chunk], block)
-    return out
-
-
 def column_chunk(rows: int, budget: int = 256 << 20, least: int = 16) -> int:
     """Columns per chunk so that one float32 chunk of ``rows`` rows stays near ``budget`` bytes (and at least
     ``least`` columns): the temporaries of a chunked precomputation then stay small next to the table

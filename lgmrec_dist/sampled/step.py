@@ -15,7 +15,7 @@ from lgmrec_dist.distributed.exchange import Ownership, all_gather_rows
 from lgmrec_dist.distributed.reduce import all_reduce, all_reduce_
 from lgmrec_dist.distributed.parallelize import shard_model
 from lgmrec_dist.graph import build_graph
-from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul, weighted_row_sums
+from lgmrec_dist.model.features import HELD_DTYPES, const_rows_matmul
 from lgmrec_dist.model.hypergraph import assign, hypergraph_propagate
 from lgmrec_dist.model.lgmrec import TAU, LGMRec, fuse, keyed_gumbel, keyed_keep, objective
 from lgmrec_dist.model.losses import contrastive_sum, distinct_anchors, key_rows, lowrank_logsumexp
@@ -81,10 +81,6 @@ class SampledStep:
             if cfg.use_ghe and cfg.user_feature_table:
                 self.model.source.add_user_sums(HELD_DTYPES[cfg.feature_dtype])
         self.source = self.model.source  # where the step's feature products come from
-        if cfg.feature_dtype != "float32" and (cfg.mge_precompute or not cfg.use_mge):
-            # X_m in the held precision too, once Y_m and R·X_m are built from it: a step's largest reads are
-            # X_m rows (docs/sampled.md, "Limits"); every product turns them into float32 as it reads them
-            self.source.x = {mod: x.to(HELD_DTYPES[cfg.feature_dtype]) for mod, x in self.source.x.items()}
         self.rx = self.source.rx
         self.modalities = self.model.modalities
         self.r_csr = None               # users' item lists (user_feature_table false; not on partitions)
@@ -169,7 +165,9 @@ class SampledStep:
         x = self.source.x[m]
         self._count_reads(len(flat) if self.tables is None else len(torch.unique(col[flat])), x)
         if self.tables is None:
-            return const_rows_matmul(weighted_row_sums(x, col[flat], offset, val[flat]), self.model.hyper[m])
+            sums = torch.nn.functional.embedding_bag(col[flat], x, offset, mode="sum", per_sample_weights=val[flat],
+                                                     include_last_offset=False)
+            return const_rows_matmul(sums, self.model.hyper[m])
         items, inverse = torch.unique(col[flat], return_inverse=True)
         z_items = self.source.item_logits(m, items, self.model.hyper[m])
         z = z_items.index_select(0, inverse) * val[flat].unsqueeze(1)
