@@ -35,8 +35,8 @@ sharded tables the model as the exact distributed mode builds it (``distributed.
 rank's own rows.
 
 Modules: ``step`` (the step, :class:`SampledStep`), ``estimators`` (sampled CGE, contrastive
-denominators, straight-through message gradient), ``held_messages`` (messages carried across steps), ``row_adam`` (lazy Adam), ``accounting`` (bytes held and
-per step), ``engine`` (:class:`SampledEngine`).
+denominators, straight-through message gradient), ``held_messages`` (messages carried across steps),
+``row_adam`` (lazy Adam), ``accounting`` (bytes held and per step), ``engine`` (:class:`SampledEngine`).
 """
 from lgmrec_dist.sampled.engine import SampledEngine
 from lgmrec_dist.sampled.estimators import (cge_on_blocks, sampled_logsumexp, straight_through_message,

@@ -193,8 +193,6 @@ class SampledEngine(EngineState):
         super().close()
 
 
-
-
 def _moved(cache, device):
     """The held messages (tensors, lists of tensors, the step) on ``device``; None stays None."""
     if cache is None:
