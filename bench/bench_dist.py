@@ -36,16 +36,6 @@ def state_bytes(model) -> dict:
             "halo_rows": getattr(model.graph, "num_halo", 0), "owned_nodes": len(model.user_ids) + len(model.item_ids)}
 
 
-def sent_per_step(forward: float, dense_params, ctx) -> float:
-    """Bytes a rank sends per step: its forward collectives (``CommStats``), their mirrors in backward, and
-    its share of the ring all-reduce of the dense gradients ``dense_params`` (DDP)."""
-    world = ctx.world_size if ctx is not None else 1
-    if world == 1:
-        return 2 * forward
-    dense = sum(p.numel() * p.element_size() for p in dense_params)
-    return 2 * forward + 2 * (world - 1) * dense // world
-
-
 def worker(args) -> None:
     import torch
 
@@ -85,7 +75,7 @@ def worker(args) -> None:
     state = state_bytes(eng.model)
     row = {"P": world, "rank": ctx.rank, "threads": torch.get_num_threads(), "setup_s": round(setup, 2),
            "seconds_per_step": round(step_s, 4),
-           "sent_MB_per_step": round(sent_per_step(sent, eng.model.dense_parameters().values(), ctx) / 1e6, 2),
+           "sent_MB_per_step": round(sent / 1e6, 2),   # CommStats: payloads, mirrors, ids, DDP's all-reduce
            "peak_rss_GB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
            "state_MB": {k: (round(v / 1e6, 1) if k not in ("halo_rows", "owned_nodes") else v) for k, v in state.items()}}
     if ctx.device.type == "cuda":

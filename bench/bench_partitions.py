@@ -217,7 +217,7 @@ def worker(args) -> None:
     from lgmrec_dist.config import load_config
     from lgmrec_dist.distributed.exchange import CommStats
     from lgmrec_dist.engines import build_engine
-    from bench.bench_dist import sent_per_step, state_bytes
+    from bench.bench_dist import state_bytes
 
     torch.set_num_threads(1)
     ctx = None
@@ -256,9 +256,9 @@ def worker(args) -> None:
     mem["end"] = vm_status("VmHWM")
     model = eng.model
     if cfg.mode == "sampled":
-        state, dense = sampled_state(eng.sampled), model.dense_parameters().values()
+        state = sampled_state(eng.sampled)
     else:
-        state, dense = state_bytes(model), model.dense_parameters().values() if ctx else ()
+        state = state_bytes(model)
         state["owned_users"] = len(model.user_ids)
     row = {"P": ctx.world_size if ctx else 1, "rank": ctx.rank if ctx else 0, "mode": cfg.mode,
            "users": ds.num_users, "items": ds.num_items, "train_pairs": int(ds.manifest["num_train"]),
@@ -267,7 +267,7 @@ def worker(args) -> None:
            "halo_rows": int(state["halo_rows"]), "valid_users_ranked": int(len(valid_eval.users)),
            "setup_s": round(setup, 1), "step_s": [round(t, 2) for t in times], "eval_s": round(eval_s, 1),
            "loss": [round(x, 6) for x in losses], "recall@20": round(valid.get("recall@20", float("nan")), 5),
-           "sent_MB_per_step": round(sent_per_step(sent, dense, ctx) / 1e6, 2) if ctx else 0.0,
+           "sent_MB_per_step": round(sent / 1e6, 2) if ctx else 0.0,
            "hwm_GB": {k: round(v / GB, 3) for k, v in mem.items()}, "rss_GB": {"start-up": round(rss_startup / GB, 3), "end": round(vm_status("VmRSS") / GB, 3)},
            "state_MB": {k: round(v / 1e6, 1) for k, v in state.items() if k not in ("halo_rows", "owned_nodes")},
            "arrays_MB": {k: round(v / 1e6, 1) for k, v in

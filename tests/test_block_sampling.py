@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from lgmrec_dist.distributed.block_sampling import PartitionBlockSampler
-from lgmrec_dist.distributed.exchange import Ownership
+from lgmrec_dist.distributed.exchange import CommStats, Ownership
 from lgmrec_dist.graph import build_graph
 from lgmrec_dist.model.cge import cge
 from lgmrec_dist.sampled import cge_on_blocks
@@ -65,10 +65,12 @@ def rank_worker(out: str) -> None:
     own = Ownership(part, ctx.rank, ctx.world_size)
     lu, li = local_edges(u, i, part, ctx.rank)
     samplers = {name: PartitionBlockSampler(own, NU, NI, lu, li, f, n, SEED) for name, (f, n) in CONFIGS.items()}
+    CommStats.take()
     batches = [samplers[name].sample(*(rank_slice(t, ctx.rank, ctx.world_size) for t in triples), step)
                for name, step, *triples in global_batches()]
     torch.save({"batches": batches, "deg": samplers["full"].deg, "local_edges": len(lu),
-                "sent": samplers["partial"].sent_bytes}, f"{out}/rank{ctx.rank}.pt")
+                "sent": samplers["partial"].sent_bytes, "counted": CommStats.take(),
+                "sent_all": sum(sm.sent_bytes for sm in samplers.values())}, f"{out}/rank{ctx.rank}.pt")
     close_process_group()
 
 
@@ -174,6 +176,8 @@ def test_partial_fanout_two_ranks_equal_one_process(two_ranks):
         seen.add((name, step, len(triples[0]) > 0))
     assert ("partial", 5, False) in seen and len(seen) == 6   # an empty slice on one rank, and both ranks' others
     assert all(res["sent"] > 0 for res in two_ranks)
+    # the id exchanges are in the bytes a step reports as sent (CommStats), as the sampler counts them
+    assert all(res["counted"] == res["sent_all"] for res in two_ranks)
     # the keyed choice changes with the step, and really drops neighbours
     _, _, triples, batch = next(each_rank_batch(two_ranks, {"partial"}))
     other = single["partial"].sample(*triples, 1)

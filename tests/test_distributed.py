@@ -153,6 +153,20 @@ def test_launch_errors(tiny_dataset, monkeypatch, tmp_path):
     assert ownership_for(ds, load_config(None, {"partitioning": "contiguous"}), 0, 2).world_size == 2
 
 
+def test_sent_bytes_count_the_backward_mirror_of_differentiable_payloads():
+    """CommStats: a payload whose gradient will travel back in backward counts twice; a constant one, or one
+    sent under no_grad (inference, refreshes), once."""
+    from lgmrec_dist.distributed.exchange import CommStats
+    CommStats.take()
+    x = torch.ones(3, requires_grad=True)
+    CommStats.add(12, x)
+    CommStats.add(5, x.detach())
+    with torch.no_grad():
+        CommStats.add(7, x)
+    CommStats.add(2)
+    assert CommStats.take() == 2 * 12 + 5 + 7 + 2 and CommStats.take() == 0
+
+
 def test_engine_table_covers_every_mode():
     """One engine per (mode, ranks, shard_tables), each implementing the whole engine interface."""
     import inspect

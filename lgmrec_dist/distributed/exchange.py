@@ -14,12 +14,16 @@ import torch.distributed.nn.functional as dnn
 
 
 class CommStats:
-    """Payload bytes this rank sends to other ranks in forward collectives (backward mirrors them)."""
+    """Bytes this rank sends to other ranks: every collective's payload, the id exchanges that plan them, and
+    the backward pass's mirror of a differentiable one (its gradient goes back the way the rows came), so
+    that what :meth:`take` returns after a step is everything the step sent."""
     sent = 0
 
     @classmethod
-    def add(cls, nbytes: int) -> None:
-        cls.sent += int(nbytes)
+    def add(cls, nbytes: int, t: torch.Tensor | None = None) -> None:
+        """``nbytes`` sent; twice when ``t`` (what was sent) will send its gradient back in backward."""
+        mirrored = t is not None and t.requires_grad and torch.is_grad_enabled()
+        cls.sent += int(nbytes) * (2 if mirrored else 1)
 
     @classmethod
     def take(cls) -> int:
@@ -64,6 +68,8 @@ def _exchange_ids(send_lists: list[np.ndarray]) -> list[torch.Tensor]:
     """Send send_lists[q] to rank q; return what every rank sent to us (non-differentiable, CPU)."""
     dev = comm_device()
     counts = torch.tensor([len(a) for a in send_lists], dtype=torch.int64, device=dev)
+    me = dist.get_rank()
+    CommStats.add(8 * sum(len(a) + 1 for q, a in enumerate(send_lists) if q != me))   # the counts, then the ids
     recv_counts = torch.empty_like(counts)
     dist.all_to_all_single(recv_counts, counts)
     send = torch.from_numpy(np.concatenate(send_lists).astype(np.int64)).to(dev)
@@ -106,7 +112,7 @@ class RowExchange:
         owner's inputs."""
         send = rows_of(self.send_rows)
         row_bytes = send[0].numel() * send.element_size() if len(send) else 0
-        CommStats.add(sum(s for q, s in enumerate(self.send_splits) if q != self.rank) * row_bytes)
+        CommStats.add(sum(s for q, s in enumerate(self.send_splits) if q != self.rank) * row_bytes, send)
         out = send.new_empty((self.num, *send.shape[1:]))
         recv = dnn.all_to_all_single(out, send, self.recv_splits, self.send_splits)
         return recv[self.unsort.to(send.device)]
@@ -115,7 +121,7 @@ class RowExchange:
 
 def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     """Autograd-aware all-gather (counted in :class:`CommStats`)."""
-    CommStats.add((dist.get_world_size() - 1) * t.numel() * t.element_size())
+    CommStats.add((dist.get_world_size() - 1) * t.numel() * t.element_size(), t)
     return list(dnn.all_gather(t))
 
 

@@ -21,16 +21,17 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _count_ring(t: torch.Tensor) -> None:
+def _count_ring(t: torch.Tensor, mirrored: bool = False) -> None:
+    """A ring all-reduce's payload of ``t``; twice with ``mirrored`` (an autograd all-reduce's backward)."""
     world = world_size()
-    CommStats.add(2 * (world - 1) * t.numel() * t.element_size() // world)  # ring all-reduce payload
+    CommStats.add(2 * (world - 1) * t.numel() * t.element_size() // world, t if mirrored else None)
 
 
 def all_reduce(t: torch.Tensor) -> torch.Tensor:
     """Autograd-aware sum over ranks (its gradient is the sum of the ranks' gradients); counted."""
     if world_size() == 1:
         return t
-    _count_ring(t)
+    _count_ring(t, mirrored=True)
     return dnn.all_reduce(t)
 
 
