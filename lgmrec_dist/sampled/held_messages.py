@@ -11,13 +11,12 @@ from __future__ import annotations
 import torch
 
 
-def held_sums(q: torch.Tensor, h_items: list[torch.Tensor]) -> dict:
-    """What a full pass leaves for :func:`carry`: the rows (Q^(0) and H̄_I per modality, detached copies) and
-    the two sums per modality in float64 (they absorb many small updates between two full passes)."""
-    q = q.detach().clone()
-    h_items = [h.detach().clone() for h in h_items]
-    return {"q": q, "h": h_items, "first": [(h.t() @ q).double() for h in h_items],
-            "c": [(h.t() @ h).double() for h in h_items]}
+def held_sums(q: torch.Tensor, h_items: list[torch.Tensor], sums: list[tuple]) -> dict:
+    """What a full pass leaves for :func:`carry`: the rows held here (Q^(0) and H̄_I per modality, detached
+    copies) and the pass's two sums (H̄_Iᵀ·Q^(0), C) per modality, in float64: they absorb many small updates
+    between two full passes."""
+    return {"q": q.detach().clone(), "h": [h.detach().clone() for h in h_items],
+            "first": [first.double() for first, _ in sums], "c": [c.double() for _, c in sums]}
 
 
 def carry(cache: dict, slots: torch.Tensor, q_new: torch.Tensor, h_new: list[torch.Tensor], n_layers: int,
@@ -33,7 +32,7 @@ def carry(cache: dict, slots: torch.Tensor, q_new: torch.Tensor, h_new: list[tor
     for k, h in enumerate(h_new):
         h_old = cache["h"][k][slots]
         deltas.append(torch.cat([h.t() @ q_new - h_old.t() @ q_old, h.t() @ h - h_old.t() @ h_old], dim=1))
-    delta = torch.stack(deltas) if deltas else q_new.new_zeros((0, 0, 0))
+    delta = torch.stack(deltas)
     if reduce is not None:
         reduce(delta)
     cache["q"][slots] = q_new

@@ -163,12 +163,12 @@ class SampledStep:
         offset = torch.cumsum(count, 0) - count                      # each user's first slot in the flat list
         flat = start[seg] + torch.arange(len(seg), device=ids.device) - offset[seg]
         x = self.source.x[m]
-        self._count_reads(len(flat) if self.tables is None else len(torch.unique(col[flat])), x)
         if self.tables is None:
-            sums = torch.nn.functional.embedding_bag(col[flat], x, offset, mode="sum", per_sample_weights=val[flat],
-                                                     include_last_offset=False)
+            self._count_reads(len(flat), x)
+            sums = torch.nn.functional.embedding_bag(col[flat], x, offset, mode="sum", per_sample_weights=val[flat])
             return const_rows_matmul(sums, self.model.hyper[m])
         items, inverse = torch.unique(col[flat], return_inverse=True)
+        self._count_reads(len(items), x)
         z_items = self.source.item_logits(m, items, self.model.hyper[m])
         z = z_items.index_select(0, inverse) * val[flat].unsqueeze(1)
         return z.new_zeros(len(ids), z.shape[1]).index_add(0, seg, z)
@@ -210,17 +210,20 @@ class SampledStep:
             return self._sharded_messages(e_c[len(m.user_ids):], step, with_coupling, keep_rows)
         q0 = m.cge()[self.num_users:]
         ids = torch.arange(self.num_items, device=q0.device)
-        messages, coupling, h_items = [], [], []
+        messages, coupling, h_items, sums = [], [], [], []
         for k, mod in enumerate(self.modalities):
             # the item side of the exact model's GHE only: the messages never read the users' assignments
             h_item = self._assign(k, m.source.held_item_logits(mod, m.hyper[mod]), ids, step, user=False)
             message = hypergraph_propagate(h_item, h_item[:0], q0, self.cfg.n_hyper_layer).message
             messages.append(message)
-            coupling.append(torch.matrix_power(h_item.t() @ h_item, self.cfg.n_hyper_layer - 1))
-            h_items.append(h_item if keep_rows else None)
+            c = h_item.t() @ h_item
+            coupling.append(torch.matrix_power(c, self.cfg.n_hyper_layer - 1))
+            if keep_rows:
+                h_items.append(h_item)
+                sums.append((h_item.t() @ q0, c))
         if not with_coupling:
             return messages
-        held = held_sums(q0, h_items) if keep_rows else {}
+        held = held_sums(q0, h_items, sums) if keep_rows else {}
         return {"messages": messages, "coupling": coupling, **held}
 
     def _sharded_messages(self, q_own: torch.Tensor, step: int, with_coupling: bool, keep_rows: bool):
@@ -239,13 +242,11 @@ class SampledStep:
             messages.append(c_power @ first)
             coupling.append(c_power)
             h_items.append(h_item)
-            sums.append((first.double(), c.double()))
+            sums.append((first, c))
         if not with_coupling:
             return messages
-        if not keep_rows:
-            return {"messages": messages, "coupling": coupling}
-        return {"messages": messages, "coupling": coupling, "q": q_own.detach().clone(),
-                "h": [h.detach().clone() for h in h_items], "first": [f for f, _ in sums], "c": [c for _, c in sums]}
+        held = held_sums(q_own, h_items, sums) if keep_rows else {}
+        return {"messages": messages, "coupling": coupling, **held}
 
     def _carry_messages(self, step: int, s_items: torch.Tensor, q_items: torch.Tensor) -> list[torch.Tensor]:
         """The held messages with this step's seed items' contributions replaced by the ones it computed
