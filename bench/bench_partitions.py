@@ -109,11 +109,12 @@ def halo_bound(num_nodes: int, pairs: int, parts: int) -> float:
 
 def rank_bytes(U: float, I: float, E: float, H: float, S: int, P: int, halo: float, d: int = 64, A: int = 4,
                L: int = 2, M: int = 2, y_bytes: int = 4, eval_users: int = 2000, eval_batch: int = 4096,
-               item_tile: int = 65536) -> dict:
+               item_tile: int = 8192) -> dict:
     """The memory of one rank, term by term (docs/distributed.md, "Memory per rank"): |U|, |I|, E training
     pairs, H held-out pairs, S = Σ d_m, P ranks, ``halo`` nodes; E*, Adam and X_m in float32, Y_m in
     ``y_bytes``. P = 1 is the one-process engine (whole graph, no book, no halo)."""
     from lgmrec_dist.distributed.partitioned import COUNT_BLOCK
+    from lgmrec_dist.evaluation import TILE_FLOATS
     from lgmrec_dist.distributed.sharded import SHARDED_CHUNK_BYTES
     from lgmrec_dist.model.features import column_chunk
     N = U + I
@@ -150,10 +151,11 @@ def rank_bytes(U: float, I: float, E: float, H: float, S: int, P: int, halo: flo
         # halo], their gradients): 11 rows of d floats per owned node and 7 per halo node, fitted to the
         # measured step peaks (P = 1 at 1.6M and 3.2M: 12.2 and 10.3 per node; P = 4 at 3.2M for the halo)
         "step (activations, halo rows)": 11 * 4 * d * n + 7 * 4 * d * halo,
-        # E* of the owned rows; the score tile, its masked copy and the top-K's work (≈ 3 tiles, fitted to the
-        # P = 1 run); the ring's two item blocks
-        "evaluation (E*, score tiles, ring)": 4 * n * d + 3 * 4 * min(eval_batch, eval_users / P) * min(item_tile, I / P)
-        + (2 * 4 * d * I / P if P > 1 else 0)}
+        # E* of the owned rows; the one reused score tile (on the CPU at most TILE_FLOATS floats: users go
+        # through in chunks of rows) and the batch's running top-K; the ring's two item blocks
+        "evaluation (E*, score tile, ring)": 4 * n * d
+        + 4 * min(eval_batch, eval_users / P, TILE_FLOATS // item_tile) * min(item_tile, I / P)
+        + 12 * 50 * min(eval_batch, eval_users / P) + (2 * 4 * d * I / P if P > 1 else 0)}
     held = sum(t.values())
     peak = RUNTIME + held + max(transient.values())
     sent = {"halo rows per CGE layer": 4 * d * halo, "step (forward + backward)": halo * (8 * L * d + 8 * A * M),

@@ -41,7 +41,7 @@ def exact_top(queries: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
     """Exact top-k item rows by inner product (the scoring of ``evaluation.streaming_topk``)."""
     import torch
     from lgmrec_dist.evaluation import streaming_topk
-    _, top = streaming_topk(torch.from_numpy(queries), torch.from_numpy(items), None, k, 65536)
+    _, top = streaming_topk(torch.from_numpy(queries), torch.from_numpy(items), None, k)
     return top.numpy()
 
 

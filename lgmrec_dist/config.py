@@ -71,7 +71,7 @@ class Config:
                                             # (0 = sample in the training process, synchronously)
     # evaluation (§2)
     eval_batch_size: int = 4096
-    eval_item_tile: int = 65536
+    eval_item_tile: int = 8192
     topk: list = field(default_factory=lambda: [5, 10, 20, 50])
     valid_metric: str = "recall@20"
     valid_users: int = 0                    # > 0: validate (early stopping, best epoch) on a fixed random sample of

@@ -15,20 +15,24 @@
 * Model selection (:class:`EarlyStopping`): new best iff the rounded value is strictly greater than the
   best so far; stop once more than ``patience`` consecutive epochs fail to improve.
 
-Scoring streams over item tiles keeping a running top-k, so memory is O(n * (k + tile)), never
+Scoring streams over item tiles keeping a running top-k, so memory is O(n * k + one score tile), never
 O(n * num_items). Ties between equal scores may be broken differently from a single ``torch.topk``.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lgmrec_dist import rng
+from lgmrec_dist import native, rng
 
 MASK_SCORE = -1e10
 SAMPLE_STREAM = 103
 METRICS = ("recall", "ndcg", "precision", "map")
+ITEM_TILE = 8192          # items scored at a time
+TILE_FLOATS = 1 << 23     # a CPU score tile's size (32 MiB of float32): it stays in cache between write and read
 
 
 def _csr_from_pairs(num_rows: int, num_cols: int, rows: np.ndarray, cols: np.ndarray):
@@ -74,43 +78,60 @@ def _merge_topk(best_s, best_i, rows, vals, items, k: int):
     return best_s, torch.gather(torch.cat([best_i, pad_i], 1), 1, pos)
 
 
-@torch.no_grad()
-def streaming_topk(user_emb: torch.Tensor, item_emb: torch.Tensor, train_mask_rows, k: int,
-                   item_tile: int, prune_block: int = 64):
-    """Top-k items by inner product for each of n users, training items masked to -1e10.
+def _heap_kernel():
+    P, I64 = native.PTR, native.I64
+    return native.load(Path(__file__).with_name("topk_heap.c"),
+                       {"topk_update": ([P, I64, I64, I64, I64, P, P, P, I64, native.I32], None),
+                        "topk_finish": ([P, P, P, I64, I64, native.I32], None)})
 
-    ``train_mask_rows`` is the training items of these n users as a CSR pair ``(indptr, indices)`` of
-    int64 tensors (indptr has n+1 entries, row j = user j of ``user_emb``), or None for no masking.
-    Items are scored ``item_tile`` columns at a time. Runs on ``user_emb.device``.
-    Returns ``(scores [n, k'], items [n, k'])`` with k' = min(k, num_items), best first.
 
-    Once every row holds k items, a tile is pruned before any top-k: the maxima of its blocks of
-    ``prune_block`` items are compared with each row's k-th best score so far, and only the blocks
-    that beat it are merged (exact: an item above the k-th best lies in a block whose maximum is).
-    Later tiles seldom hold many such blocks, so a tile costs its matmul plus one cheap pass instead of
-    a full top-k; a tile with too many candidate blocks takes the plain top-k. The first tile, which
-    only seeds the k-th best scores, is an eighth of ``item_tile`` (its full top-k is the dear part).
-    """
-    device = user_emb.device
-    n, m = user_emb.shape[0], item_emb.shape[0]
-    k = min(k, m)
-    if train_mask_rows is not None:
-        indptr, indices = (t.to(device=device, dtype=torch.long) for t in train_mask_rows)
+def _score_tiles(user_emb: torch.Tensor, item_emb: torch.Tensor, mask, bounds, buf: torch.Tensor):
+    """Yield ``(lo, scores)`` for each item range ``(lo, hi)`` of ``bounds``: the users' inner products
+    with items lo..hi-1, written into ``buf`` (reused, so no tile pays fresh pages), training items of the
+    ``mask`` CSR set to MASK_SCORE."""
+    device, n = user_emb.device, user_emb.shape[0]
+    if mask is not None:
+        indptr, indices = mask
         rows = torch.repeat_interleave(torch.arange(n, device=device), indptr[1:] - indptr[:-1])
         order = torch.argsort(indices)  # sort by item once: each tile is then a contiguous slice
         mask_rows, mask_cols = rows[order], indices[order]
+    for lo, hi in bounds:
+        scores = buf[:n * (hi - lo)].view(n, hi - lo)
+        torch.mm(user_emb, item_emb[lo:hi].to(device=device, dtype=user_emb.dtype).T, out=scores)
+        if mask is not None:
+            a, b = torch.searchsorted(mask_cols, torch.tensor([lo, hi], device=device)).tolist()
+            scores[mask_rows[a:b], mask_cols[a:b] - lo] = MASK_SCORE
+        yield lo, scores
+
+
+def _topk_heap(lib, user_emb, item_emb, mask, k: int, item_tile: int, buf):
+    """One chunk of users through the C heap kernel (topk_heap.c): one pass over each tile."""
+    n, m = user_emb.shape[0], item_emb.shape[0]
+    heap_s = user_emb.new_empty((n, k))
+    heap_i = torch.empty((n, k), dtype=torch.long)
+    heap_len = torch.zeros(n, dtype=torch.long)
+    threads = torch.get_num_threads()
+    bounds = [(lo, min(lo + item_tile, m)) for lo in range(0, m, item_tile)]
+    for lo, scores in _score_tiles(user_emb, item_emb, mask, bounds, buf):
+        lib.topk_update(scores.data_ptr(), n, scores.shape[1], scores.shape[1], lo, heap_s.data_ptr(),
+                        heap_i.data_ptr(), heap_len.data_ptr(), k, threads)
+    lib.topk_finish(heap_s.data_ptr(), heap_i.data_ptr(), heap_len.data_ptr(), n, k, threads)
+    return heap_s, heap_i
+
+
+def _topk_pruned(user_emb, item_emb, mask, k: int, item_tile: int, buf, prune_block: int):
+    """One chunk of users in tensor operations (any device): tile top-k with block pruning."""
+    device = user_emb.device
+    n, m = user_emb.shape[0], item_emb.shape[0]
     best_s = user_emb.new_empty((n, 0))
     best_i = torch.empty((n, 0), dtype=torch.long, device=device)
     first = max(k, item_tile // 8)
-    for lo in [0, *range(first, m, item_tile)]:
-        hi = min(lo + (first if lo == 0 else item_tile), m)
-        scores = user_emb @ item_emb[lo:hi].to(device=device, dtype=user_emb.dtype).T
-        if train_mask_rows is not None:
-            a, b = torch.searchsorted(mask_cols, torch.tensor([lo, hi], device=device)).tolist()
-            scores[mask_rows[a:b], mask_cols[a:b] - lo] = MASK_SCORE
+    bounds = [(lo, min(lo + (first if lo == 0 else item_tile), m)) for lo in [0, *range(first, m, item_tile)]]
+    for lo, scores in _score_tiles(user_emb, item_emb, mask, bounds, buf):
+        w = scores.shape[1]
         if best_s.shape[1] == k and k > 0:
             # a ragged last tile is padded with -inf, which never beats a k-th best (>= MASK_SCORE)
-            ragged = -(hi - lo) % prune_block
+            ragged = -w % prune_block
             blocks = (F.pad(scores, (0, ragged), value=float("-inf")) if ragged else scores).view(n, -1, prune_block)
             kth = best_s[:, -1]
             r, blk = (blocks.amax(2) > kth[:, None]).nonzero(as_tuple=True)
@@ -121,10 +142,57 @@ def streaming_topk(user_emb: torch.Tensor, item_emb: torch.Tensor, train_mask_ro
                 best_s, best_i = _merge_topk(best_s, best_i, r[:, None].expand_as(vals)[keep], vals[keep],
                                              items[keep], k)
                 continue
-        s, i = torch.topk(scores, min(k, hi - lo), dim=1)
+        s, i = torch.topk(scores, min(k, w), dim=1)
         best_s, pos = torch.topk(torch.cat([best_s, s], 1), min(k, best_s.shape[1] + s.shape[1]), dim=1)
         best_i = torch.gather(torch.cat([best_i, i + lo], 1), 1, pos)
     return best_s, best_i
+
+
+@torch.no_grad()
+def streaming_topk(user_emb: torch.Tensor, item_emb: torch.Tensor, train_mask_rows, k: int,
+                   item_tile: int = ITEM_TILE, prune_block: int = 64, kernel: bool | None = None):
+    """Top-k items by inner product for each of n users, training items masked to -1e10.
+
+    ``train_mask_rows`` is the training items of these n users as a CSR pair ``(indptr, indices)`` of
+    int64 tensors (indptr has n+1 entries, row j = user j of ``user_emb``), or None for no masking.
+    Items are scored ``item_tile`` columns at a time into one reused buffer; on the CPU the users go
+    through in chunks of ``TILE_FLOATS // item_tile`` rows, so that the tile the matmul has just written is
+    still in cache when it is read. Runs on ``user_emb.device``.
+    Returns ``(scores [n, k'], items [n, k'])`` with k' = min(k, num_items), best first.
+
+    On the CPU in float32, each row's running top-k is a heap in C (``topk_heap.c``; ``kernel=False``
+    turns it off, ``kernel=None`` uses it where it builds): one pass over each tile, which looks at a
+    block of 16 scores only if one of them beats the row's k-th best; ties go to the lower item id.
+    Elsewhere (another device or dtype, or no C compiler), tensor operations with block pruning: once every
+    row holds k items, the maxima of each tile's blocks of ``prune_block`` items are compared with each
+    row's k-th best score so far, and only the blocks that beat it are merged (exact: an item above the k-th
+    best lies in a block whose maximum is); a tile with too many candidate blocks takes the plain top-k.
+    The first tile, which only seeds the k-th best scores, is an eighth of ``item_tile``.
+    """
+    device = user_emb.device
+    n, m = user_emb.shape[0], item_emb.shape[0]
+    k = min(k, m)
+    lib = _heap_kernel() if kernel is not False and device.type == "cpu" and user_emb.dtype == torch.float32 else None
+    if kernel and lib is None:
+        raise RuntimeError("streaming_topk: the C top-k kernel is not available here (see the log)")
+    chunk = n if device.type != "cpu" else max(1, TILE_FLOATS // item_tile)
+    buf = user_emb.new_empty(max(1, min(n, chunk) * min(max(item_tile, k), m)))   # the widest tile
+    if train_mask_rows is not None:
+        indptr, indices = (t.to(device=device, dtype=torch.long) for t in train_mask_rows)
+    scores, items = [], []
+    for c0 in range(0, n, chunk):
+        c1 = min(c0 + chunk, n)
+        mask = None
+        if train_mask_rows is not None:
+            a, b = int(indptr[c0]), int(indptr[c1])
+            mask = (indptr[c0:c1 + 1] - a, indices[a:b])
+        s, i = (_topk_heap(lib, user_emb[c0:c1], item_emb, mask, k, item_tile, buf) if lib is not None else
+                _topk_pruned(user_emb[c0:c1], item_emb, mask, k, item_tile, buf, prune_block))
+        scores.append(s)
+        items.append(i)
+    if not scores:
+        return user_emb.new_empty((0, k)), torch.empty((0, k), dtype=torch.long, device=device)
+    return torch.cat(scores), torch.cat(items)
 
 
 @torch.no_grad()
@@ -201,7 +269,7 @@ class Evaluator:
     """
 
     def __init__(self, num_users: int, num_items: int, train_users, train_items, heldout_users,
-                 heldout_items, ks=(5, 10, 20, 50), batch_size: int = 4096, item_tile: int = 65536,
+                 heldout_items, ks=(5, 10, 20, 50), batch_size: int = 4096, item_tile: int = ITEM_TILE,
                  max_users: int = 0, seed: int = 0, gather=None):
         self.num_users, self.num_items = num_users, num_items
         self.ks, self.batch_size, self.item_tile = tuple(ks), batch_size, item_tile

@@ -37,7 +37,7 @@ from lgmrec_dist.checkpoint import CheckpointError, read_best_tables
 from lgmrec_dist.config import load_config
 from lgmrec_dist.dataset import (ITEM_MAP, TRAIN, USER_MAP, DatasetError, IdMapRows, PreparedDataset,
                                  atomic_directory, features_tensor, parse_named_paths)
-from lgmrec_dist.evaluation import MASK_SCORE, _csr_from_pairs, _csr_over, _csr_rows, streaming_topk, topk_over_blocks
+from lgmrec_dist.evaluation import ITEM_TILE, MASK_SCORE, _csr_from_pairs, _csr_over, _csr_rows, streaming_topk, topk_over_blocks
 from lgmrec_dist.graph import build_graph
 from lgmrec_dist.model import TAU, LGMRec, model_params
 
@@ -79,7 +79,7 @@ def _embedding_table(raw_ids, emb: torch.Tensor, extra: dict | None = None) -> p
     return pa.table({"raw_id": raw_ids, "embedding": vec, **(extra or {})})
 
 
-def recommend_users(users: np.ndarray, user_emb, item_emb, train_csr, k: int, tile: int = 65536):
+def recommend_users(users: np.ndarray, user_emb, item_emb, train_csr, k: int, tile: int = ITEM_TILE):
     """Top-k (scores, items) for the given users with their training items excluded (rows of -1 pad)."""
     rows = torch.from_numpy(users)
     mask = [torch.from_numpy(a) for a in _csr_rows(*train_csr, users)]

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from lgmrec_dist import evaluation
 from lgmrec_dist.evaluation import (EarlyStopping, Evaluator, finalize, metric_sums,
                                     streaming_topk)
 
@@ -152,6 +153,51 @@ def test_pruned_streaming_topk_matches_numpy(order):
                               prune_block=block)
         np.testing.assert_array_equal(i.numpy(), ref_items)
         np.testing.assert_allclose(s.numpy(), np.take_along_axis(ref, ref_items, 1), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_float32_topk_ties_and_row_chunks(kernel, monkeypatch):
+    """float32 on the CPU: the C heap kernel (and the tensor path) against numpy. Integer-valued embeddings
+    make exact ties: the kernel breaks them by the lower item id (a stable argsort of -score), masked items
+    included; the tensor path's tie order is arbitrary, so its items are checked to be distinct and to have
+    the listed scores.
+    TILE_FLOATS is made small so the users go through in chunks of rows (2 or 3 per chunk)."""
+    rng = np.random.default_rng(2)
+    n, m, d = 9, 70, 3
+    U = rng.integers(-2, 3, (n, d)).astype(np.float32)
+    I = rng.integers(-2, 3, (m, d)).astype(np.float32)
+    dense, indptr, indices = random_csr(rng, n, m, p=0.1)
+    ref = U.astype(np.float64) @ I.T.astype(np.float64)
+    ref[dense] = -1e10
+    for k in (5, m + 4):
+        ref_items = np.argsort(-ref, axis=1, kind="stable")[:, :min(k, m)]
+        ref_scores = np.take_along_axis(ref, ref_items, 1).astype(np.float32)
+        for tile, tile_floats in ((7, 16), (16, 1 << 23), (m, 3 * m)):
+            monkeypatch.setattr(evaluation, "TILE_FLOATS", tile_floats)
+            s, i = streaming_topk(torch.from_numpy(U), torch.from_numpy(I), (indptr, indices), k, item_tile=tile,
+                                  prune_block=4, kernel=kernel)
+            np.testing.assert_array_equal(s.numpy(), ref_scores)
+            if kernel:
+                np.testing.assert_array_equal(i.numpy(), ref_items)
+            np.testing.assert_array_equal(np.take_along_axis(ref, i.numpy(), 1).astype(np.float32), ref_scores)
+            assert all(len(set(row)) == len(row) for row in i.tolist())
+    assert (np.sum(ref[:, :, None] == ref[:, None, :], (1, 2)) > m).all()     # every row has ties
+
+
+def test_kernel_and_tensor_topk_agree_on_random_float32():
+    """The two float32 paths on continuous scores (no ties): the same items and scores."""
+    gen = torch.Generator().manual_seed(3)
+    U, I = torch.randn(300, 16, generator=gen), torch.randn(5000, 16, generator=gen)
+    indptr = torch.arange(0, 301 * 4, 4)
+    indices = torch.randint(0, 5000, (300 * 4,), generator=gen)
+    indices = torch.sort(indices.view(300, 4), 1).values.reshape(-1)
+    s1, i1 = streaming_topk(U, I, (indptr, indices), 50, item_tile=1024, kernel=True)
+    s0, i0 = streaming_topk(U, I, (indptr, indices), 50, item_tile=1024, kernel=False)
+    torch.testing.assert_close(s1, s0, rtol=1e-6, atol=1e-6)
+    assert torch.equal(i1, i0)
+    masked = torch.zeros(300, 5000, dtype=torch.bool)
+    masked[torch.arange(300).repeat_interleave(4), indices] = True
+    assert not masked.gather(1, i1).any()
 
 
 def random_split(rng, num_users, num_items, n_train, n_held):
