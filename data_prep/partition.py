@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from lgmrec_dist.dataset import DatasetError
+from lgmrec_dist.keys import pair_keys
 
 __all__ = ["partition_nodes", "edge_parts", "partition_stats", "write_partitions", "load_partitions",
            "PARTITION_DIR", "NODE_PART", "PARTITION_META", "METHODS"]
@@ -47,13 +48,7 @@ EDGE_RULE = "user"          # a training edge (u, i) belongs to node_part[u]
 
 
 def _distinct_pairs(users: np.ndarray, items: np.ndarray, num_items: int) -> tuple[np.ndarray, np.ndarray]:
-    # sort-based unique: numpy 2's hash-based np.unique is ~100x slower on millions of int64 keys
-    key = np.sort(np.asarray(users, dtype=np.int64) * num_items + np.asarray(items, dtype=np.int64))
-    if len(key) > 1:
-        keep = np.empty(len(key), dtype=bool)
-        keep[0] = True
-        np.not_equal(key[1:], key[:-1], out=keep[1:])
-        key = key[keep]
+    key = pair_keys(users, items, num_items)
     return key // num_items, key % num_items
 
 

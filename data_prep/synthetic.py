@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from lgmrec_dist.dataset import DatasetError, atomic_directory, write_dataset
+from lgmrec_dist.keys import distinct
 from data_prep.mmrec import check_modality_name, feature_filename, import_mmrec, write_inter
 
 __all__ = ["mmrec_split", "generate_synthetic", "make_mmrec_synthetic", "make_prepared_synthetic",
@@ -181,17 +182,6 @@ def _draw(flat: np.ndarray, group: np.ndarray, r: np.ndarray, lo: np.ndarray, hi
     return np.clip(pos, lo, hi)
 
 
-def _sorted_unique(a: np.ndarray) -> np.ndarray:
-    """np.unique for int64 keys via sort (numpy 2's hash-based unique is much slower here)."""
-    a = np.sort(a)
-    if len(a) < 2:
-        return a
-    keep = np.empty(len(a), dtype=bool)
-    keep[0] = True
-    np.not_equal(a[1:], a[:-1], out=keep[1:])
-    return a[keep]
-
-
 def _sample_interactions(counts, pref, item_cluster, pop, rng):
     """Distinct (user, item) pairs, ``counts[u]`` for user u, following preferences and popularity."""
     U, C = pref.shape
@@ -232,7 +222,7 @@ def _sample_interactions(counts, pref, item_cluster, pop, rng):
                 items[explore] = np.minimum(np.searchsorted(gcdf, rng.random(k), side="right"), I - 1)
             else:
                 items[explore] = rng.integers(0, I, k)
-        keys = _sorted_unique(np.concatenate([keys, su * I + items]))
+        keys = distinct(np.concatenate([keys, su * I + items]))
         need = counts - np.bincount(keys // I, minlength=U)
     if need.any():                                 # stragglers (rare): uniform over the items they lack
         have = keys // I
@@ -241,7 +231,7 @@ def _sample_interactions(counts, pref, item_cluster, pop, rng):
             owned = keys[have == u] % I
             free = np.setdiff1d(np.arange(I, dtype=np.int64), owned, assume_unique=True)
             extra.append(u * I + rng.choice(free, size=need[u], replace=False))
-        keys = _sorted_unique(np.concatenate([keys, *extra]))
+        keys = distinct(np.concatenate([keys, *extra]))
     return keys // I, keys % I
 
 

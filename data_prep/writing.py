@@ -23,6 +23,7 @@ from data_prep.blocks import by_row, concat, split_by, take, call, gather
 from data_prep.partition import partition_stats
 from lgmrec_dist.dataset import INTERACTIONS, sha256_file
 from lgmrec_dist.dataset_parts import EVAL, NODE_FILES, PART_META, TRAIN_EDGES, part_dir
+from lgmrec_dist.keys import distinct
 
 ROWS_PER_RANGE = 1 << 20
 
@@ -112,8 +113,8 @@ def _write_part(out: str, k: int, num_parts: int, num_users: int, node_part, *pi
     tu, ti = block["u"][train], block["i"][train]
     owned_users = np.flatnonzero(node_part[:num_users] == k).astype(np.int64)
     owned_items = np.flatnonzero(node_part[num_users:] == k).astype(np.int64)
-    halo_users = np.unique(tu[node_part[tu] != k])
-    halo_items = np.unique(ti[node_part[num_users + ti] != k])
+    halo_users = distinct(tu[node_part[tu] != k])
+    halo_items = distinct(ti[node_part[num_users + ti] != k])
     held = ~train                          # only owned users' held-out rows are routed here
     sums = {}
     for rel, arr in zip(NODE_FILES, (owned_users, owned_items, halo_users, halo_items)):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from lgmrec_dist.rng import keyed_hash64, mix32_np, stream_key
+from lgmrec_dist.keys import distinct, pair_keys
 
 PERMUTATION_STREAM, NEGATIVE_STREAM = 101, 102
 ROUNDS = 4
@@ -95,11 +96,11 @@ class TripleSampler:
 
     def __init__(self, num_items: int, train_users: np.ndarray, train_items: np.ndarray, seed: int,
                  pair_index: np.ndarray | None = None, total: int | None = None, item_pool: ItemPool | None = None):
-        keys = np.unique(np.asarray(train_users, np.int64) * num_items + np.asarray(train_items, np.int64))
+        keys = pair_keys(train_users, train_items, num_items)
         self.num_items = num_items
         self.keys = keys                         # sorted (user, item) keys of the distinct pairs held
         self.users, self.items = keys // num_items, keys % num_items
-        self.item_pool = ItemPool.of(num_items, np.unique(self.items)) if item_pool is None else item_pool
+        self.item_pool = ItemPool.of(num_items, distinct(self.items)) if item_pool is None else item_pool
         self.pair_index = np.arange(len(keys)) if pair_index is None else np.asarray(pair_index, np.int64)
         self.total = len(keys) if total is None else int(total)
         self.seed = seed

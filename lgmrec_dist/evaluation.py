@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from lgmrec_dist import native, rng
+from lgmrec_dist.keys import distinct, pair_keys
 
 MASK_SCORE = -1e10
 SAMPLE_STREAM = 103
@@ -37,7 +38,7 @@ TILE_FLOATS = 1 << 23     # a CPU score tile's size (32 MiB of float32): it stay
 
 def _csr_from_pairs(num_rows: int, num_cols: int, rows: np.ndarray, cols: np.ndarray):
     """Deduplicated CSR (indptr, indices) as int64 numpy arrays, columns sorted within each row."""
-    keys = np.unique(np.asarray(rows, np.int64) * num_cols + np.asarray(cols, np.int64))
+    keys = pair_keys(rows, cols, num_cols)
     r, c = np.divmod(keys, num_cols)
     indptr = np.zeros(num_rows + 1, np.int64)
     np.cumsum(np.bincount(r, minlength=num_rows), out=indptr[1:])
@@ -273,7 +274,7 @@ class Evaluator:
                  max_users: int = 0, seed: int = 0, gather=None):
         self.num_users, self.num_items = num_users, num_items
         self.ks, self.batch_size, self.item_tile = tuple(ks), batch_size, item_tile
-        self.users = np.unique(np.asarray(heldout_users, np.int64))
+        self.users = distinct(np.asarray(heldout_users, np.int64))
         if max_users > 0:
             self.users = keyed_user_sample(self.users, max_users, seed, gather)
         # CSRs over the evaluated users only (row p: users[p]), nothing per user of the whole catalogue

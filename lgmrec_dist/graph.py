@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lgmrec_dist import native
+from lgmrec_dist.keys import pair_keys
 
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
@@ -22,7 +23,7 @@ def interaction_dgl_graph(num_users: int, num_items: int, users: np.ndarray, ite
     """The training interactions as a DGL graph (users 0..U-1, items U..U+I-1): each distinct (user, item)
     pair once in each direction — the neighbourhoods Ĝ normalises, for DGL's samplers and blocks."""
     import dgl
-    keys = np.unique(np.asarray(users, np.int64) * num_items + np.asarray(items, np.int64))
+    keys = pair_keys(users, items, num_items)
     u, i = keys // num_items, keys % num_items + num_users
     return dgl.graph((np.concatenate([u, i]), np.concatenate([i, u])), num_nodes=num_users + num_items)
 
@@ -67,23 +68,28 @@ def _kernel() -> ctypes.CDLL | None:
                        {"csr_spmm": ([P, P, P, I64, P, I64, P, native.I32], None)})
 
 
-def csr_mm(a: torch.Tensor, x: torch.Tensor, fused: bool = True) -> torch.Tensor:
+def csr_mm(a: torch.Tensor, x: torch.Tensor, fused: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """``a @ x`` for a CSR matrix ``a`` and a dense ``x`` (docs/model.md §7.2, rewrite 6).
 
     On CPU in float32 with int64 indices (how :func:`csr` builds them) the C kernel ``csr_spmm.c``
     writes each output row once, summing the row's entries in their stored order (bit-identical with any
-    thread count); elsewhere, or with ``fused=False`` or no C compiler, ``torch.sparse.mm``."""
+    thread count); elsewhere, or with ``fused=False`` or no C compiler, ``torch.sparse.mm``. ``out`` (a
+    contiguous tensor of the result's shape) receives the result instead of a new tensor: a chunked
+    precomputation then reuses its buffers rather than paying fresh pages for each product."""
     lib = None
     if (fused and a.layout == torch.sparse_csr and a.device.type == x.device.type == "cpu"
             and a.dtype == x.dtype == torch.float32 and x.dim() == 2 and a.crow_indices().dtype == torch.int64):
         lib = _kernel()
     if lib is None:
-        return torch.sparse.mm(a, x)
+        return torch.sparse.mm(a, x) if out is None else out.copy_(torch.sparse.mm(a, x))
     if x.shape[0] != a.shape[1]:
         raise ValueError(f"csr_mm: a is {tuple(a.shape)} but x has {x.shape[0]} rows")
     x = x.contiguous()
     indptr, indices, values = a.crow_indices(), a.col_indices(), a.values()
-    out = x.new_empty(a.shape[0], x.shape[1])
+    if out is None:
+        out = x.new_empty(a.shape[0], x.shape[1])
+    elif out.shape != (a.shape[0], x.shape[1]) or not out.is_contiguous() or out.dtype != x.dtype:
+        raise ValueError(f"csr_mm: out must be a contiguous {x.dtype} tensor of shape {(a.shape[0], x.shape[1])}")
     lib.csr_spmm(indptr.data_ptr(), indices.data_ptr(), values.data_ptr(), a.shape[0], x.data_ptr(), x.shape[1],
                  out.data_ptr(), torch.get_num_threads())
     return out
@@ -149,7 +155,7 @@ def graph_bytes(graph) -> int:
 
 def build_graph(num_users: int, num_items: int, users: np.ndarray, items: np.ndarray) -> Graph:
     """Build Ĝ, R and P from the training pairs (§1.3): deg = distinct neighbours, D = diag(deg + 1e-7)."""
-    keys = np.unique(np.asarray(users, np.int64) * num_items + np.asarray(items, np.int64))
+    keys = pair_keys(users, items, num_items)
     u, i = keys // num_items, keys % num_items
     n = num_users + num_items
     deg_u = np.bincount(u, minlength=num_users).astype(np.float64)

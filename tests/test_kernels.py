@@ -7,6 +7,7 @@ import torch
 
 from lgmrec_dist import graph, rng
 from lgmrec_dist.graph import csr, csr_mm, spmm
+from lgmrec_dist.keys import distinct, pair_keys
 from lgmrec_dist.model import hypergraph
 from lgmrec_dist.model.features import NARROW, _narrow_kernel, narrow_matmul
 from lgmrec_dist.model.hypergraph import assign
@@ -46,6 +47,24 @@ def test_kernel_matches_torch_csr_product(d):
     got, want = csr_mm(a, x), torch.sparse.mm(a, x)
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item()), (got - want).abs().max()
     assert torch.equal(csr_mm(a, x, fused=False), want)
+
+
+def test_kernel_writes_into_out():
+    a, x = random_csr(300, 200, 2000), dense_x(200, 20)
+    for fused in (True, False):
+        out = torch.full((300, 20), float("nan"))
+        assert csr_mm(a, x, fused=fused, out=out) is out
+        assert torch.equal(out, csr_mm(a, x, fused=fused))
+    with pytest.raises(ValueError, match="out"):
+        csr_mm(a, x, out=torch.empty(300, 40)[:, :20])
+
+
+def test_distinct_and_pair_keys_equal_np_unique():
+    r = np.random.default_rng(4)
+    for a in (np.zeros(0, np.int64), np.array([7]), r.integers(0, 50, 1000), r.integers(-5, 5, 99).astype(np.int32)):
+        assert np.array_equal(distinct(a), np.unique(a)) and distinct(a).dtype == np.unique(a).dtype
+    u, i = r.integers(0, 30, 500), r.integers(0, 20, 500)
+    assert np.array_equal(pair_keys(u, i, 20), np.unique(u * 20 + i))
 
 
 def test_kernel_is_bit_identical_across_runs_and_thread_counts():

@@ -67,6 +67,11 @@ def test_mge_mean_of_items_last_layer_and_precompute():
     assert np.allclose(mge_direct(g, xt, wt, 2).numpy(), want, atol=1e-5)
     assert np.allclose((mge_inputs(g, xt, 2, chunk=4) @ wt).numpy(), want, atol=1e-5)
     assert np.allclose(mge_direct(g, xt, wt, 0).numpy(), np.concatenate([f_u, f_i]), atol=1e-5)
+    # chunked (a ragged last chunk, buffers reused), one chunk, rows only, no layers: the same Y
+    whole = mge_inputs(g, xt, 2)
+    assert torch.equal(mge_inputs(g, xt, 2, chunk=4), whole)
+    assert torch.equal(mge_inputs(g, xt, 2, chunk=4, rows=torch.tensor([4, 0])), whole[[4, 0]])
+    assert np.allclose((mge_inputs(g, xt, 0, chunk=5) @ wt).numpy(), np.concatenate([f_u, f_i]), atol=1e-5)
 
 
 def test_hypergraph_layers_by_hand():

@@ -39,6 +39,7 @@ from lgmrec_dist.distributed.exchange import Ownership, _exchange_ids, comm_devi
 from lgmrec_dist.distributed.reduce import all_reduce_
 from lgmrec_dist.graph import csr
 from lgmrec_dist.sampling import SampledBatch, batch_seeds, layer_fanouts, make_batch, weighted_layer
+from lgmrec_dist.keys import pair_keys
 
 BLOCK_STREAM = (1 << 20) + 3   # rng stream of the keyed neighbour choice (after the sampled mode's streams)
 _ID_BYTES = 8
@@ -53,7 +54,7 @@ class PartitionBlockSampler:
         self.num_users, self.num_items = num_users, num_items
         self.num_nodes = num_users + num_items
         # the local edges as a set, both directions, kept where the destination is owned: complete rows
-        keys = np.unique(np.asarray(local_users, np.int64) * num_items + np.asarray(local_items, np.int64))
+        keys = pair_keys(local_users, local_items, num_items)
         u, i = keys // num_items, keys % num_items + num_users
         dst, src = np.concatenate([u, i]), np.concatenate([i, u])
         mine = own.part[dst] == own.rank

@@ -26,6 +26,7 @@ from lgmrec_dist.dataset import TRAIN, DatasetError, read_manifest
 from lgmrec_dist.dataset_parts import PartitionData, open_partition
 from lgmrec_dist.distributed.exchange import all_gather_rows, comm_device
 from lgmrec_dist.distributed.group import LaunchError
+from lgmrec_dist.keys import pair_keys
 
 
 def uses_partitions(data, cfg: Config, world_size: int) -> bool:
@@ -105,7 +106,7 @@ def partition_triples(ds: PartitionData, seed: int) -> TripleSampler:
     """The sampler of rank k's users' training pairs, numbered as in one process (:func:`pair_numbers`), and
     the negatives' pool: the items with a training pair on some rank."""
     users, items = ds.pairs(TRAIN)
-    keys = np.unique(users * ds.num_items + items)
+    keys = pair_keys(users, items, ds.num_items)
     u, i = keys // ds.num_items, keys % ds.num_items
     pair_index, total = pair_numbers(u, ds.num_users)
     pool = ItemPool(ds.num_items, unused_items(np.sort(i), ds.num_items))

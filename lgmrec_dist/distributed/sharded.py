@@ -28,10 +28,11 @@ import torch.distributed as dist
 
 from lgmrec_dist.distributed.exchange import Ownership, RowExchange, all_gather, all_gather_rows
 from lgmrec_dist.distributed.reduce import all_reduce
-from lgmrec_dist.graph import csr, csr_sharing, spmm
+from lgmrec_dist.graph import csr, csr_mm, csr_sharing, spmm
 from lgmrec_dist.model.features import column_chunk
 from lgmrec_dist.model.hypergraph import HyperEmbedding
 from lgmrec_dist.model.losses import key_rows, lowrank_logsumexp
+from lgmrec_dist.keys import distinct, pair_keys
 
 
 SHARDED_CHUNK_BYTES = 32 << 20   # one float32 column chunk of the start-up precomputation (LocalGraph)
@@ -48,7 +49,7 @@ class LocalGraph:
     def __init__(self, own: Ownership, num_users: int, num_items: int, users: np.ndarray, items: np.ndarray,
                  device: torch.device):
         # interactions are a set (docs/model.md §1.3): a pair logged twice is one edge
-        keys = np.unique(np.asarray(users, np.int64) * num_items + np.asarray(items, np.int64))
+        keys = pair_keys(users, items, num_items)
         u, i = keys // num_items, keys % num_items + num_users
         del keys
         # both directions of each edge, kept where the destination is owned: users' rows, then items' rows.
@@ -59,7 +60,7 @@ class LocalGraph:
         del u, i, mine_u, mine_i
         n_own = len(own.owned)
         is_halo = own.part[src] != own.rank
-        halo_ids = np.unique(src[is_halo])                       # sorted: sums run in the same order every run
+        halo_ids = distinct(src[is_halo])                       # sorted: sums run in the same order every run
         local_dst = own.local(dst)
         local_src = own.local(src)
         local_src[is_halo] = n_own + np.searchsorted(halo_ids, src[is_halo])
@@ -125,9 +126,9 @@ class LocalGraph:
         out = torch.empty(self.norm_adj.shape[0], x_items.shape[1], device=x_items.device, dtype=dtype)
         for c in range(0, x_items.shape[1], self.chunk):
             x = self._node_rows(x_items[:, c:c + self.chunk].contiguous())
-            y = torch.sparse.mm(self.P, self.extend(x)) + x
+            y = csr_mm(self.P, self.extend(x)) + x
             for _ in range(n_layers):
-                y = torch.sparse.mm(self.norm_adj, self.extend(y))
+                y = csr_mm(self.norm_adj, self.extend(y))
             out[:, c:c + self.chunk] = y
         return out
 

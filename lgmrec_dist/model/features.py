@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lgmrec_dist import native
-from lgmrec_dist.graph import Graph
+from lgmrec_dist.graph import Graph, csr_mm
 
 HELD_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -152,7 +152,7 @@ def user_feature_sums(graph: Graph, x: torch.Tensor, chunk: int | None = None,
     out = torch.empty(graph.num_users if rows is None else len(rows), x.shape[1], dtype=dtype, device=x.device)
     chunk = chunk or column_chunk(graph.num_users)
     for c in range(0, x.shape[1], chunk):
-        sums = torch.sparse.mm(graph.R, x[:, c:c + chunk].contiguous())
+        sums = csr_mm(graph.R, x[:, c:c + chunk].contiguous())
         out[:, c:c + chunk] = sums if rows is None else sums[rows]
     return out
 
