@@ -60,7 +60,7 @@ def peak_rss_gb() -> float:
 # interactions; image 512-d and text 384-d features, the widths `lgmrec extract` gives with resnet18 and MiniLM.
 EPOCH_10M = dict(num_users=1_210_000, num_items=440_000, num_interactions=10_000_000,
                  modalities={"image": 512, "text": 384}, seed=10)
-EPOCH_10M_SET = ["user_feature_table=false"]
+EPOCH_10M_SET = ["user_feature_table=false", "feature_dtype=bfloat16"]   # the memory settings at this size
 
 
 def dataset_10m(out_root: Path) -> Path:

@@ -131,17 +131,20 @@ def inference(model) -> torch.Tensor:
     if model.cfg.use_ghe:
         model.eval_calls += 1
         hyper = model.ghe(e_c, -model.eval_calls, train=False)
-    return model.fuse(e_c, hyper)
+    return model.fuse(e_c, hyper, inplace=True)
 
 
-def fuse(e_c: torch.Tensor, mge: list[torch.Tensor], g: torch.Tensor | None, alpha: float) -> torch.Tensor:
+def fuse(e_c: torch.Tensor, mge, g: torch.Tensor | None, alpha: float, inplace: bool = False) -> torch.Tensor:
     """E* = E_c + Σ_m rownorm(F^m) + α·rownorm(G) at some rows (docs/model.md, fusion): ``mge`` the F^m rows
-    (empty without MGE), ``g`` = Σ_m G^m rows (None without GHE)."""
+    (empty without MGE; an iterable, so a caller may make each F^m only when it is added), ``g`` = Σ_m G^m
+    rows (None without GHE). ``inplace`` (no autograd; ``e_c``, each F^m and ``g`` are the caller's to
+    overwrite) adds every term into ``e_c`` itself: the same sums in the same order, one N × d buffer per
+    term instead of one per operation."""
     e = e_c
     for f in mge:
-        e = e + F.normalize(f, dim=1)
+        e = e.add_(F.normalize(f, dim=1, out=f)) if inplace else e + F.normalize(f, dim=1)
     if g is not None:
-        e = e + alpha * F.normalize(g, dim=1)
+        e = e.add_(F.normalize(g, dim=1, out=g).mul_(alpha)) if inplace else e + alpha * F.normalize(g, dim=1)
     return e
 
 
@@ -243,16 +246,22 @@ class LGMRec(nn.Module):
         return global_embeddings(self.cfg, z, self.graph, e_c[len(p.user_ids):], step, train, p.user_ids,
                                  p.item_ids, p.reduce)
 
-    def fuse(self, e_c: torch.Tensor, hyper, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """E* at held rows ``rows`` (local indices), or at every held node when None (:func:`fuse`)."""
+    def fuse(self, e_c: torch.Tensor, hyper, rows: torch.Tensor | None = None, inplace: bool = False) -> torch.Tensor:
+        """E* at held rows ``rows`` (local indices), or at every held node when None (:func:`fuse`).
+        ``inplace`` (inference over every held node, ``e_c`` the caller's): each F^m is made as it is
+        added, G summed in place, everything added into ``e_c``."""
         mge = []
         if self.cfg.use_mge:
-            mge = [self.mge_held(m) if rows is None else self.source.held_mge_rows(m, rows, self.proj[m])
-                   for m in self.modalities]
-        g = sum(h.nodes(rows) for h in hyper) if self.cfg.use_ghe else None
+            mge = (self.mge_held(m) if rows is None else self.source.held_mge_rows(m, rows, self.proj[m])
+                   for m in self.modalities)
+            mge = mge if inplace else list(mge)
+        g = None
+        if self.cfg.use_ghe:
+            for h in hyper:
+                g = h.nodes(rows) if g is None else (g.add_(h.nodes(rows)) if inplace else g + h.nodes(rows))
         # index_select, not e_c[rows]: the same rows (distinct), but its backward is an index_add where
         # advanced indexing's deterministic backward sorts the indices first (~2 ms a step at Baby size)
-        return fuse(e_c if rows is None else e_c.index_select(0, rows), mge, g, self.cfg.alpha)
+        return fuse(e_c if rows is None else e_c.index_select(0, rows), mge, g, self.cfg.alpha, inplace)
 
     # ------------------------------------------------------------------ training / inference
     def batch_loss(self, users, pos, neg, step: int) -> dict:
