@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from lgmrec_dist.rng import keyed_hash64, mix32_np, stream_key
 from lgmrec_dist.keys import distinct, pair_keys
+from lgmrec_dist.rng import keyed_hash64, mix32_np, stream_key
 
 PERMUTATION_STREAM, NEGATIVE_STREAM = 101, 102
 ROUNDS = 4

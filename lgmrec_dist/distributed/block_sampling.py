@@ -38,8 +38,8 @@ from lgmrec_dist import rng
 from lgmrec_dist.distributed.exchange import Ownership, _exchange_ids, comm_device
 from lgmrec_dist.distributed.reduce import all_reduce_
 from lgmrec_dist.graph import csr
-from lgmrec_dist.sampling import SampledBatch, batch_seeds, layer_fanouts, make_batch, weighted_layer
 from lgmrec_dist.keys import pair_keys
+from lgmrec_dist.sampling import SampledBatch, batch_seeds, layer_fanouts, make_batch, weighted_layer
 
 BLOCK_STREAM = (1 << 20) + 3   # rng stream of the keyed neighbour choice (after the sampled mode's streams)
 _ID_BYTES = 8

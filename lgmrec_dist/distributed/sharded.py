@@ -29,10 +29,10 @@ import torch.distributed as dist
 from lgmrec_dist.distributed.exchange import Ownership, RowExchange, all_gather, all_gather_rows
 from lgmrec_dist.distributed.reduce import all_reduce
 from lgmrec_dist.graph import csr, csr_mm, csr_sharing, spmm
+from lgmrec_dist.keys import distinct, pair_keys
 from lgmrec_dist.model.features import column_chunk
 from lgmrec_dist.model.hypergraph import HyperEmbedding
 from lgmrec_dist.model.losses import key_rows, lowrank_logsumexp
-from lgmrec_dist.keys import distinct, pair_keys
 
 
 SHARDED_CHUNK_BYTES = 32 << 20   # one float32 column chunk of the start-up precomputation (LocalGraph)
