@@ -176,7 +176,7 @@ def streaming_topk(user_emb: torch.Tensor, item_emb: torch.Tensor, train_mask_ro
     lib = _heap_kernel() if kernel is not False and device.type == "cpu" and user_emb.dtype == torch.float32 else None
     if kernel and lib is None:
         raise RuntimeError("streaming_topk: the C top-k kernel is not available here (see the log)")
-    chunk = n if device.type != "cpu" else max(1, TILE_FLOATS // item_tile)
+    chunk = max(1, n) if device.type != "cpu" else max(1, TILE_FLOATS // item_tile)
     buf = user_emb.new_empty(max(1, min(n, chunk) * min(max(item_tile, k), m)))   # the widest tile
     if train_mask_rows is not None:
         indptr, indices = (t.to(device=device, dtype=torch.long) for t in train_mask_rows)

@@ -52,6 +52,14 @@ static void push(float *hs, int64_t *hi, int64_t len, float s, int64_t id) {
     hi[pos] = id;
 }
 
+/* The root (the row's worst kept pair) gives way to (s, id); returns the new root's score */
+static inline float replace_root(float *hs, int64_t *hi, int64_t k, float s, int64_t id) {
+    hs[0] = s;
+    hi[0] = id;
+    sift_down(hs, hi, k, 0);
+    return hs[0];
+}
+
 /* Merge the tile scores[r * ld + j] (n rows, w columns; column j is item col0 + j) into each row's heap
  * (heap_s, heap_i: n x k; heap_len: how many entries each row holds so far). */
 void topk_update(const float *scores, int64_t n, int64_t w, int64_t ld, int64_t col0, float *heap_s,
@@ -81,23 +89,13 @@ void topk_update(const float *scores, int64_t n, int64_t w, int64_t ld, int64_t 
             if (!any)
                 continue;
 #endif
-            for (int t = 0; t < 16; ++t) {
-                if (row[j + t] > root) {
-                    hs[0] = row[j + t];
-                    hi[0] = col0 + j + t;
-                    sift_down(hs, hi, k, 0);
-                    root = hs[0];
-                }
-            }
+            for (int t = 0; t < 16; ++t)
+                if (row[j + t] > root)
+                    root = replace_root(hs, hi, k, row[j + t], col0 + j + t);
         }
-        for (; j < w; ++j) {
-            if (row[j] > root) {
-                hs[0] = row[j];
-                hi[0] = col0 + j;
-                sift_down(hs, hi, k, 0);
-                root = hs[0];
-            }
-        }
+        for (; j < w; ++j)
+            if (row[j] > root)
+                root = replace_root(hs, hi, k, row[j], col0 + j);
     }
 }
 
