@@ -75,6 +75,20 @@ class Layer:
     def num_edges(self) -> int:
         return len(self.adj[1])
 
+    def relabel_sources(self, position: torch.Tensor, order: torch.Tensor) -> Layer:
+        """The same layer with source node j renamed ``position[j]`` (``order`` its inverse permutation).
+
+        Entries keep their order within each row (they are ordered by node id, which does not change), so
+        products sum the same terms in the same order: bit for bit the same results."""
+        crow, col, val = self.adj
+        crow_t, col_t, val_t = self.adj_t
+        counts = crow_t.diff()[order]                 # new row k is old row order[k]
+        new_crow = torch.zeros_like(crow_t)
+        torch.cumsum(counts, 0, out=new_crow[1:])
+        start_shift = crow_t[:-1][order] - new_crow[:-1]
+        entries = torch.arange(len(col_t)) + torch.repeat_interleave(start_shift, counts)
+        return Layer(self.n_dst, self.n_src, (crow, position[col], val), (new_crow, col_t[entries], val_t[entries]))
+
 
 @dataclass
 class SampledBatch:
@@ -82,8 +96,12 @@ class SampledBatch:
 
     Node ids: users 0..U-1, items U..U+I-1. ``seeds`` are the batch's distinct nodes, sorted (users
     first); ``inverse`` maps the 3B triple positions (users, pos, neg) to rows of ``seeds``. ``input_ids``
-    are the nodes whose E^(0) rows the CGE reads; they start with the seeds, and layer l's destination
-    nodes are a prefix of its source nodes (DGL's block convention), so the seeds are a prefix everywhere.
+    are the nodes whose E^(0) rows the CGE reads, sorted (users first): the order the rows are gathered from
+    the tables in, and the order of layer 0's columns. ``dst_rows`` are the positions in ``input_ids`` of
+    layer 0's destination nodes, seeds first; from there on DGL's block convention holds (layer l's
+    destination nodes are a prefix of its source nodes), so the seeds are a prefix of every later layer.
+    Layer 0's columns are relabelled to the sorted order when the batch is made (:func:`make_batch`), so the
+    step reads the rows where they were gathered, without a permuted copy of every E^(0) row.
     """
     step: int
     users: torch.Tensor
@@ -93,13 +111,24 @@ class SampledBatch:
     inverse: torch.Tensor
     input_ids: torch.Tensor
     layers: list = field(default_factory=list)
-    input_users: torch.Tensor | None = None   # the user ids among input_ids, sorted
-    input_items: torch.Tensor | None = None   # the item ids (0-based) among input_ids, sorted
-    input_perm: torch.Tensor | None = None    # cat(E_U[input_users], E_I[input_items])[input_perm] = E^(0)[input_ids]
+    input_users: torch.Tensor | None = None   # input_ids[:len(input_users)]: the user ids, sorted
+    input_items: torch.Tensor | None = None   # the item ids (0-based) of the rest of input_ids, sorted
+    dst_rows: torch.Tensor | None = None      # input_ids[dst_rows]: layer 0's destination nodes, seeds first
 
     @property
     def num_seeds(self) -> int:
         return len(self.seeds)
+
+    @property
+    def seed_rows(self) -> torch.Tensor:
+        """The seeds' positions in ``input_ids`` (the seeds' E^(0) rows)."""
+        return self.dst_rows[:self.num_seeds]
+
+    def layer_ids(self, l: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(destination ids, source ids) of layer ``l``: the node ids of its rows and of its columns."""
+        inner = self.input_ids[self.dst_rows]
+        layer = self.layers[l]
+        return inner[:layer.n_dst], (self.input_ids if l == 0 else inner[:layer.n_src])
 
     def matches(self, users, pos, neg) -> bool:
         return (len(users) == len(self.users) and torch.equal(users.cpu(), self.users)
@@ -180,16 +209,23 @@ def weighted_layer(dst: np.ndarray, src: np.ndarray, ids: np.ndarray, n_dst: int
 
 def make_batch(step: int, users, pos, neg, seeds, inverse, input_ids: torch.Tensor, layers: list,
                num_users: int) -> SampledBatch:
-    """The :class:`SampledBatch`, with the sorted user and item ids of ``input_ids`` and their permutation."""
-    # rows are gathered from the tables in sorted order (memory touched in order: several times faster
-    # on big tables), then permuted into the blocks' order
+    """The :class:`SampledBatch` of blocks whose layers index ``input_ids`` in DGL's order (destination nodes
+    first): the input ids sorted, and layer 0's columns relabelled to that order."""
+    # rows are gathered from the tables in sorted order (memory touched in order: several times faster on
+    # big tables); relabelling layer 0's columns (O(edges) integers, here in the sampler) replaces permuting
+    # the gathered rows (O(rows · d) floats in the step, forward and backward)
     order = torch.argsort(input_ids)
     sorted_ids = input_ids[order]
     n_users = int(torch.searchsorted(sorted_ids, num_users))
-    perm = torch.empty_like(order)
-    perm[order] = torch.arange(len(order))
-    return SampledBatch(step, users, pos, neg, seeds, inverse, input_ids, layers,
-                        sorted_ids[:n_users], sorted_ids[n_users:] - num_users, perm)
+    position = torch.empty_like(order)
+    position[order] = torch.arange(len(order))
+    if layers:
+        layers = [layers[0].relabel_sources(position, order), *layers[1:]]
+        dst_rows = position[:layers[0].n_dst]
+    else:
+        dst_rows = position
+    return SampledBatch(step, users, pos, neg, seeds, inverse, sorted_ids, layers,
+                        sorted_ids[:n_users], sorted_ids[n_users:] - num_users, dst_rows)
 
 
 def _csr_parts(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int, col_ids: np.ndarray) -> tuple:

@@ -55,3 +55,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def dst_first():
+    """A function of a sampled batch: its layer 0 with the sources renamed so that the layer's destination
+    nodes come first (DGL's block convention, as the samplers produce it; the batch stores it relabelled to
+    sorted ids), the source ids in that order, and each sorted position's new index."""
+    import torch
+
+    def relabel(batch):
+        taken = torch.zeros(len(batch.input_ids), dtype=torch.bool)
+        taken[batch.dst_rows] = True
+        order = torch.cat([batch.dst_rows, torch.nonzero(~taken).flatten()])
+        position = torch.empty_like(order)
+        position[order] = torch.arange(len(order))
+        return batch.layers[0].relabel_sources(position, order), batch.input_ids[order], position
+
+    return relabel

@@ -100,15 +100,16 @@ def each_rank_batch(two_ranks, wanted):
                 yield name, step, [rank_slice(t, rank, 2) for t in triples], batch
 
 
-def weighted_edges(batch, layer) -> list:
-    """Sorted (dst id, src id, weight) of a layer, by global node ids; and the same read from its transpose."""
+def weighted_edges(batch, l: int) -> list:
+    """Sorted (dst id, src id, weight) of layer l, by global node ids; and the same read from its transpose."""
+    layer = batch.layers[l]
+    dst_ids, src_ids = batch.layer_ids(l)
     crow, col, val = layer.adj
     rows = torch.repeat_interleave(torch.arange(layer.n_dst), crow.diff())
-    ids = batch.input_ids
-    edges = sorted(zip(ids[rows].tolist(), ids[col].tolist(), val.tolist()))
+    edges = sorted(zip(dst_ids[rows].tolist(), src_ids[col].tolist(), val.tolist()))
     crow_t, col_t, val_t = layer.adj_t
     rows_t = torch.repeat_interleave(torch.arange(layer.n_src), crow_t.diff())
-    assert edges == sorted(zip(ids[col_t].tolist(), ids[rows_t].tolist(), val_t.tolist()))
+    assert edges == sorted(zip(dst_ids[col_t].tolist(), src_ids[rows_t].tolist(), val_t.tolist()))
     return edges
 
 
@@ -116,13 +117,14 @@ def check_structure(batch, triples):
     users, pos, neg = triples
     nodes = torch.cat([users, pos + NU, neg + NU])
     assert torch.equal(batch.seeds, torch.unique(nodes)) and torch.equal(batch.seeds[batch.inverse], nodes)
-    assert torch.equal(batch.input_ids[:batch.num_seeds], batch.seeds)
-    assert len(torch.unique(batch.input_ids)) == len(batch.input_ids)
+    assert torch.equal(batch.input_ids[batch.seed_rows], batch.seeds)
+    assert torch.equal(batch.input_ids, torch.unique(batch.input_ids))     # distinct, sorted
     assert batch.layers[-1].n_dst == batch.num_seeds and batch.layers[0].n_src == len(batch.input_ids)
-    for inner, outer in zip(batch.layers[1:], batch.layers[:-1]):
+    for l, (inner, outer) in enumerate(zip(batch.layers[1:], batch.layers[:-1])):
         assert inner.n_src == outer.n_dst                     # each layer's source nodes: the next one's input
+        assert torch.equal(batch.layer_ids(l + 1)[0][:batch.num_seeds], batch.seeds)   # seeds first
     e0 = torch.randn(NU + NI, 2)
-    rows = torch.cat([e0[:NU][batch.input_users], e0[NU:][batch.input_items]])[batch.input_perm]
+    rows = torch.cat([e0[:NU][batch.input_users], e0[NU:][batch.input_items]])
     assert torch.equal(rows, e0[batch.input_ids])
 
 
@@ -147,9 +149,9 @@ def test_full_fanout_equals_block_sampler_on_the_whole_graph(two_ranks):
         assert torch.equal(batch.seeds, ref.seeds) and torch.equal(batch.inverse, ref.inverse)
         assert set(batch.input_ids.tolist()) == set(ref.input_ids.tolist())
         assert len(batch.layers) == len(ref.layers) == 2
-        for mine, theirs in zip(batch.layers, ref.layers):
+        for l, (mine, theirs) in enumerate(zip(batch.layers, ref.layers)):
             assert (mine.n_dst, mine.n_src) == (theirs.n_dst, theirs.n_src)
-            assert weighted_edges(batch, mine) == weighted_edges(ref, theirs)   # weights bit for bit
+            assert weighted_edges(batch, l) == weighted_edges(ref, l)   # weights bit for bit
         e_c = cge_on_blocks(batch, e0[batch.input_ids], "cpu")
         assert torch.allclose(e_c, cge_on_blocks(ref, e0[ref.input_ids], "cpu"), atol=1e-6)
         assert torch.allclose(e_c, exact[batch.seeds], atol=1e-6)
@@ -158,7 +160,7 @@ def test_full_fanout_equals_block_sampler_on_the_whole_graph(two_ranks):
 
 
 def assert_same_batch(a, b):
-    for key in ("seeds", "inverse", "input_ids", "input_users", "input_items", "input_perm"):
+    for key in ("seeds", "inverse", "input_ids", "input_users", "input_items", "dst_rows"):
         assert torch.equal(getattr(a, key), getattr(b, key)), key
     assert len(a.layers) == len(b.layers)
     for la, lb in zip(a.layers, b.layers):
@@ -181,10 +183,10 @@ def test_partial_fanout_two_ranks_equal_one_process(two_ranks):
     # the keyed choice changes with the step, and really drops neighbours
     _, _, triples, batch = next(each_rank_batch(two_ranks, {"partial"}))
     other = single["partial"].sample(*triples, 1)
-    assert weighted_edges(batch, batch.layers[0]) != weighted_edges(other, other.layers[0])
+    assert weighted_edges(batch, 0) != weighted_edges(other, 0)
 
 
-def test_partial_fanout_weights_rescaled_as_block_sampler(two_ranks):
+def test_partial_fanout_weights_rescaled_as_block_sampler(two_ranks, dst_first):
     u, i, _ = tiny_graph()
     whole = BlockSampler(NU, NI, u, i, [-1], 1, SEED)
     neighbours = [set(whole.graph.predecessors(n).tolist()) for n in range(NU + NI)]
@@ -192,8 +194,12 @@ def test_partial_fanout_weights_rescaled_as_block_sampler(two_ranks):
     rescaled = 0
     for name, _, _, batch in each_rank_batch(two_ranks, {"partial", "partial3"}):
         fanouts, n_layers = CONFIGS[name]
-        for layer, f in zip(batch.layers, fanouts * n_layers if len(fanouts) == 1 else fanouts):
-            ids = batch.input_ids[:layer.n_src].numpy()
+        for l, (layer, f) in enumerate(zip(batch.layers, fanouts * n_layers if len(fanouts) == 1 else fanouts)):
+            if l == 0:                                       # its destination nodes first, as sampled
+                layer, ids, _ = dst_first(batch)
+                ids = ids.numpy()
+            else:
+                ids = batch.layer_ids(l)[1].numpy()
             crow, col, val = (t.numpy() for t in layer.adj)
             k = np.diff(crow)
             assert np.array_equal(k, np.minimum(f, deg[ids[:layer.n_dst]]))

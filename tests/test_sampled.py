@@ -138,6 +138,32 @@ def test_full_fanout_blocks_are_the_graph_rows():
     assert torch.equal(dense, graph.norm_adj.to_dense())    # same weights, bit for bit
 
 
+def test_block_cge_backward_is_autograds_bit_for_bit(dst_first):
+    """cge_on_blocks writes its backward out; it must give autograd's values for the same expression: the
+    rows in the blocks' order, each layer a CSR product, the seeds' rows summed."""
+    nu, ni, u, i = small_graph(3)
+    sampler = BlockSampler(nu, ni, u, i, [3, 2], 2, seed=4)
+    batch = sampler.sample(torch.arange(0, 30), torch.arange(0, 15), torch.arange(15, 30), 0)
+    assert not torch.equal(batch.seed_rows, torch.arange(batch.num_seeds))   # the relabelling is not trivial
+    gen = torch.Generator().manual_seed(5)
+    h0 = torch.randn(len(batch.input_ids), 8, generator=gen)
+    weight = torch.randn(batch.num_seeds, 8, generator=gen)
+    mine = h0.clone().requires_grad_()
+    out = cge_on_blocks(batch, mine, "cpu")
+    (out * weight).sum().backward()
+    ref = h0.clone().requires_grad_()
+    first, _, position = dst_first(batch)
+    h = torch.empty_like(ref).index_copy(0, position, ref)     # the rows in layer 0's source order
+    total = h[:batch.num_seeds]
+    for layer in [first, *batch.layers[1:]]:
+        h = graph_module.spmm(*layer.matrices("cpu"), h)
+        total = total + h[:batch.num_seeds]
+    expect = total / (len(batch.layers) + 1)
+    (expect * weight).sum().backward()
+    assert torch.equal(out, expect) and torch.equal(mine.grad, ref.grad)
+    assert (mine.grad != 0).sum() > batch.num_seeds   # the gradient reaches non-seed rows
+
+
 def test_sampling_is_keyed_by_step():
     nu, ni, u, i = small_graph(2)
     sampler = BlockSampler(nu, ni, u, i, [2], 2, seed=0)

@@ -8,7 +8,7 @@ import math
 
 import torch
 
-from lgmrec_dist.graph import spmm
+from lgmrec_dist.graph import csr_mm
 from lgmrec_dist.sampling import SampledBatch
 
 NEG_USER_STREAM, NEG_ITEM_STREAM = (1 << 20) + 1, (1 << 20) + 2   # rng streams of the uniform negatives
@@ -28,15 +28,43 @@ def straight_through_message(message: torch.Tensor, coupling: torch.Tensor, h_sa
 def cge_on_blocks(batch: SampledBatch, h0: torch.Tensor, device) -> torch.Tensor:
     """E_c at the batch's seeds, (1/(L+1)) Σ_l E^(l)[seeds], from E^(0) rows ``h0`` of ``batch.input_ids``.
 
-    Layer l multiplies by block l's weighted adjacency; every layer's destination nodes start with the
-    seeds, so E^(l)[seeds] is the first ``num_seeds`` rows of each layer's output (§1.4)."""
-    n = batch.num_seeds
-    total, h = h0[:n], h0
-    for layer in batch.layers:
-        a, a_t = layer.matrices(device)
-        h = spmm(a, a_t, h)
-        total = total + h[:n]
-    return total / (len(batch.layers) + 1) if batch.layers else total
+    Layer l multiplies by block l's weighted adjacency; layer 0 reads ``h0`` where the seeds sit at
+    ``batch.seed_rows``, and every later layer's destination nodes start with the seeds, so E^(l)[seeds] is
+    the first ``num_seeds`` rows of each layer's output (§1.4)."""
+    mats = [layer.matrices(device) for layer in batch.layers]
+    return _BlockCGE.apply(h0, batch.seed_rows.to(device), mats)
+
+
+class _BlockCGE(torch.autograd.Function):
+    """The layer sum of :func:`cge_on_blocks` with its backward written out: each layer's gradient is one
+    product with the block's transpose plus, in place, the seeds' share. Autograd's own backward of the same
+    expression adds a zero-filled copy of every layer's gradient for the seeds' rows (a full pass over the
+    E^(0) rows, the step's largest tensor); the values are the same (the same two terms a row, one order)."""
+
+    @staticmethod
+    def forward(ctx, h0, seed_rows, mats):
+        ctx.mats, ctx.n_input = mats, h0.shape[0]
+        ctx.save_for_backward(seed_rows)
+        n = len(seed_rows)
+        total, h = h0.index_select(0, seed_rows), h0
+        for a, _ in mats:
+            h = csr_mm(a, h)
+            total += h[:n]
+        return total / (len(mats) + 1) if mats else total
+
+    @staticmethod
+    def backward(ctx, grad):
+        seed_rows, = ctx.saved_tensors
+        mats, n = ctx.mats, len(seed_rows)
+        share = grad / (len(mats) + 1) if mats else grad
+        g = share                                  # the last layer's rows are the seeds
+        for level in range(len(mats) - 1, -1, -1):
+            g = csr_mm(mats[level][1], g)
+            if level:
+                g[:n] += share
+        if not mats:
+            g = share.new_zeros(ctx.n_input, share.shape[1])
+        return g.index_add_(0, seed_rows, share), None, None
 
 
 def uniform_negatives(n_total: int, k: int, key: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -102,7 +102,7 @@ class SampledStep:
 
     # ------------------------------------------------------------------ pieces
     def _lookup(self, batch: SampledBatch) -> torch.Tensor:
-        """E^(0) rows of the batch's input nodes, in the blocks' order.
+        """E^(0) rows of the batch's input nodes (sorted: users, then items).
 
         With ``sparse_embeddings`` the rows are gathered into leaf tensors (``self.leaves``: table name,
         rows, leaf) whose gradients :class:`RowAdam` applies; otherwise they are differentiable gathers
@@ -111,7 +111,7 @@ class SampledStep:
         self.leaves = []
         u_rows, i_rows = self.source.lookup(self.model, batch.input_users.to(dev), batch.input_items.to(dev),
                                             self.leaves if self.cfg.sparse_embeddings else None)
-        return torch.cat([u_rows, i_rows]).index_select(0, batch.input_perm.to(dev))
+        return torch.cat([u_rows, i_rows])
 
     def cge_rows(self, batch: SampledBatch) -> torch.Tensor:
         """E_c at the batch's seeds from the sampled blocks (§1.4)."""
