@@ -137,12 +137,13 @@ def rank_bytes(U: float, I: float, E: float, H: float, S: int, P: int, halo: flo
          # part-k: train edges with an owned end, held-out pairs, owned and halo ids
          "dataset_rows": 0 if P == 1 else 16 * incident + 17 * Hr + 8 * nsrc}
     transient = {
-        # Y_m precomputed in column chunks: the chunk over [owned ; halo], the halo rows received and sent, the
-        # products, modelled as 3.5 chunks. One process: c = column_chunk(N) (256 MiB); P ranks: c sized by the
-        # widest rank's rows to a 32 MiB budget (LocalGraph). With the 256 MiB budget sized by N the P > 1
-        # runs measured 0.70-1.18 GB at every P; with 32 MiB, 0.6 GB less at P = 8
+        # Y_m precomputed in column chunks. One process: c = column_chunk(N) (256 MiB), modelled as 3.5 chunks;
+        # P ranks: c sized by the widest rank's rows to a 32 MiB budget, and every chunk goes through buffers
+        # made once (LocalGraph._column_chunks): [owned ; halo] rows, the owned rows' product, the rows sent
+        # (about as many as the halo) and received
         "start-up (MGE column chunks)": (3.5 * 4 * N * column_chunk(int(N)) if P == 1 else
-                                         3.5 * 4 * nsrc * column_chunk(int(nsrc), SHARDED_CHUNK_BYTES, least=1)),
+                                         4 * (nsrc + n + 2 * halo)
+                                         * column_chunk(int(nsrc), SHARDED_CHUNK_BYTES, least=1)),
         # measured by RSS: 75 B an entry of both directions (151 before the build dropped its temporaries)
         "start-up (graph blocks built)": 75 * 2 * E / P,
         # all-reduced in blocks of COUNT_BLOCK nodes: ~6 int64 arrays of a block

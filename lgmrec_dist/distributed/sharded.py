@@ -120,24 +120,46 @@ class LocalGraph:
         """Owned users' rows of R·x from the owned items' rows ``x_items`` (halo items fetched)."""
         return spmm(self.R, self.R_t, self.extend(self._node_rows(x_items)))[:self.num_own_users]
 
+    def _column_chunks(self, x_items: torch.Tensor):
+        """For each column chunk of ``x_items``: (first column, [owned ; halo] rows of the chunk's node rows,
+        an owned-rows buffer, the refill of the halo rows from the owned ones). The buffers are made once and
+        reused by every chunk (the last one a prefix view of each), so the start-up precomputation's
+        transient is these few chunk-sized buffers, not fresh copies for every product and exchange."""
+        n_own, n_src, n_u, d = self.norm_adj.shape[0], self.norm_adj.shape[1], self.num_own_users, x_items.shape[1]
+        chunk = max(1, min(self.chunk, d))
+        ext_buf, own_buf = (torch.empty(rows * chunk, device=x_items.device) for rows in (n_src, n_own))
+        scratch = self.halo.scratch(chunk, x_items.device)
+        for c in range(0, d, chunk):
+            w = min(chunk, d - c)
+            ext, y = ext_buf[:n_src * w].view(n_src, w), own_buf[:n_own * w].view(n_own, w)
+            ext[:n_u] = 0                                       # users' node rows: zero (§1.3 [P·X ; X])
+            ext[n_u:n_own] = x_items[:, c:c + w]
+            refill = lambda e=ext: self.halo.fill(e[:n_own], e[n_own:], scratch)  # noqa: E731
+            refill()
+            yield c, ext, y, refill
+
     @torch.no_grad()
     def mge_inputs(self, x_items: torch.Tensor, n_layers: int, dtype: torch.dtype) -> torch.Tensor:
         """Owned rows of Y = Ĝ^K [P·X ; X] (as ``mge.mge_inputs``, with halo exchange), held in ``dtype``."""
-        out = torch.empty(self.norm_adj.shape[0], x_items.shape[1], device=x_items.device, dtype=dtype)
-        for c in range(0, x_items.shape[1], self.chunk):
-            x = self._node_rows(x_items[:, c:c + self.chunk].contiguous())
-            y = csr_mm(self.P, self.extend(x)) + x
+        n_own = self.norm_adj.shape[0]
+        out = torch.empty(n_own, x_items.shape[1], device=x_items.device, dtype=dtype)
+        for c, ext, y, refill in self._column_chunks(x_items):
+            csr_mm(self.P, ext, out=y)
+            y += ext[:n_own]
             for _ in range(n_layers):
-                y = csr_mm(self.norm_adj, self.extend(y))
-            out[:, c:c + self.chunk] = y
+                ext[:n_own] = y
+                refill()
+                csr_mm(self.norm_adj, ext, out=y)
+            out[:, c:c + y.shape[1]] = y
         return out
 
     @torch.no_grad()
     def user_feature_sums(self, x_items: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Owned users' rows of R·X (as ``features.user_feature_sums``), in column chunks, held in ``dtype``."""
         out = torch.empty(self.num_own_users, x_items.shape[1], device=x_items.device, dtype=dtype)
-        for c in range(0, x_items.shape[1], self.chunk):
-            out[:, c:c + self.chunk] = self.user_sums(x_items[:, c:c + self.chunk].contiguous())
+        for c, ext, y, _ in self._column_chunks(x_items):
+            csr_mm(self.R, ext, out=y)
+            out[:, c:c + y.shape[1]] = y[:self.num_own_users]
         return out
 
 
