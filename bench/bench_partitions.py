@@ -148,10 +148,11 @@ def rank_bytes(U: float, I: float, E: float, H: float, S: int, P: int, halo: flo
         "start-up (graph blocks built)": 75 * 2 * E / P,
         # all-reduced in blocks of COUNT_BLOCK nodes: ~6 int64 arrays of a block
         "start-up (per-node counts of the triples)": 6 * 8 * min(N, COUNT_BLOCK),
-        # what a step keeps for its backward pass and the halo rows of its layers (received, sent, [owned ;
-        # halo], their gradients): 11 rows of d floats per owned node and 7 per halo node, fitted to the
-        # measured step peaks (P = 1 at 1.6M and 3.2M: 12.2 and 10.3 per node; P = 4 at 3.2M for the halo)
-        "step (activations, halo rows)": 11 * 4 * d * n + 7 * 4 * d * halo,
+        # what a step keeps for its backward pass and the halo rows of its layers (sent, [owned ; halo], their
+        # gradients): 11 rows of d floats per owned node, fitted to the measured step peaks (P = 1 at 1.6M and
+        # 3.2M: 12.2 and 10.3 per node), and 5 per halo node: 7 fitted at P = 4, 3.2M, less the received copy
+        # and the reordered copy that the rows no longer make (RowExchange.extend; 1.6M, P = 8: 2.2 rows)
+        "step (activations, halo rows)": 11 * 4 * d * n + 5 * 4 * d * halo,
         # E* of the owned rows; the one reused score tile (on the CPU at most TILE_FLOATS floats: users go
         # through in chunks of rows) and the batch's running top-K; the ring's two item blocks
         "evaluation (E*, score tile, ring)": 4 * n * d

@@ -102,6 +102,8 @@ class RowExchange:
         self.send_rows = torch.from_numpy(np.asarray(rows, dtype=np.int64))
         self.num = len(needed)
         self.rank = own.rank
+        # requests already grouped by owner (LocalGraph numbers its halo so) arrive in the requested order
+        self.in_order = bool(np.array_equal(order, np.arange(len(order))))
 
     def __call__(self, x_src: torch.Tensor) -> torch.Tensor:
         return self.gather(lambda rows: x_src[rows.to(x_src.device)])
@@ -115,7 +117,20 @@ class RowExchange:
         CommStats.add(sum(s for q, s in enumerate(self.send_splits) if q != self.rank) * row_bytes, send)
         out = send.new_empty((self.num, *send.shape[1:]))
         recv = dnn.all_to_all_single(out, send, self.recv_splits, self.send_splits)
-        return recv[self.unsort.to(send.device)]
+        return recv if self.in_order else recv[self.unsort.to(send.device)]
+
+    def _sent_bytes(self, row_floats: int, element_size: int) -> int:
+        return sum(s for q, s in enumerate(self.send_splits) if q != self.rank) * row_floats * element_size
+
+    def extend(self, x_own: torch.Tensor) -> torch.Tensor:
+        """[x_own ; the requested rows of x_own's owners], autograd-aware, for requests grouped by owner
+        (``in_order``): the rows arrive straight into the result, and the backward sends each received
+        row's gradient back to its owner — no received copy, no reordered copy, no concatenation (at P = 8
+        the halo rows outnumber the owned ones, so these copies were most of a step's transient)."""
+        if not self.in_order:
+            return torch.cat([x_own, self(x_own)])
+        CommStats.add(self._sent_bytes(x_own[0].numel() if len(x_own) else 0, x_own.element_size()), x_own)
+        return _Extend.apply(x_own, self)
 
     @torch.no_grad()
     def fill(self, x_src: torch.Tensor, out: torch.Tensor, scratch: list[torch.Tensor]) -> None:
@@ -125,14 +140,45 @@ class RowExchange:
         w = x_src.shape[1]
         send = scratch[0][:len(self.send_rows) * w].view(-1, w)
         torch.index_select(x_src, 0, self.send_rows.to(x_src.device), out=send)
-        CommStats.add(sum(s for q, s in enumerate(self.send_splits) if q != self.rank) * w * send.element_size())
+        CommStats.add(self._sent_bytes(w, send.element_size()))
+        if self.in_order:
+            dist.all_to_all_single(out, send, self.recv_splits, self.send_splits)
+            return
         recv = scratch[1][:self.num * w].view(-1, w)
         dist.all_to_all_single(recv, send, self.recv_splits, self.send_splits)
         torch.index_select(recv, 0, self.unsort.to(recv.device), out=out)
 
     def scratch(self, width: int, device) -> list[torch.Tensor]:
-        """The two buffers :meth:`fill` needs for rows of up to ``width`` float32 columns."""
-        return [torch.empty(len(self.send_rows) * width, device=device), torch.empty(self.num * width, device=device)]
+        """The buffers :meth:`fill` needs for rows of up to ``width`` float32 columns."""
+        recv = 0 if self.in_order else self.num * width
+        return [torch.empty(len(self.send_rows) * width, device=device), torch.empty(recv, device=device)]
+
+
+class _Extend(torch.autograd.Function):
+    """``RowExchange.extend`` for requests in owner order. The gradient of an owned row is its own plus the
+    gradients of its copies on other ranks: the copies accumulated into zeros in ``send_rows`` order, then
+    added to the row's own, as autograd does for ``cat([x, x[rows]])``. With one copy a row (P = 2) that is
+    the same value; with several, autograd's index backward may associate them in another order (a
+    last-bit difference: at P = 8 one of three losses moved by 1e-6)."""
+
+    @staticmethod
+    def forward(ctx, x_own, ex):
+        ctx.ex = ex
+        n = x_own.shape[0]
+        out = x_own.new_empty((n + ex.num, *x_own.shape[1:]))
+        out[:n] = x_own
+        send = x_own.index_select(0, ex.send_rows.to(x_own.device))
+        dist.all_to_all_single(out[n:], send, ex.recv_splits, ex.send_splits)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        ex = ctx.ex
+        n = grad.shape[0] - ex.num
+        back = grad.new_empty((len(ex.send_rows), *grad.shape[1:]))
+        dist.all_to_all_single(back, grad[n:].contiguous(), ex.send_splits, ex.recv_splits)
+        copies = grad.new_zeros((n, *grad.shape[1:])).index_add_(0, ex.send_rows.to(grad.device), back)
+        return grad[:n] + copies, None
 
 
 

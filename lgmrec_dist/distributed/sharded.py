@@ -60,11 +60,18 @@ class LocalGraph:
         del u, i, mine_u, mine_i
         n_own = len(own.owned)
         is_halo = own.part[src] != own.rank
-        halo_ids = distinct(src[is_halo])                       # sorted: sums run in the same order every run
+        halo_ids = distinct(src[is_halo])
+        # halo rows numbered by (owner, id): they arrive from their owners in that order, straight into the
+        # [owned ; halo] rows (RowExchange.extend). A row's entries stay in node-id order (col_ids below), so
+        # the numbering does not change a sum
+        by_owner = np.argsort(own.part[halo_ids], kind="stable")
+        halo_row = np.empty_like(by_owner)
+        halo_row[by_owner] = np.arange(len(by_owner))
         local_dst = own.local(dst)
         local_src = own.local(src)
-        local_src[is_halo] = n_own + np.searchsorted(halo_ids, src[is_halo])
-        del is_halo
+        local_src[is_halo] = n_own + halo_row[np.searchsorted(halo_ids, src[is_halo])]
+        del is_halo, halo_row
+        halo_ids = halo_ids[by_owner]
         self.halo = RowExchange(own, halo_ids)
         deg_own = np.bincount(local_dst, minlength=n_own).astype(np.float64)
         deg = np.concatenate([deg_own, self.halo(torch.from_numpy(deg_own).to(device)).cpu().numpy()])
@@ -106,7 +113,7 @@ class LocalGraph:
         self.chunk = column_chunk(int(widest), budget=SHARDED_CHUNK_BYTES, least=1)
 
     def extend(self, x_owned: torch.Tensor) -> torch.Tensor:
-        return torch.cat([x_owned, self.halo(x_owned)])
+        return self.halo.extend(x_owned)
 
     def propagate(self, x_owned: torch.Tensor) -> torch.Tensor:
         """Owned rows of Ĝ·x, with the halo rows fetched from their owners."""
