@@ -144,8 +144,11 @@ def rank_bytes(U: float, I: float, E: float, H: float, S: int, P: int, halo: flo
         "start-up (MGE column chunks)": (3.5 * 4 * N * column_chunk(int(N)) if P == 1 else
                                          4 * (nsrc + n + 2 * halo)
                                          * column_chunk(int(nsrc), SHARDED_CHUNK_BYTES, least=1)),
-        # measured by RSS: 75 B an entry of both directions (151 before the build dropped its temporaries)
-        "start-up (graph blocks built)": 75 * 2 * E / P,
+        # the build in blocks of edges (LocalGraph, BUILD_BLOCK): the sorted keys of the incident edges and
+        # one block's temporaries (with the allocator's slack) over the finished arrays; measured at 10M,
+        # P = 2: 0.31 GB over them (blocks of 2^20 and 2^18 keys alike), modelled as 8 B a key + 0.25 GB.
+        # The whole-array build it replaced: 81 B an entry of Ĝ's rows (75 in an earlier RSS measure)
+        "start-up (graph blocks built)": 8 * incident + 0.25e9,
         # all-reduced in blocks of COUNT_BLOCK nodes: ~6 int64 arrays of a block
         "start-up (per-node counts of the triples)": 6 * 8 * min(N, COUNT_BLOCK),
         # what a step keeps for its backward pass and the halo rows of its layers (sent, [owned ; halo], their

@@ -28,14 +28,53 @@ import torch.distributed as dist
 
 from lgmrec_dist.distributed.exchange import Ownership, RowExchange, all_gather, all_gather_rows
 from lgmrec_dist.distributed.reduce import all_reduce
-from lgmrec_dist.graph import csr, csr_mm, csr_sharing, spmm
-from lgmrec_dist.keys import distinct, pair_keys
+from lgmrec_dist.graph import csr_mm, csr_sharing, spmm
+from lgmrec_dist.keys import pair_keys
 from lgmrec_dist.model.features import column_chunk
 from lgmrec_dist.model.hypergraph import HyperEmbedding
 from lgmrec_dist.model.losses import key_rows, lowrank_logsumexp
 
 
 SHARDED_CHUNK_BYTES = 32 << 20   # one float32 column chunk of the start-up precomputation (LocalGraph)
+
+
+BUILD_BLOCK = 1 << 20            # edges per block of the LocalGraph build
+
+
+def _summed(parts: list) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct ids of (ids, counts) pairs and each id's summed count."""
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ids, counts = (np.concatenate(a) for a in zip(*parts))
+    order = np.argsort(ids, kind="stable")
+    ids, counts = ids[order], counts[order]
+    first = np.flatnonzero(np.concatenate([[True], ids[1:] != ids[:-1]])) if len(ids) else np.zeros(0, np.int64)
+    return ids[first], np.add.reduceat(counts, first) if len(ids) else counts
+
+
+class _RowFill:
+    """A CSR matrix filled in blocks of entries whose rows are known in advance (``counts``): each entry goes
+    after the entries its row already has, so within a row the entries keep their arrival order."""
+
+    def __init__(self, counts: np.ndarray):
+        self.indptr = np.zeros(len(counts) + 1, dtype=np.int64)
+        np.cumsum(counts, out=self.indptr[1:])
+        self.cursor = self.indptr[:-1].copy()
+        self.cols = np.empty(int(self.indptr[-1]), dtype=np.int64)
+        self.vals = np.empty(int(self.indptr[-1]), dtype=np.float32)
+
+    def place(self, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> None:
+        order = np.argsort(rows, kind="stable")             # arrival order kept within a row
+        r = rows[order]
+        starts = np.flatnonzero(np.concatenate([[True], r[1:] != r[:-1]])) if len(r) else np.zeros(0, np.int64)
+        runs = np.diff(np.append(starts, len(r)))
+        pos = self.cursor[r] + (np.arange(len(r)) - np.repeat(starts, runs))
+        self.cols[pos] = cols[order]
+        self.vals[pos] = vals[order]                        # float64 weights cast per entry, as csr()
+        self.cursor[r[starts]] += runs
+
+    def matrix(self, shape) -> torch.Tensor:
+        return csr_sharing(torch.from_numpy(self.indptr), torch.from_numpy(self.cols), (self.vals,), shape)[0]
 
 
 class LocalGraph:
@@ -47,43 +86,48 @@ class LocalGraph:
     use full-graph degrees, never local ones) are fetched from their owners."""
 
     def __init__(self, own: Ownership, num_users: int, num_items: int, users: np.ndarray, items: np.ndarray,
-                 device: torch.device):
+                 device: torch.device, block: int = BUILD_BLOCK):
         # interactions are a set (docs/model.md §1.3): a pair logged twice is one edge
         keys = pair_keys(users, items, num_items)
-        u, i = keys // num_items, keys % num_items + num_users
-        del keys
-        # both directions of each edge, kept where the destination is owned: users' rows, then items' rows.
-        # Temporaries are dropped as soon as they are used: the build is the start-up peak of a rank
-        # (docs/distributed.md, "Memory per rank")
-        mine_u, mine_i = own.part[u] == own.rank, own.part[i] == own.rank
-        dst, src = np.concatenate([u[mine_u], i[mine_i]]), np.concatenate([i[mine_u], u[mine_i]])
-        del u, i, mine_u, mine_i
+        self._own, self._num_users, self._num_items = own, num_users, num_items
+        # the CSR blocks are filled ``block`` edges at a time, in two passes over the sorted keys (row counts
+        # and halo; the entries), so the build holds the finished arrays and one block's temporaries, not
+        # whole-edge arrays of both directions, keys and sort orders (docs/distributed.md, "Memory per rank":
+        # the start-up peak of a rank)
         n_own = len(own.owned)
-        is_halo = own.part[src] != own.rank
-        halo_ids = distinct(src[is_halo])
+        deg_own = np.zeros(n_own, dtype=np.int64)        # Ĝ's row counts: the owned nodes' degrees
+        count_own = np.zeros(n_own, dtype=np.int64)      # Ĝᵀ's row counts of the owned nodes
+        halo_parts = []                                  # (distinct halo ids, their counts) of each block
+        for dst, src, src_owned, halo in self._entries(keys, block):
+            deg_own += np.bincount(dst, minlength=n_own)
+            count_own += np.bincount(src[src_owned], minlength=n_own)
+            halo_parts.append(np.unique(halo, return_counts=True))
+        halo_ids, count_halo = _summed(halo_parts)
+        del halo_parts
         # halo rows numbered by (owner, id): they arrive from their owners in that order, straight into the
-        # [owned ; halo] rows (RowExchange.extend). A row's entries stay in node-id order (col_ids below), so
-        # the numbering does not change a sum
+        # [owned ; halo] rows (RowExchange.extend). A row's entries stay in node-id order, so the numbering
+        # does not change a sum
         by_owner = np.argsort(own.part[halo_ids], kind="stable")
         halo_row = np.empty_like(by_owner)
         halo_row[by_owner] = np.arange(len(by_owner))
-        local_dst = own.local(dst)
-        local_src = own.local(src)
-        local_src[is_halo] = n_own + halo_row[np.searchsorted(halo_ids, src[is_halo])]
-        del is_halo, halo_row
-        halo_ids = halo_ids[by_owner]
-        self.halo = RowExchange(own, halo_ids)
-        deg_own = np.bincount(local_dst, minlength=n_own).astype(np.float64)
+        self.halo = RowExchange(own, halo_ids[by_owner])
         deg = np.concatenate([deg_own, self.halo(torch.from_numpy(deg_own).to(device)).cpu().numpy()])
-        d = 1.0 / np.sqrt(deg + 1e-7)
-        w = d[local_dst]
-        w *= d[local_src]
+        d = 1.0 / np.sqrt(deg.astype(np.float64) + 1e-7)
         n_src = n_own + len(halo_ids)
-        # rows ordered by global node id (the columns are local indices): the same sums as the whole graph's
-        norm_adj = csr(local_dst, local_src, w, (n_own, n_src), col_ids=src)
-        del src
-        norm_adj_t = csr(local_src, local_dst, w, (n_src, n_own), col_ids=dst)
-        del dst, local_src, local_dst, w
+        count_t = np.concatenate([count_own, count_halo[by_owner]])
+        # Ĝ (owned rows) and Ĝᵀ ([owned ; halo] rows). The keys are sorted by (user, item), so every row's
+        # entries arrive in the node-id order of their columns (a user's items ascending; an item's users
+        # ascending): placing them in arrival order gives each row the order of the whole graph's Ĝ
+        adj, adj_t = _RowFill(deg_own), _RowFill(count_t)
+        for local_dst, local_src, src_owned, halo in self._entries(keys, block):
+            local_src[~src_owned] = n_own + halo_row[np.searchsorted(halo_ids, halo)]
+            w = d[local_dst]
+            w *= d[local_src]
+            adj.place(local_dst, local_src, w)
+            adj_t.place(local_src, local_dst, w)
+        del keys, halo_row
+        norm_adj, norm_adj_t = adj.matrix((n_own, n_src)), adj_t.matrix((n_src, n_own))
+        deg_own = deg_own.astype(np.float64)
         self.num_own_users = n_u = int((own.owned < num_users).sum())
         # R, P are Ĝ's user rows and R_t, P_t its transpose's entries towards users, in the same order (the
         # owned users come first, and a row's entries run in node-id order): no more sorting, and R and P
@@ -104,13 +148,31 @@ class LocalGraph:
         self.R_t, self.P_t = csr_sharing(crow_rt, col_rt, (np.ones(len(col_rt)), mean_rt), (n_src, n_own))
         self.num_halo = len(halo_ids)
         # every rank must take the same number of column chunks (each one is a halo exchange): size them by the
-        # widest rank's [owned ; halo] rows. A chunk's temporaries (the chunk, the halo rows sent and received,
-        # the products: ~3.5 chunks) are a start-up peak on every rank that does not shrink with P, so the
-        # budget is small; more chunks cost more, smaller exchanges, not more arithmetic
+        # widest rank's [owned ; halo] rows. A chunk's buffers (``_column_chunks``) are a start-up peak on
+        # every rank that does not shrink with P, so the budget is small; more chunks cost more, smaller
+        # exchanges, not more arithmetic
         widest = torch.tensor([n_src], dtype=torch.int64, device=device)
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(widest, op=dist.ReduceOp.MAX)
         self.chunk = column_chunk(int(widest), budget=SHARDED_CHUNK_BYTES, least=1)
+
+    def _entries(self, keys: np.ndarray, block: int):
+        """Both directions of the edges, kept where the destination is owned (users' rows, then items' rows),
+        ``block`` keys at a time: (local rows of the destinations, local rows of the sources where
+        ``src_owned``, that mask, the node ids of the other sources: the halo). Each node's local row is looked
+        up once a block (the users of sorted keys are sorted: the cheap look-up)."""
+        own, ni, nu = self._own, self._num_items, self._num_users
+        for lo in range(0, len(keys), block):
+            k = keys[lo:lo + block]
+            u, i = k // ni, k % ni + nu
+            mine_u, mine_i = own.part[u] == own.rank, own.part[i] == own.rank
+            lu, li = np.full(len(k), -1, np.int64), np.full(len(k), -1, np.int64)
+            lu[mine_u], li[mine_i] = own.local(u[mine_u]), own.local(i[mine_i])
+            dst = np.concatenate([lu[mine_u], li[mine_i]])
+            src = np.concatenate([li[mine_u], lu[mine_i]])
+            src_owned = np.concatenate([mine_i[mine_u], mine_u[mine_i]])
+            halo = np.concatenate([i[mine_u & ~mine_i], u[mine_i & ~mine_u]])
+            yield dst, src, src_owned, halo
 
     def extend(self, x_owned: torch.Tensor) -> torch.Tensor:
         return self.halo.extend(x_owned)
