@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -236,3 +237,15 @@ def test_npy_features_are_partitioned_too(raw, tmp_path):
         a, b = (open_partition(tmp_path / n, k, 2) for n in ("a", "b"))
         assert np.array_equal(a.owned_items, b.owned_items)
         assert np.array_equal(a.features["text"], b.features["text"]) and len(a.features["text"])
+
+
+def test_prep_on_a_two_node_ray_cluster(tmp_path):
+    """The multi-node launch check, run for real: a two-node Ray cluster on this machine (``ray start --head``,
+    then ``ray start --address``, one CPU each), ``prep --partitions 2`` through it with tasks on both
+    nodes, every part readable (``launch/check_ray_two_nodes.py``; it stops only its own cluster)."""
+    script = Path(__file__).resolve().parents[1] / "launch" / "check_ray_two_nodes.py"
+    res = subprocess.run([sys.executable, str(script), "--keep", str(tmp_path / "work")], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    for check in ("two alive nodes", "tasks on both nodes", "every part opens"):
+        assert f"[2node] ok   {check}" in res.stdout, res.stdout[-3000:]
