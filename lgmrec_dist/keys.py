@@ -11,15 +11,33 @@ from __future__ import annotations
 import numpy as np
 
 
+def run_starts(a_sorted: np.ndarray) -> np.ndarray:
+    """Positions in a sorted array where each run of equal values starts."""
+    if len(a_sorted) == 0:
+        return np.zeros(0, np.int64)
+    first = np.empty(len(a_sorted), dtype=bool)
+    first[0] = True
+    np.not_equal(a_sorted[1:], a_sorted[:-1], out=first[1:])
+    return np.flatnonzero(first)
+
+
 def distinct(a) -> np.ndarray:
     """``np.unique(a)`` for an integer array, by sort."""
     a = np.sort(np.asarray(a).ravel())
-    if len(a) < 2:
-        return a
-    keep = np.empty(len(a), dtype=bool)
-    keep[0] = True
-    np.not_equal(a[1:], a[:-1], out=keep[1:])
-    return a[keep]
+    return a[run_starts(a)]
+
+
+def distinct_counts(a, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """``np.unique(a, return_counts=True)`` for an integer array, by sort; with ``weights``, each value's
+    summed weights instead of its count."""
+    a = np.asarray(a).ravel()
+    order = np.argsort(a, kind="stable")
+    a = a[order]
+    starts = run_starts(a)
+    if weights is None:
+        return a[starts], np.diff(np.append(starts, len(a)))
+    w = np.asarray(weights)[order]
+    return a[starts], np.add.reduceat(w, starts) if len(a) else w
 
 
 def pair_keys(rows, cols, num_cols: int) -> np.ndarray:

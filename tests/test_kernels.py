@@ -7,7 +7,7 @@ import torch
 
 from lgmrec_dist import graph, rng
 from lgmrec_dist.graph import csr, csr_mm, spmm
-from lgmrec_dist.keys import distinct, pair_keys
+from lgmrec_dist.keys import distinct, distinct_counts, pair_keys
 from lgmrec_dist.model import hypergraph
 from lgmrec_dist.model.features import NARROW, _narrow_kernel, narrow_matmul
 from lgmrec_dist.model.hypergraph import assign
@@ -65,6 +65,13 @@ def test_distinct_and_pair_keys_equal_np_unique():
         assert np.array_equal(distinct(a), np.unique(a)) and distinct(a).dtype == np.unique(a).dtype
     u, i = r.integers(0, 30, 500), r.integers(0, 20, 500)
     assert np.array_equal(pair_keys(u, i, 20), np.unique(u * 20 + i))
+    for a in (np.zeros(0, np.int64), np.array([7]), r.integers(0, 50, 1000)):
+        values, counts = distinct_counts(a)
+        want_values, want_counts = np.unique(a, return_counts=True)
+        assert np.array_equal(values, want_values) and np.array_equal(counts, want_counts)
+        w = r.integers(1, 9, len(a))
+        values, sums = distinct_counts(a, w)
+        assert np.array_equal(sums, [w[a == v].sum() for v in want_values])
 
 
 def test_kernel_is_bit_identical_across_runs_and_thread_counts():

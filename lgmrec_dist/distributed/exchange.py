@@ -113,8 +113,7 @@ class RowExchange:
         held rows with a weight, so that only the product travels; autograd returns its gradient to the
         owner's inputs."""
         send = rows_of(self.send_rows)
-        row_bytes = send[0].numel() * send.element_size() if len(send) else 0
-        CommStats.add(sum(s for q, s in enumerate(self.send_splits) if q != self.rank) * row_bytes, send)
+        CommStats.add(self._sent_bytes(send[0].numel() if len(send) else 0, send.element_size()), send)
         out = send.new_empty((self.num, *send.shape[1:]))
         recv = dnn.all_to_all_single(out, send, self.recv_splits, self.send_splits)
         return recv if self.in_order else recv[self.unsort.to(send.device)]

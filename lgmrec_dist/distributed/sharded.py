@@ -29,27 +29,14 @@ import torch.distributed as dist
 from lgmrec_dist.distributed.exchange import Ownership, RowExchange, all_gather, all_gather_rows
 from lgmrec_dist.distributed.reduce import all_reduce
 from lgmrec_dist.graph import csr_mm, csr_sharing, spmm
-from lgmrec_dist.keys import pair_keys
+from lgmrec_dist.keys import distinct_counts, pair_keys, run_starts
 from lgmrec_dist.model.features import column_chunk
 from lgmrec_dist.model.hypergraph import HyperEmbedding
 from lgmrec_dist.model.losses import key_rows, lowrank_logsumexp
 
 
 SHARDED_CHUNK_BYTES = 32 << 20   # one float32 column chunk of the start-up precomputation (LocalGraph)
-
-
 BUILD_BLOCK = 1 << 20            # edges per block of the LocalGraph build
-
-
-def _summed(parts: list) -> tuple[np.ndarray, np.ndarray]:
-    """The distinct ids of (ids, counts) pairs and each id's summed count."""
-    if not parts:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    ids, counts = (np.concatenate(a) for a in zip(*parts))
-    order = np.argsort(ids, kind="stable")
-    ids, counts = ids[order], counts[order]
-    first = np.flatnonzero(np.concatenate([[True], ids[1:] != ids[:-1]])) if len(ids) else np.zeros(0, np.int64)
-    return ids[first], np.add.reduceat(counts, first) if len(ids) else counts
 
 
 class _RowFill:
@@ -66,7 +53,7 @@ class _RowFill:
     def place(self, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray) -> None:
         order = np.argsort(rows, kind="stable")             # arrival order kept within a row
         r = rows[order]
-        starts = np.flatnonzero(np.concatenate([[True], r[1:] != r[:-1]])) if len(r) else np.zeros(0, np.int64)
+        starts = run_starts(r)
         runs = np.diff(np.append(starts, len(r)))
         pos = self.cursor[r] + (np.arange(len(r)) - np.repeat(starts, runs))
         self.cols[pos] = cols[order]
@@ -101,8 +88,9 @@ class LocalGraph:
         for dst, src, src_owned, halo in self._entries(keys, block):
             deg_own += np.bincount(dst, minlength=n_own)
             count_own += np.bincount(src[src_owned], minlength=n_own)
-            halo_parts.append(np.unique(halo, return_counts=True))
-        halo_ids, count_halo = _summed(halo_parts)
+            halo_parts.append(distinct_counts(halo))
+        halo_ids, count_halo = (distinct_counts(*(np.concatenate(a) for a in zip(*halo_parts))) if halo_parts
+                                else (np.zeros(0, np.int64), np.zeros(0, np.int64)))
         del halo_parts
         # halo rows numbered by (owner, id): they arrive from their owners in that order, straight into the
         # [owned ; halo] rows (RowExchange.extend). A row's entries stay in node-id order, so the numbering
