@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -272,6 +273,17 @@ def _identity(x):
     return x
 
 
+WORKER_NICENESS = 19    # added to a sampler worker's niceness (the lowest CPU priority Linux has)
+
+
+def _lower_priority(_worker_id: int) -> None:
+    """A sampler worker runs at the lowest CPU priority. Sharing the cores with the step's OpenMP threads,
+    it used to preempt one of them and stall every parallel region (the other thread waits at the
+    barrier); at the lowest priority it samples in the cores' idle time (the step's serial stretches, or
+    while the step waits for its batch). Paired 1×/10× Baby runs measured the step 6-12 % faster."""
+    os.nice(WORKER_NICENESS)
+
+
 class Prefetcher:
     """Sampled batches for the training loop's steps, produced ahead by DataLoader worker processes.
 
@@ -296,7 +308,7 @@ class Prefetcher:
         loader = torch.utils.data.DataLoader(stream,
                                              batch_size=None, num_workers=self.workers,
                                              prefetch_factor=self.prefetch_factor, collate_fn=_identity,
-                                             multiprocessing_context="fork")
+                                             multiprocessing_context="fork", worker_init_fn=_lower_priority)
         self.it, self.next_step = iter(loader), step
 
     def get(self, users, pos, neg, step: int) -> SampledBatch:

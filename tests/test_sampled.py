@@ -28,7 +28,7 @@ from lgmrec_dist.graph import build_graph
 from lgmrec_dist.model.cge import cge
 from lgmrec_dist.sampled import (RowAdam, SampledEngine, cge_on_blocks, sampled_logsumexp, straight_through_message,
                                  uniform_negatives)
-from lgmrec_dist.sampling import BlockSampler, inclusion_probability
+from lgmrec_dist.sampling import WORKER_NICENESS, BlockSampler, inclusion_probability
 from lgmrec_dist.local import LocalEngine
 from lgmrec_dist.train import make_evaluators
 
@@ -490,6 +490,9 @@ def test_prefetch_workers_give_the_same_batches(tiny, one_thread):
             args = batch_of(triples, step)
             assert sync.step(*args, step) == pre.step(*args, step)
         assert pre.prefetcher.hits == 3                                     # all three came from the worker
+        workers = pre.prefetcher.it._workers                                # the sampler runs below the step
+        assert workers and all(os.getpriority(os.PRIO_PROCESS, w.pid)
+                               == min(19, os.getpriority(os.PRIO_PROCESS, 0) + WORKER_NICENESS) for w in workers)
         other = batch_of(triples, 5)                                        # not the predicted batch
         assert sync.step(*other, 3) == pre.step(*other, 3)
     finally:
