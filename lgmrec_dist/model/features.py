@@ -77,22 +77,24 @@ _ONEDNN_LINEAR = (getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weightᵀ (no autograd; ``torch.nn.functional.linear``'s layout). For float32 CPU tensors through
     oneDNN's GEMM rather than MKL's (``torch.mm``): on the development machine (AMD EPYC with AVX-512,
-    2 threads; MKL's sgemm reached ~130 GFLOP/s there, oneDNN's ~280) 1,024 × 4,096 rows times a 4,096 × 64 weight took 2.0× less time, the weight's
-    gradient (64 × 1,024 times 1,024 × 4,096) 1.6× less, a whole 70,500-row table 2.9× less. Elsewhere (GPU,
-    other dtypes, a torch without oneDNN) ``torch.mm``. Both are float32 GEMMs: the values agree to rounding
-    (sums in another order), and each is deterministic for a given shape and thread count."""
+    2 threads; MKL's sgemm reached ~130 GFLOP/s there, oneDNN's ~280) 1,024 × 4,096 rows times a
+    4,096 × 64 weight took 2.0× less time, the weight's gradient (64 × 1,024 times 1,024 × 4,096) 1.6× less,
+    a whole 70,500-row table 2.9× less. Elsewhere (GPU, other dtypes, a torch without oneDNN) ``torch.mm``.
+    Both are float32 GEMMs: the values agree to rounding (sums in another order), and each is
+    deterministic for a given shape and thread count."""
     if (_ONEDNN_LINEAR is not None and x.device.type == weight.device.type == "cpu"
             and x.dtype == weight.dtype == torch.float32 and x.shape[0] and weight.shape[0] and x.shape[1]):
         return _ONEDNN_LINEAR(x, weight, None, "none", [], "")
     return x @ weight.t()
 
 
-def weight_product(rows: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """rows @ w (no autograd) for a trained weight: the narrow kernel for V_m (at most ``NARROW`` columns),
-    else :func:`linear`."""
+def weight_product(w: torch.Tensor):
+    """rows -> rows @ w (no autograd) for a trained weight: the narrow kernel for V_m (at most ``NARROW``
+    columns), else :func:`linear` with wᵀ made once (a caller multiplying many blocks reuses it)."""
     if w.shape[1] <= NARROW:
-        return narrow_matmul(rows, w)
-    return linear(rows, w.t().contiguous())
+        return lambda rows: narrow_matmul(rows, w)
+    w_t = w.t().contiguous()
+    return lambda rows: linear(rows, w_t)
 
 
 def weight_gradient(grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -107,7 +109,7 @@ class _ConstRowsMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, w):
         ctx.save_for_backward(rows)
-        return weight_product(rows, w)
+        return weight_product(w)(rows)
 
     @staticmethod
     def backward(ctx, grad):
@@ -137,10 +139,9 @@ class _RowsMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table, rows, w, chunk):
         out = w.new_empty(len(rows), w.shape[1])
-        narrow = w.shape[1] <= NARROW    # V_m: the narrow kernel; else one transposed copy of W_m for linear
-        w_t = None if narrow else w.t().contiguous()
-        for c, block in _gathered(table, rows, chunk):   # the same values as const_rows_matmul's
-            out[c:c + len(block)] = narrow_matmul(block, w) if narrow else linear(block, w_t)
+        product = weight_product(w)      # the same values as const_rows_matmul's
+        for c, block in _gathered(table, rows, chunk):
+            out[c:c + len(block)] = product(block)
         ctx.save_for_backward(table, rows)
         ctx.chunk = chunk
         return out
